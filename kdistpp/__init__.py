@@ -1,0 +1,47 @@
+"""kdistpp: Distillation++ (inference-time distillation) samplers in k-diffusion convention.
+
+Denoisers follow k-diffusion: D(x, sigma, **extra_args) -> x0 estimate, x = x0 + sigma * noise.
+"""
+
+from .cfg import CFGDenoiser
+from .guided_denoiser import TeacherGuidedDenoiser, teacher_guided
+from .refine import FORMS, Guidance, TeacherOutputError
+from .samplers import (
+    sample_consistency,
+    sample_consistency_distpp,
+    sample_dpmpp_2m_distpp,
+    sample_dpmpp_2s_ancestral_distpp,
+    sample_euler_ancestral_distpp,
+    sample_euler_distpp,
+)
+from .schedules import get_sigmas_exponential, get_sigmas_karras
+from .steps import ancestral_step
+
+__version__ = "0.1.0"
+
+SAMPLERS = {
+    "euler": sample_euler_distpp,
+    "euler_ancestral": sample_euler_ancestral_distpp,
+    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral_distpp,
+    "dpmpp_2m": sample_dpmpp_2m_distpp,
+    "consistency": sample_consistency_distpp,
+}
+
+__all__ = [
+    "CFGDenoiser",
+    "FORMS",
+    "Guidance",
+    "SAMPLERS",
+    "TeacherGuidedDenoiser",
+    "TeacherOutputError",
+    "ancestral_step",
+    "get_sigmas_exponential",
+    "get_sigmas_karras",
+    "sample_consistency",
+    "sample_consistency_distpp",
+    "sample_dpmpp_2m_distpp",
+    "sample_dpmpp_2s_ancestral_distpp",
+    "sample_euler_ancestral_distpp",
+    "sample_euler_distpp",
+    "teacher_guided",
+]

@@ -1,0 +1,136 @@
+"""The Distillation++ refinement: the one place where the teacher meets the student's estimate.
+
+Every `*_distpp` sampler and `teacher_guided` call `Guidance.refine` right after the student's
+denoiser call; the solver then continues with the refined estimate in place of the student's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import validation
+from .steps import Run, default_noise_sampler
+
+FORMS = ("interpolate", "guidance", "eps")
+
+
+class TeacherOutputError(ValueError):
+    """The teacher returned a tensor of the wrong shape, or one with NaN/inf values."""
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Which steps are guided, how strongly, and how: validated once, before any model call."""
+
+    teacher: Callable
+    weights: tuple[float, ...]  # w per step; 0 means the step is not guided (no teacher call)
+    form: str
+    renoise: str | float
+    renoise_sampler: Callable | None
+    teacher_extra_args: dict | None  # None: the student's extra_args of the same call
+    run: Run
+
+    @property
+    def guided_steps(self) -> list[int]:
+        return [i for i, w in enumerate(self.weights) if w != 0.0]
+
+    def renoise_level(self, i: int, sigma: float) -> float:
+        """sigma_r of eq. 9: the next sigma of the schedule (the paper's decreasing schedule, default),
+        the current one, a log-uniform random draw (DreamFusion-style SDS), or a fixed level."""
+        if self.renoise == "next":
+            return self.run.sigmas[i + 1]
+        if self.renoise == "current":
+            return sigma
+        if self.renoise == "random":
+            positive = [s for s in self.run.sigmas if s > 0]
+            lo, hi = math.log(positive[-1]), math.log(positive[0])
+            return math.exp(lo + (hi - lo) * float(torch.rand(())))
+        return float(self.renoise)
+
+    def refine(self, i: int, x: torch.Tensor, sigma: float, denoised: torch.Tensor, extra_args: dict | None = None):
+        """Refines the student's estimate `denoised` = Ds(x, sigma) at step i (paper eqs. 9 and 10).
+
+        interpolate (eq. 9):  x_r = x0s + sigma_r * n,  x0h = x0s + w * (DT(x_r, sigma_r) - x0s)
+        guidance   (eq. 10):  x0h = x0s + w * (DT(x, sigma) - x0s)
+        eps (consistency students, authors' code): eps_h = eps_s + w * (eps_T - eps_s), i.e.
+                              x0h = x0s - w * (sigma / sigma_r * (x_r - x0T) - (x - x0s))
+
+        Returns (x0h, info) where info holds 'student_denoised' and 'teacher_denoised' on a guided
+        step; on other steps (w = 0) it returns (denoised, {}) without touching teacher or RNG.
+        """
+        w = self.weights[i]
+        if w == 0.0:
+            return denoised, {}
+        if self.form == "guidance":
+            x_t, sigma_t = x, sigma
+        else:
+            sigma_t = self.renoise_level(i, sigma)
+            x_t = torch.add(denoised, self._renoise_noise(i), alpha=sigma_t)
+        teacher_args = self.teacher_extra_args if self.teacher_extra_args is not None else extra_args or {}
+        teacher_denoised = self.run.call(self.teacher, x_t, sigma_t, teacher_args)
+        self._check_teacher(teacher_denoised, x, i, sigma_t)
+        if self.form == "eps":
+            residual = (sigma / sigma_t) * (x_t - teacher_denoised) - (x - denoised)
+            refined = torch.add(denoised, residual, alpha=-w)
+        else:
+            refined = torch.lerp(denoised, teacher_denoised, w)  # exact at w = 0 and w = 1
+        return refined, {"student_denoised": denoised, "teacher_denoised": teacher_denoised}
+
+    def _renoise_noise(self, i: int) -> torch.Tensor:
+        # Default: the global RNG, drawn like the caller's x, so a webui seed controls it too.
+        sampler = self.renoise_sampler or default_noise_sampler(self.run.x_in)
+        return sampler(self.run.sigmas_in[i], self.run.sigmas_in[i + 1]).to(self.run.dtype)
+
+    def _check_teacher(self, out: torch.Tensor, x: torch.Tensor, i: int, sigma_t: float) -> None:
+        name = getattr(self.teacher, "__name__", type(self.teacher).__name__)
+        if out.shape != x.shape:
+            raise TeacherOutputError(
+                f"teacher {name} returned shape {tuple(out.shape)} at step {i} (sigma={sigma_t:.4g}); "
+                f"expected the latent's shape {tuple(x.shape)}"
+            )
+        if not bool(torch.isfinite(out).all()):
+            raise TeacherOutputError(
+                f"teacher {name} returned non-finite values (NaN/inf) at step {i} (sigma={sigma_t:.4g}); "
+                "check its dtype (fp16 overflow?) and its conditioning"
+            )
+
+
+def plan(
+    run: Run,
+    teacher,
+    w,
+    guidance_steps=1,
+    form="interpolate",
+    renoise="next",
+    renoise_sampler=None,
+    teacher_extra_args=None,
+    *,
+    resolve_extra_args: bool = True,
+) -> Guidance:
+    """Validates the Distillation++ keyword arguments against the run's schedule."""
+    validation.check_callable("teacher", teacher)
+    validation.check_options("form", form, FORMS)
+    validation.check_renoise(renoise)
+    validation.check_optional_callable("renoise_sampler", renoise_sampler)
+    validation.check_extra_args("teacher_extra_args", teacher_extra_args)
+    guided = validation.guided_step_indices(guidance_steps, run.steps)
+    weights = validation.step_weights(w, guided, run.steps)
+    if form != "guidance" and renoise == "next":
+        last = [i for i in guided if weights[i] != 0.0 and run.sigmas[i + 1] == 0.0]
+        if last:
+            raise ValueError(
+                f"step {last[0]} is guided with renoise='next', but its next sigma is 0: a teacher cannot "
+                "denoise at sigma 0. Leave the last step unguided, or pass renoise='current' or a fixed sigma"
+            )
+    if teacher_extra_args is None and resolve_extra_args:
+        teacher_extra_args = run.extra_args
+    return Guidance(teacher, tuple(weights), form, renoise, renoise_sampler, teacher_extra_args, run)
+
+
+def unguided(run: Run) -> Guidance:
+    """A plan that guides no step: the baseline sampler, with no teacher and no extra RNG draw."""
+    return Guidance(None, (0.0,) * run.steps, "interpolate", "next", None, None, run)

@@ -1,0 +1,219 @@
+"""k-diffusion-style samplers with the Distillation++ refinement (Park et al. 2024).
+
+Each `sample_*_distpp` is its k-diffusion baseline plus one line, `guide.refine(...)`, right after
+the student's denoiser call; everything after it uses the refined estimate. Signatures keep
+k-diffusion's order, and the Distillation++ parameters are keyword-only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import trange
+
+from .refine import plan, unguided
+from .steps import ancestral_step, cfg_pp_state, log_sigma_gap, prepare
+
+_DISTPP_PARAMETERS = """
+    Distillation++ keyword-only parameters (docs/samplers.md has each update with the math):
+        teacher: the teacher denoiser, same convention as `model`: D(x, sigma, **extra) -> x0.
+        w: teacher weight (the paper's lambda): a float, or one value per step. 0 = baseline.
+        guidance_steps: int N = the first N steps (default 1, as in the paper), or step indices.
+        form: 'interpolate' (eq. 9, default), 'guidance' (eq. 10: teacher at the student's own
+            point), or 'eps' (eps-mixing, as the authors use for consistency students).
+        renoise: the renoise level sigma_r: 'next' = sigma_{i+1} (default), 'current', 'random'
+            (log-uniform over the schedule) or a fixed sigma > 0. Ignored by form='guidance'.
+        renoise_sampler: (sigma, sigma_next) -> unit noise for the renoised point
+            x0s + sigma_r * noise; default torch.randn_like from the global RNG.
+        teacher_extra_args: the teacher's keyword arguments (default: extra_args).
+    The callback's 'denoised' is the refined estimate; guided steps add 'student_denoised' and
+    'teacher_denoised'. A guided step costs one teacher call; unguided steps cost nothing extra.
+"""
+
+_CFG_PP_PARAMETER = """        cfg_pp: CFG++ (Chung et al. 2024): renoise along the student's unconditional estimate,
+            which the model must expose as `last_uncond_denoised` (see kdistpp.CFGDenoiser).
+"""
+
+
+def _documented(cfg_pp: bool = True):
+    def attach(fn):
+        fn.__doc__ += _DISTPP_PARAMETERS + (_CFG_PP_PARAMETER if cfg_pp else "")
+        return fn
+
+    return attach
+
+
+@_documented()
+@torch.no_grad()
+def sample_euler_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
+                        s_tmax=float("inf"), s_noise=1.0, *, teacher, w, guidance_steps=1, form="interpolate",
+                        renoise="next", renoise_sampler=None, teacher_extra_args=None, cfg_pp=False):
+    """Euler steps (Karras et al. 2022, Algorithm 2) with the Distillation++ refinement (eq. 9).
+
+    x_{i+1} = x0h + sigma_{i+1} * (x_i - x0h) / sigma_hat, with x0h the refined estimate.
+    """
+    run = prepare(model, x, sigmas, extra_args, cfg_pp=cfg_pp)
+    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args)
+    x, sig = run.start(), run.sigmas
+    for i in trange(run.steps, disable=disable):
+        gamma = min(s_churn / run.steps, 2**0.5 - 1) if s_tmin <= sig[i] <= s_tmax else 0.0
+        sigma_hat = sig[i] * (gamma + 1)
+        if gamma > 0:
+            eps = torch.randn_like(run.x_in).to(run.dtype) * s_noise
+            x = x + eps * (sigma_hat**2 - sig[i] ** 2) ** 0.5
+        denoised = run.denoise(x, sigma_hat)
+        denoised, info = guide.refine(i, x, sigma_hat, denoised)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": run.sigmas_in[i], "sigma_hat": run.sigmas_in[i] * (gamma + 1),
+                      "denoised": denoised, **info})
+        # Euler method
+        x = cfg_pp_state(run, x, denoised, cfg_pp)
+        x = x + (x - denoised) / sigma_hat * (sig[i + 1] - sigma_hat)
+    return run.finish(x)
+
+
+@_documented()
+@torch.no_grad()
+def sample_euler_ancestral_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                                  s_noise=1.0, noise_sampler=None, *, teacher, w, guidance_steps=1,
+                                  form="interpolate", renoise="next", renoise_sampler=None,
+                                  teacher_extra_args=None, cfg_pp=False):
+    """Ancestral sampling with Euler steps, with the Distillation++ refinement (eq. 9).
+
+    x_{i+1} = x0h + sigma_down * (x_i - x0h) / sigma_i + sigma_up * n. The default renoise level
+    sigma_{i+1} is the total noise level the ancestral step lands on.
+    """
+    run = prepare(model, x, sigmas, extra_args, noise_sampler, cfg_pp=cfg_pp)
+    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args)
+    x, sig = run.start(), run.sigmas
+    for i in trange(run.steps, disable=disable):
+        denoised = run.denoise(x, sig[i])
+        denoised, info = guide.refine(i, x, sig[i], denoised)
+        sigma_down, sigma_up = ancestral_step(sig[i], sig[i + 1], eta)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": run.sigmas_in[i], "sigma_hat": run.sigmas_in[i],
+                      "denoised": denoised, **info})
+        # Euler method
+        x = cfg_pp_state(run, x, denoised, cfg_pp)
+        x = x + (x - denoised) / sig[i] * (sigma_down - sig[i])
+        if sig[i + 1] > 0:
+            x = x + run.noise(i) * s_noise * sigma_up
+    return run.finish(x)
+
+
+@_documented()
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                                     s_noise=1.0, noise_sampler=None, *, teacher, w, guidance_steps=1,
+                                     form="interpolate", renoise="next", renoise_sampler=None,
+                                     teacher_extra_args=None, cfg_pp=False, guide_midpoint=False):
+    """Ancestral DPM-Solver++(2S) (Lu et al. 2022) with the Distillation++ refinement (paper eq. 12).
+
+    The first-order estimate of each guided step is refined (eq. 12) and feeds the midpoint
+    x_2 = (sigma_s / sigma_i) x_i - expm1(-h/2) x0h, so one teacher call per guided step.
+    guide_midpoint=True also refines the midpoint estimate, as the authors' code does (a second
+    teacher call per guided step; renoise 'next' is then sigma_{i+1} too).
+    """
+    run = prepare(model, x, sigmas, extra_args, noise_sampler, cfg_pp=cfg_pp)
+    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args)
+    x, sig = run.start(), run.sigmas
+    for i in trange(run.steps, disable=disable):
+        denoised = run.denoise(x, sig[i])
+        denoised, info = guide.refine(i, x, sig[i], denoised)
+        sigma_down, sigma_up = ancestral_step(sig[i], sig[i + 1], eta)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": run.sigmas_in[i], "sigma_hat": run.sigmas_in[i],
+                      "denoised": denoised, **info})
+        x = cfg_pp_state(run, x, denoised, cfg_pp)
+        if sigma_down == 0:
+            # Euler method
+            x = x + (x - denoised) / sig[i] * (sigma_down - sig[i])
+        else:
+            # DPM-Solver++(2S)
+            h = log_sigma_gap(sig[i], sigma_down)
+            sigma_s = sig[i] * math.exp(-h / 2)
+            x_2 = (sigma_s / sig[i]) * x - math.expm1(-h / 2) * denoised
+            denoised_2 = run.denoise(x_2, sigma_s)
+            if guide_midpoint:
+                denoised_2, _ = guide.refine(i, x_2, sigma_s, denoised_2)
+            x = (sigma_down / sig[i]) * x - math.expm1(-h) * denoised_2
+        # Noise addition
+        if sig[i + 1] > 0:
+            x = x + run.noise(i) * s_noise * sigma_up
+    return run.finish(x)
+
+
+@_documented()
+@torch.no_grad()
+def sample_dpmpp_2m_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, *, teacher, w,
+                           guidance_steps=1, form="interpolate", renoise="next", renoise_sampler=None,
+                           teacher_extra_args=None, cfg_pp=False, history="student"):
+    """DPM-Solver++(2M) (Lu et al. 2022) with the Distillation++ refinement (eq. 9).
+
+    The refined x0h is the anchor of the guided step's update. history='student' (default) keeps
+    the student's raw estimate in the multistep history, so that the next step's correction
+    (D_{i+1} - D_i) / (2r) stays a finite difference of one denoiser along the trajectory;
+    history='refined' stores x0h instead, which carries -w (x0T - x0s) / (2r) into the next step.
+    """
+    if history not in ("student", "refined"):
+        raise ValueError(f"history must be 'student' or 'refined', got {history!r}")
+    run = prepare(model, x, sigmas, extra_args, cfg_pp=cfg_pp)
+    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args)
+    x, sig = run.start(), run.sigmas
+    old_denoised = None
+    for i in trange(run.steps, disable=disable):
+        denoised = run.denoise(x, sig[i])
+        denoised, info = guide.refine(i, x, sig[i], denoised)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": run.sigmas_in[i], "sigma_hat": run.sigmas_in[i],
+                      "denoised": denoised, **info})
+        x = cfg_pp_state(run, x, denoised, cfg_pp)
+        h = log_sigma_gap(sig[i], sig[i + 1])
+        if old_denoised is None or sig[i + 1] == 0:
+            x = (sig[i + 1] / sig[i]) * x - math.expm1(-h) * denoised
+        else:
+            r = log_sigma_gap(sig[i - 1], sig[i]) / h
+            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (sig[i + 1] / sig[i]) * x - math.expm1(-h) * denoised_d
+        old_denoised = info.get("student_denoised", denoised) if history == "student" else denoised
+    return run.finish(x)
+
+
+@torch.no_grad()
+def sample_consistency(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None):
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1; LCM, DMD2): denoise, then
+    renoise the estimate to sigma_{i+1} with fresh noise. Returns the last estimate when the
+    schedule ends at 0."""
+    run = prepare(model, x, sigmas, extra_args, noise_sampler)
+    return _consistency_loop(run, unguided(run), callback, disable)
+
+
+@_documented(cfg_pp=False)
+@torch.no_grad()
+def sample_consistency_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None,
+                              *, teacher, w, guidance_steps=1, form="interpolate", renoise="next",
+                              renoise_sampler=None, teacher_extra_args=None):
+    """Multistep consistency sampling with the Distillation++ refinement (paper Sec. 3.1, Remarks).
+
+    x_{i+1} = x0h + sigma_{i+1} * n', with n' independent of the renoise noise. form='eps' is
+    the authors' choice for LCM / DMD2 students (its w is about sigma_i / sigma_r larger in effect).
+    """
+    run = prepare(model, x, sigmas, extra_args, noise_sampler)
+    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args)
+    return _consistency_loop(run, guide, callback, disable)
+
+
+def _consistency_loop(run, guide, callback, disable):
+    x, sig = run.start(), run.sigmas
+    for i in trange(run.steps, disable=disable):
+        denoised = run.denoise(x, sig[i])
+        denoised, info = guide.refine(i, x, sig[i], denoised)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": run.sigmas_in[i], "sigma_hat": run.sigmas_in[i],
+                      "denoised": denoised, **info})
+        # Denoise, then renoise to the next level with fresh noise
+        x = denoised
+        if sig[i + 1] > 0:
+            x = x + run.noise(i) * sig[i + 1]
+    return run.finish(x)

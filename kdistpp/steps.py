@@ -1,0 +1,125 @@
+"""The small shared math of the samplers and the per-run set-up.
+
+Step arithmetic runs in float32 or better whatever the model's dtype: `prepare` lifts x to that
+"step dtype", and `Run.denoise` hands the model x in the caller's dtype and lifts its output back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import validation
+
+
+def append_dims(x: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Appends trailing singleton dimensions so that x broadcasts against an ndim-D latent."""
+    return x[(...,) + (None,) * (ndim - x.ndim)]
+
+
+def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """Splits a step to sigma_to into a deterministic part to sigma_down and fresh noise sigma_up.
+
+    sigma_up**2 = eta**2 * sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2 (capped at
+    sigma_to) is the DDPM posterior variance for eta = 1, and sigma_down**2 + sigma_up**2 = sigma_to**2.
+    """
+    if not eta:
+        return sigma_to, 0.0
+    sigma_up = min(sigma_to, eta * math.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2))
+    sigma_down = math.sqrt(sigma_to**2 - sigma_up**2)
+    return sigma_down, sigma_up
+
+
+def step_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision models, the input dtype when it is already float32 or wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def supports_uncond(model) -> bool:
+    """The CFG++ protocol: a student that keeps its last unconditional estimate as an attribute."""
+    return hasattr(model, "last_uncond_denoised")
+
+
+@dataclass
+class Run:
+    """One sampling run: the model bound to its extra_args and dtypes, and the schedule as floats."""
+
+    model: Callable
+    x_in: torch.Tensor  # the caller's x: read only, never written
+    sigmas_in: torch.Tensor  # the caller's sigmas, handed to callbacks and noise samplers as is
+    sigmas: list[float]
+    extra_args: dict
+    noise_sampler: Callable
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return step_dtype(self.x_in.dtype)
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    def start(self) -> torch.Tensor:
+        return self.x_in.to(self.dtype)
+
+    def call(self, model: Callable, x: torch.Tensor, sigma: float, extra_args: dict) -> torch.Tensor:
+        """model(x, sigma * s_in, **extra_args) in the model's dtype; the result in the step dtype."""
+        s_in = x.new_full((x.shape[0],), sigma)
+        return model(x.to(self.x_in.dtype), s_in, **extra_args).to(self.dtype)
+
+    def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        return self.call(self.model, x, sigma, self.extra_args)
+
+    def noise(self, i: int) -> torch.Tensor:
+        """Unit noise for step i from the noise sampler, k-diffusion's (sigma, sigma_next) protocol."""
+        return self.noise_sampler(self.sigmas_in[i], self.sigmas_in[i + 1]).to(self.dtype)
+
+    def uncond(self) -> torch.Tensor:
+        """The student's unconditional estimate from its last call (CFG++)."""
+        u = self.model.last_uncond_denoised
+        if u is None:
+            raise RuntimeError("cfg_pp=True but the model's last_uncond_denoised is None after its call")
+        return u.to(self.dtype)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.x_in.dtype)
+
+
+def prepare(model, x, sigmas, extra_args=None, noise_sampler=None, cfg_pp: bool = False) -> Run:
+    """Validates a sampler's shared arguments and binds them into a Run."""
+    validation.check_callable("model", model)
+    validation.check_latent(x)
+    values = validation.check_sigmas(sigmas)
+    validation.check_extra_args("extra_args", extra_args)
+    validation.check_optional_callable("noise_sampler", noise_sampler)
+    if cfg_pp and not supports_uncond(model):
+        raise TypeError(
+            "cfg_pp=True needs a model that exposes its unconditional estimate as `last_uncond_denoised`; "
+            "wrap it in kdistpp.CFGDenoiser (see docs/cfg_pp.md)"
+        )
+    if noise_sampler is None:
+        noise_sampler = default_noise_sampler(x)
+    return Run(model, x, sigmas, values, {} if extra_args is None else extra_args, noise_sampler)
+
+
+def default_noise_sampler(x: torch.Tensor) -> Callable:
+    """Fresh unit noise from the global RNG, drawn like x (so a webui seed controls it)."""
+    return lambda sigma, sigma_next: torch.randn_like(x)
+
+
+def cfg_pp_state(run: Run, x: torch.Tensor, denoised: torch.Tensor, cfg_pp: bool) -> torch.Tensor:
+    """CFG++ (Chung et al. 2024): the state whose implied noise is the unconditional one.
+
+    x = denoised + sigma * eps, so x + (denoised - U) = denoised + sigma * eps_uncond; any update
+    linear in (x, denoised) then renoises along the unconditional direction while still landing on
+    the guided estimate. Without CFG++ the state is x itself.
+    """
+    return x + (denoised - run.uncond()) if cfg_pp else x
+
+
+def log_sigma_gap(sigma: float, sigma_next: float) -> float:
+    """h = lambda_next - lambda with lambda = -log(sigma): the DPM-Solver step size (inf at sigma 0)."""
+    return math.inf if sigma_next == 0 else math.log(sigma / sigma_next)
