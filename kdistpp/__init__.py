@@ -3,6 +3,7 @@
 Denoisers follow k-diffusion: D(x, sigma, **extra_args) -> x0 estimate, x = x0 + sigma * noise.
 """
 
+from . import metrics, toys
 from .cfg import CFGDenoiser
 from .guided_denoiser import TeacherGuidedDenoiser, teacher_guided
 from .refine import FORMS, Guidance, TeacherOutputError

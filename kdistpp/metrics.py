@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
 import torch
 
 
@@ -36,6 +35,8 @@ def energy_distance(a, b, max_samples: int = 4000) -> float:
 def frechet_distance(a, b) -> float:
     """Fréchet distance between Gaussian fits (the FID formula, Heusel et al. 2017):
     |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))."""
+    import scipy.linalg  # here, not at import: keeps `import kdistpp` light
+
     a, b = _flat(a).cpu().numpy(), _flat(b).cpu().numpy()
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))

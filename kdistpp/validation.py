@@ -41,7 +41,7 @@ def check_sigmas(sigmas) -> list[float]:
     if any(b > a for a, b in zip(values, values[1:])):
         raise ValueError(f"sigmas must be non-increasing (noisiest first), got {values}; flip it")
     if any(s == 0 for s in values[:-1]):
-        raise ValueError(f"only the last sigma may be 0, got {values}")
+        raise ValueError(f"sigmas: only the last sigma may be 0, got {values}")
     return values
 
 

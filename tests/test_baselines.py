@@ -1,0 +1,134 @@
+"""At w = 0 every *_distpp sampler is its baseline: k-diffusion's sampler, or sample_consistency."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from k_diffusion import sampling as K
+
+import kdistpp
+from conftest import DEVICE, ElementwiseDenoiser
+
+PAIRS = {
+    "euler": (K.sample_euler, kdistpp.sample_euler_distpp),
+    "euler_ancestral": (K.sample_euler_ancestral, kdistpp.sample_euler_ancestral_distpp),
+    "dpmpp_2s_ancestral": (K.sample_dpmpp_2s_ancestral, kdistpp.sample_dpmpp_2s_ancestral_distpp),
+    "dpmpp_2m": (K.sample_dpmpp_2m, kdistpp.sample_dpmpp_2m_distpp),
+}
+ANCESTRAL = {"euler_ancestral", "dpmpp_2s_ancestral"}
+
+
+@st.composite
+def problems(draw):
+    """A random latent shape, batch, schedule (Karras or exponential, optionally not ending at 0)."""
+    batch = draw(st.integers(1, 3))
+    event = draw(st.lists(st.integers(1, 5), min_size=0, max_size=3))
+    n = draw(st.integers(1, 8))
+    sigma_min = draw(st.floats(0.01, 0.5))
+    sigma_max = draw(st.floats(1.0, 80.0))
+    maker = draw(st.sampled_from([K.get_sigmas_karras, K.get_sigmas_exponential]))
+    sigmas = maker(n, sigma_min, sigma_max)
+    if draw(st.booleans()) and n > 1:
+        sigmas = sigmas[:-1]  # a schedule that stops at sigma_min
+    seed = draw(st.integers(0, 2**16))
+    return (batch, *event), sigmas, seed
+
+
+def _run(fn, model, x, sigmas, seed, **kw):
+    torch.manual_seed(seed)
+    if DEVICE.type == "cuda":
+        torch.cuda.manual_seed(seed)
+    return fn(model, x, sigmas, disable=True, **kw)
+
+
+@pytest.mark.parametrize("name", PAIRS)
+@given(problem=problems(), eta=st.floats(0.0, 1.5), s_noise=st.floats(0.5, 1.5), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_w0_equals_k_diffusion(name, problem, eta, s_noise, dtype):
+    shape, sigmas, seed = problem
+    base, ours = PAIRS[name]
+    model = ElementwiseDenoiser()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(DEVICE) * float(sigmas[0])
+    kw = {"eta": eta, "s_noise": s_noise} if name in ANCESTRAL else {}
+    expected = _run(base, model, x, sigmas.to(DEVICE, dtype), seed, **kw)
+    got = _run(ours, model, x, sigmas, seed, teacher=ElementwiseDenoiser(bias=1.0), w=0.0, **kw)
+    assert got.dtype == x.dtype and got.shape == x.shape
+    # kdistpp does its scalar step math in float64: equal to k-diffusion up to float32 rounding.
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5 * float(sigmas[0]))
+
+
+@given(problem=problems(), churn=st.floats(0.1, 20.0), s_noise=st.floats(0.5, 1.5))
+def test_euler_churn_equals_k_diffusion(problem, churn, s_noise):
+    # Churn on every step: k-diffusion 0.1.1 draws its churn noise every step (also when unused),
+    # kdistpp only when it adds it (as k-diffusion master and ComfyUI), so compare where both draw.
+    shape, sigmas, seed = problem
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE) * float(sigmas[0])
+    kw = {"s_churn": churn, "s_noise": s_noise}
+    expected = _run(K.sample_euler, ElementwiseDenoiser(), x, sigmas.to(DEVICE), seed, **kw)
+    got = _run(kdistpp.sample_euler_distpp, ElementwiseDenoiser(), x, sigmas, seed, teacher=ElementwiseDenoiser(1.0),
+               w=0.0, **kw)
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5 * float(sigmas[0]))
+
+
+def _fixed_noise(shape, steps, seed, half, dtype):
+    g = torch.Generator().manual_seed(seed)  # drawn in the half dtype, so all three runs see the same values
+    table = [torch.randn(shape, generator=g).to(half).to(DEVICE, dtype) for _ in range(steps)]
+    counter = iter(range(10**9))
+    return lambda sigma, sigma_next: table[next(counter) % steps]
+
+
+@pytest.mark.parametrize("name", PAIRS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matches_k_diffusion_to_half_precision(name, dtype):
+    """fp16/bf16 latents: the model runs in that dtype, kdistpp's step math in float32 and
+    k-diffusion's in the latent dtype, so the two agree only to the half dtype's resolution; both
+    stay within it of a float64 run with the same noise, and kdistpp returns the latent's dtype."""
+    sigmas = K.get_sigmas_karras(6, 0.03, 14.6)
+    shape, seed = (2, 4, 8, 8), 3
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 14.6).to(DEVICE, dtype)
+    base, ours = PAIRS[name]
+    kw = lambda dt: {"noise_sampler": _fixed_noise(shape, 6, seed, dtype, dt)} if name in ANCESTRAL else {}
+    truth = base(ElementwiseDenoiser(), x.double(), sigmas.double().to(DEVICE), disable=True, **kw(torch.float64))
+    theirs = base(ElementwiseDenoiser(), x, sigmas.to(DEVICE), disable=True, **kw(dtype))
+    mine = ours(ElementwiseDenoiser(), x, sigmas, disable=True, teacher=ElementwiseDenoiser(1.0), w=0.0, **kw(dtype))
+    assert mine.dtype == dtype
+    tol = 4 * torch.finfo(dtype).eps * 14.6
+    torch.testing.assert_close(mine.double(), truth, atol=tol, rtol=0)
+    torch.testing.assert_close(theirs.double(), truth, atol=tol, rtol=0)
+
+
+def reference_consistency(model, x, sigmas, noises):
+    """Multistep consistency sampling written out directly from Song et al. (2023), Algorithm 1."""
+    for i in range(len(sigmas) - 1):
+        x0 = model(x, sigmas[i] * torch.ones(x.shape[0], device=x.device))
+        x = x0 + sigmas[i + 1] * noises[i] if sigmas[i + 1] > 0 else x0
+    return x
+
+
+@given(problem=problems())
+def test_sample_consistency_matches_the_algorithm(problem):
+    shape, sigmas, seed = problem
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).to(DEVICE) * float(sigmas[0])
+    noises = [torch.randn(shape, generator=g).to(DEVICE) for _ in range(len(sigmas) - 1)]
+    step = iter(range(len(noises)))
+    got = kdistpp.sample_consistency(ElementwiseDenoiser(), x, sigmas, disable=True,
+                                     noise_sampler=lambda s, sn: noises[next(step)])
+    expected = reference_consistency(ElementwiseDenoiser(), x, sigmas.to(DEVICE), noises)
+    torch.testing.assert_close(got, expected)
+    if float(sigmas[-1]) == 0:  # ends at 0: the output is the last estimate itself
+        seen = []
+        step = iter(range(len(noises)))
+        again = kdistpp.sample_consistency(ElementwiseDenoiser(), x, sigmas, disable=True, callback=seen.append,
+                                           noise_sampler=lambda s, sn: noises[next(step)])
+        assert torch.equal(again, seen[-1]["denoised"])
+
+
+@given(problem=problems())
+def test_consistency_distpp_w0_is_sample_consistency(problem):
+    shape, sigmas, seed = problem
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE) * float(sigmas[0])
+    expected = _run(kdistpp.sample_consistency, ElementwiseDenoiser(), x, sigmas, seed)
+    got = _run(kdistpp.sample_consistency_distpp, ElementwiseDenoiser(), x, sigmas, seed, teacher=ElementwiseDenoiser(1.0), w=0.0)
+    assert torch.equal(got, expected)

@@ -1,0 +1,243 @@
+"""The Distillation++ refinement: its forms, its identities, its cost, and teacher_guided."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from k_diffusion import sampling as K
+
+import kdistpp
+from conftest import DEVICE, ElementwiseDenoiser
+
+SAMPLERS = dict(kdistpp.SAMPLERS)
+CFG_PP = ["euler", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m"]
+SIGMAS = kdistpp.get_sigmas_karras(5, 0.05, 14.6)
+
+
+def latent(seed=0, shape=(3, 2, 4, 4)):
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 14.6).to(DEVICE)
+
+
+def seeded(fn, *args, seed=7, **kw):
+    torch.manual_seed(seed)
+    if DEVICE.type == "cuda":
+        torch.cuda.manual_seed(seed)
+    return fn(*args, disable=True, **kw)
+
+
+def generator_noise(seed):
+    """A renoise/noise sampler with its own generator: independent of the global RNG."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return lambda sigma, sigma_next, shape=(3, 2, 4, 4): torch.randn(shape, generator=g, device=DEVICE)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+@given(w=st.floats(0.0, 3.0), steps=st.integers(1, 5), seed=st.integers(0, 999))
+def test_guidance_form_with_teacher_equal_to_student_is_the_baseline(name, w, steps, seed):
+    x = latent(seed)
+    student = ElementwiseDenoiser()
+    expected = seeded(SAMPLERS[name], student, x, SIGMAS, teacher=student, w=0.0)
+    got = seeded(SAMPLERS[name], student, x, SIGMAS, teacher=student, w=w, guidance_steps=steps, form="guidance")
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("euler", {}), ("euler_ancestral", {}), ("consistency", {}),
+    ("dpmpp_2m", {"history": "refined"}),  # the default keeps the student's estimate in the history
+    ("dpmpp_2s_ancestral", {"guide_midpoint": True}),  # the midpoint is a second student call
+])
+def test_guidance_form_w1_everywhere_is_the_baseline_on_the_teacher(name, extra):
+    x, student, teacher = latent(1), ElementwiseDenoiser(), ElementwiseDenoiser(bias=2.0, scale=1.5)
+    expected = seeded(SAMPLERS[name], teacher, x, SIGMAS, teacher=teacher, w=0.0)
+    got = seeded(SAMPLERS[name], student, x, SIGMAS, teacher=teacher, w=1.0, guidance_steps=5, form="guidance", **extra)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2s_ancestral"])
+def test_default_2m_and_2s_choices_differ_from_the_teacher_run(name):
+    """Documented choices: default 2M history keeps the student, default 2S guides only the first
+    evaluation, so w=1 everywhere is not the teacher's run there."""
+    x, student, teacher = latent(1), ElementwiseDenoiser(), ElementwiseDenoiser(bias=2.0, scale=1.5)
+    expected = seeded(SAMPLERS[name], teacher, x, SIGMAS, teacher=teacher, w=0.0)
+    got = seeded(SAMPLERS[name], student, x, SIGMAS, teacher=teacher, w=1.0, guidance_steps=5, form="guidance")
+    assert (got - expected).abs().max() > 1e-3
+
+
+class OwnNoise:
+    """Renoise with the student's own noise (x - x0s) / sigma: the renoised point is x itself."""
+
+    def __init__(self, student):
+        self.student = student
+
+    def __call__(self, sigma, sigma_next):
+        x, s, _ = self.student.inputs[-1]
+        return (x - self.student.last) / s[0].to(x.dtype)
+
+
+class Recording(ElementwiseDenoiser):
+    def __call__(self, x, sigma, **extra):
+        self.last = super().__call__(x, sigma, **extra)
+        return self.last
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("form", ["interpolate", "eps"])
+@given(w=st.floats(0.05, 1.0), steps=st.integers(1, 4))
+def test_renoise_current_with_own_noise_is_the_guidance_form(name, form, w, steps):
+    x, teacher = latent(2), ElementwiseDenoiser(bias=1.0)
+    student = Recording()
+    expected = seeded(SAMPLERS[name], Recording(), x, SIGMAS, teacher=teacher, w=w, guidance_steps=steps, form="guidance")
+    got = seeded(SAMPLERS[name], student, x, SIGMAS, teacher=teacher, w=w, guidance_steps=steps, form=form,
+                 renoise="current", renoise_sampler=OwnNoise(student))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_interpolate_and_guidance_forms_give_close_samples_with_fresh_noise():
+    """Paper Fig. 6: with fresh renoise noise, eq. 9 and eq. 10 give nearly the same samples; on
+    the toy mixture their gap is a small fraction of the student-teacher gap."""
+    mix = kdistpp.toys.ring_mixture(8, 4.0, 0.35, dim=2)
+    sig = kdistpp.get_sigmas_karras(4, 0.05, 20.0)
+    student = kdistpp.toys.ProgressiveStudent(mix, sig, substeps=2)
+    x = (torch.randn(2000, 2, generator=torch.Generator().manual_seed(0)) * 20).to(DEVICE)
+    run = lambda **kw: seeded(kdistpp.sample_euler_distpp, student, x, sig, teacher=mix, **kw)
+    forms = {f: run(w=0.1, form=f) for f in ("interpolate", "guidance")}
+    gap_forms = (forms["interpolate"] - forms["guidance"]).norm(dim=1).mean()
+    gap_models = (run(w=0.0) - seeded(kdistpp.sample_euler_distpp, mix, x, sig, teacher=mix, w=0.0)).norm(dim=1).mean()
+    assert gap_forms < 0.25 * gap_models, (gap_forms, gap_models)
+
+
+@pytest.mark.parametrize("name", CFG_PP)
+def test_cfg_pp_with_uncond_equal_to_cond_is_the_plain_sampler(name):
+    x, inner = latent(3), kdistpp.toys.ring_mixture(4, 2.0, 0.5, dim=32)
+    cond = torch.zeros(3, 4, device=DEVICE)
+    cond[:, 0] = 3.0
+    model = kdistpp.CFGDenoiser(inner, cond=cond, uncond=cond, cond_scale=3.0)
+    plain = seeded(SAMPLERS[name], model, x, SIGMAS, teacher=inner, w=0.0)
+    cfgpp = seeded(SAMPLERS[name], model, x, SIGMAS, teacher=inner, w=0.0, cfg_pp=True)
+    torch.testing.assert_close(cfgpp, plain)
+
+
+def test_cfg_pp_euler_step_uses_the_unconditional_direction():
+    """One guided Euler CFG++ step: x1 = x0h + sigma_1 * (x0 - U) / sigma_0 (design note)."""
+    x, inner = latent(4), kdistpp.toys.ring_mixture(4, 2.0, 0.5, dim=32)
+    cond = torch.zeros(3, 4, device=DEVICE)
+    cond[:, 1] = 2.0
+    model = kdistpp.CFGDenoiser(inner, cond=cond, uncond=torch.zeros_like(cond), cond_scale=0.6)
+    teacher = ElementwiseDenoiser(bias=0.5)
+    sig = SIGMAS[:2]
+    seen = []
+    got = seeded(kdistpp.sample_euler_distpp, model, x, sig, teacher=teacher, w=0.3, renoise="current",
+                 cfg_pp=True, callback=seen.append)
+    uncond = model.last_uncond_denoised
+    expected = seen[0]["denoised"] + float(sig[1]) * (x - uncond) / float(sig[0])
+    torch.testing.assert_close(got, expected)
+
+
+KD = {"euler": K.sample_euler, "euler_ancestral": K.sample_euler_ancestral,
+      "dpmpp_2s_ancestral": K.sample_dpmpp_2s_ancestral, "dpmpp_2m": K.sample_dpmpp_2m}
+
+
+@pytest.mark.parametrize("name", KD)
+@pytest.mark.parametrize("form", kdistpp.FORMS)
+@given(w=st.floats(0.01, 1.0), steps=st.sets(st.integers(0, 3), min_size=1), renoise=st.sampled_from(["next", "current", 2.0]))
+def test_teacher_guided_with_k_diffusion_equals_the_dedicated_sampler(name, form, w, steps, renoise):
+    x, student, teacher = latent(5), ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0, scale=2.0)
+    common = dict(w=w, guidance_steps=steps, form=form, renoise=renoise)
+    # eta 0.7: at eta 1 a 2S-a midpoint sits exactly at sigma_{i+1}, where the wrapper (which
+    # knows steps only by sigma) also refines it if step i+1 is guided; see the next test.
+    eta = {"eta": 0.7} if "ancestral" in name else {}
+    # A wrapper can only hand the sampler the refined estimate, so 2M's history holds it.
+    history = {"history": "refined"} if name == "dpmpp_2m" else {}
+    wrapped = kdistpp.teacher_guided(student, teacher, SIGMAS, renoise_sampler=generator_noise(11), **common)
+    expected = seeded(KD[name], wrapped, x, SIGMAS.to(DEVICE), **eta)
+    got = seeded(SAMPLERS[name], student, x, SIGMAS, teacher=teacher, renoise_sampler=generator_noise(11), **common, **eta,
+                 **history)
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-4)
+
+
+def test_teacher_guided_2s_ancestral_eta1_agrees_when_only_the_first_step_is_guided():
+    x, student, teacher = latent(5), ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0, scale=2.0)
+    wrapped = kdistpp.teacher_guided(student, teacher, SIGMAS, w=0.3, renoise_sampler=generator_noise(3))
+    expected = seeded(K.sample_dpmpp_2s_ancestral, wrapped, x, SIGMAS.to(DEVICE))
+    got = seeded(kdistpp.sample_dpmpp_2s_ancestral_distpp, student, x, SIGMAS, teacher=teacher, w=0.3,
+                 renoise_sampler=generator_noise(3))
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-4)
+
+
+def test_teacher_guided_with_sample_consistency_equals_the_dedicated_sampler():
+    x, student, teacher = latent(6), ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0)
+    wrapped = kdistpp.teacher_guided(student, teacher, SIGMAS, w=0.2, guidance_steps=2, form="eps")
+    expected = seeded(kdistpp.sample_consistency, wrapped, x, SIGMAS)
+    got = seeded(kdistpp.sample_consistency_distpp, student, x, SIGMAS, teacher=teacher, w=0.2, guidance_steps=2, form="eps")
+    torch.testing.assert_close(got, expected)
+
+
+def test_teacher_guided_drives_samplers_kdistpp_does_not_ship():
+    x, student, teacher = latent(7), ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0)
+    wrapped = kdistpp.teacher_guided(student, teacher, SIGMAS, w=0.5)
+    plain = seeded(K.sample_heun, student, x, SIGMAS.to(DEVICE))
+    guided = seeded(K.sample_heun, wrapped, x, SIGMAS.to(DEVICE))
+    assert teacher.calls == 1  # Heun's step 0: only the evaluation at sigma_0 is guided
+    assert (guided - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("form", kdistpp.FORMS)
+def test_one_teacher_call_per_guided_step_and_callback_keys(name, form):
+    x, student, teacher = latent(8), ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0)
+    seen = []
+    seeded(SAMPLERS[name], student, x, SIGMAS, teacher=teacher, w=0.2, guidance_steps=[0, 2], form=form, callback=seen.append)
+    assert teacher.calls == 2
+    assert [d["i"] for d in seen] == list(range(5))
+    for d in seen:
+        assert {"x", "i", "sigma", "sigma_hat", "denoised"} <= set(d)
+        assert ({"student_denoised", "teacher_denoised"} <= set(d)) == (d["i"] in (0, 2))
+    guided = seen[0]
+    torch.testing.assert_close(guided["denoised"] if form != "interpolate" else
+                               torch.lerp(guided["student_denoised"], guided["teacher_denoised"], 0.2), guided["denoised"])
+
+
+def test_teacher_gets_its_own_extra_args_and_the_student_sigma_vector():
+    x, student, teacher = latent(9), ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0)
+    seeded(kdistpp.sample_euler_distpp, student, x, SIGMAS, extra_args={"cond": "s"}, teacher=teacher, w=0.1,
+           teacher_extra_args={"cond": "t"})
+    (tx, ts, textra), = teacher.inputs
+    assert textra == {"cond": "t"} and all(e == {"cond": "s"} for _, _, e in student.inputs)
+    assert ts.shape == (3,) and float(ts[0]) == pytest.approx(float(SIGMAS[1]))  # renoise 'next'
+    teacher2 = ElementwiseDenoiser()
+    seeded(kdistpp.sample_euler_distpp, student, x, SIGMAS, extra_args={"cond": "s"}, teacher=teacher2, w=0.1)
+    assert teacher2.inputs[0][2] == {"cond": "s"}  # defaults to extra_args
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_dtype_in_dtype_out_and_no_mutation(name, dtype):
+    x = latent(10).to(dtype)
+    sigmas = SIGMAS.clone()
+    x_copy, sigmas_copy = x.clone(), sigmas.clone()
+    student, teacher = ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0)
+    out = seeded(SAMPLERS[name], student, x, sigmas, teacher=teacher, w=0.3, guidance_steps=2)
+    assert out.dtype == dtype and out.device == x.device and torch.isfinite(out).all()
+    assert torch.equal(x, x_copy) and torch.equal(sigmas, sigmas_copy)
+    assert all(xi.dtype == dtype for xi, _, _ in student.inputs + teacher.inputs)  # models see their dtype
+
+
+def test_renoise_levels():
+    x, student = latent(11), ElementwiseDenoiser()
+    for renoise, check in [("next", lambda s: s == pytest.approx(float(SIGMAS[1]))),
+                           ("current", lambda s: s == pytest.approx(float(SIGMAS[0]))),
+                           (3.0, lambda s: s == pytest.approx(3.0)),
+                           ("random", lambda s: float(SIGMAS[-2]) * 0.999 <= s <= float(SIGMAS[0]) * 1.001)]:
+        teacher = ElementwiseDenoiser(bias=1.0)
+        seeded(kdistpp.sample_euler_distpp, student, x, SIGMAS, teacher=teacher, w=0.1, renoise=renoise)
+        assert check(float(teacher.inputs[0][1][0])), renoise
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs CUDA")
+def test_sigmas_on_cpu_latent_on_cuda():
+    x = latent(12)
+    out = kdistpp.sample_dpmpp_2m_distpp(ElementwiseDenoiser(), x, SIGMAS.cpu(), teacher=ElementwiseDenoiser(1.0), w=0.1,
+                                         disable=True)
+    assert out.is_cuda

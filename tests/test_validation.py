@@ -1,0 +1,96 @@
+"""Bad input gets a ValueError/TypeError naming the argument, before any model call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kdistpp
+from conftest import DEVICE, ElementwiseDenoiser
+
+SIGMAS = kdistpp.get_sigmas_karras(4, 0.05, 14.6)
+
+
+def call(sampler="euler", x=None, sigmas=SIGMAS, student=None, **kw):
+    student = student or ElementwiseDenoiser()
+    kw.setdefault("teacher", ElementwiseDenoiser(bias=1.0))
+    kw.setdefault("w", 0.1)
+    x = torch.randn(2, 3, device=DEVICE) if x is None else x
+    kdistpp.SAMPLERS[sampler](student, x, sigmas, disable=True, **kw)
+    return student, kw["teacher"]
+
+
+BAD = [
+    ("sigmas", dict(sigmas=SIGMAS[None]), ValueError, "1-D"),
+    ("sigmas", dict(sigmas=SIGMAS[:1]), ValueError, "at least 2"),
+    ("sigmas", dict(sigmas=SIGMAS.flip(0)), ValueError, "non-increasing"),
+    ("sigmas", dict(sigmas=torch.tensor([2.0, 1.0, -1.0])), ValueError, "non-negative"),
+    ("sigmas", dict(sigmas=torch.tensor([2.0, float("nan"), 0.0])), ValueError, "finite"),
+    ("sigmas", dict(sigmas=torch.tensor([2.0, 0.0, 0.0])), ValueError, "only the last"),
+    ("sigmas", dict(sigmas=[2.0, 1.0, 0.0]), TypeError, "torch.Tensor"),
+    ("x", dict(x=torch.ones(2, 3, dtype=torch.long)), TypeError, "floating"),
+    ("x", dict(x=[[1.0]]), TypeError, "torch.Tensor"),
+    ("w", dict(w=-0.1), ValueError, ">= 0"),
+    ("w", dict(w=float("inf")), ValueError, "finite"),
+    ("w", dict(w=float("nan")), ValueError, "finite"),
+    ("w", dict(w=[0.1], guidance_steps=2), ValueError, "one value per step"),
+    ("w", dict(w="strong"), TypeError, "float"),
+    ("guidance_steps", dict(guidance_steps=5), ValueError, "beyond the schedule"),
+    ("guidance_steps", dict(guidance_steps=-1), ValueError, "beyond the schedule"),
+    ("guidance_steps", dict(guidance_steps=[0, 4]), ValueError, "beyond the schedule"),
+    ("guidance_steps", dict(guidance_steps=[0.5]), TypeError, "ints"),
+    ("guidance_steps", dict(guidance_steps="first"), TypeError, "collection"),
+    ("form", dict(form="cfg"), ValueError, "'interpolate'"),
+    ("renoise", dict(renoise="previous"), ValueError, "'next'"),
+    ("renoise", dict(renoise=0.0), ValueError, "sigma > 0"),
+    ("renoise", dict(renoise=None), TypeError, "'next'"),
+    ("renoise", dict(guidance_steps=4), ValueError, "next sigma is 0"),
+    ("teacher", dict(teacher="sdxl"), TypeError, "callable"),
+    ("renoise_sampler", dict(renoise_sampler=3), TypeError, "callable"),
+    ("teacher_extra_args", dict(teacher_extra_args=[1]), TypeError, "dict"),
+    ("extra_args", dict(extra_args="cond"), TypeError, "dict"),
+    ("cfg_pp", dict(cfg_pp=True), TypeError, "last_uncond_denoised"),
+]
+
+
+@pytest.mark.parametrize("argument,kwargs,error,text", BAD, ids=[f"{a}-{t}" for a, _, _, t in BAD])
+def test_bad_input_is_refused_before_any_model_call(argument, kwargs, error, text):
+    student, teacher = ElementwiseDenoiser(), kwargs.get("teacher", ElementwiseDenoiser(bias=1.0))
+    with pytest.raises(error, match=text) as info:
+        call(student=student, **{"teacher": teacher, **kwargs})
+    assert argument in str(info.value)
+    assert student.calls == 0 and getattr(teacher, "calls", 0) == 0
+
+
+def test_model_not_callable():
+    with pytest.raises(TypeError, match="model"):
+        kdistpp.sample_euler_distpp("unet", torch.zeros(1, 2), SIGMAS, teacher=ElementwiseDenoiser(), w=0.1)
+
+
+def test_last_step_guided_with_a_sound_renoise_level_is_allowed():
+    call(guidance_steps=4, renoise="current")
+    call(guidance_steps=4, form="guidance")
+    call(guidance_steps=[3], renoise=0.5)
+
+
+@pytest.mark.parametrize("bad,text", [
+    (lambda x, s, **k: x[:1], "shape"),
+    (lambda x, s, **k: torch.full_like(x, float("nan")), "non-finite"),
+])
+def test_bad_teacher_output_names_teacher_and_step(bad, text):
+    def teacher(x, s, **k):
+        return bad(x, s)
+
+    with pytest.raises(kdistpp.TeacherOutputError, match=rf"teacher teacher .*{text}.*|teacher teacher returned .*") as info:
+        call(teacher=teacher, guidance_steps=[1])
+    assert "step 1" in str(info.value) and text in str(info.value)
+
+
+def test_teacher_guided_validates_up_front():
+    with pytest.raises(TypeError, match="student"):
+        kdistpp.teacher_guided(None, ElementwiseDenoiser(), SIGMAS, w=0.1)
+    with pytest.raises(ValueError, match="form"):
+        kdistpp.teacher_guided(ElementwiseDenoiser(), ElementwiseDenoiser(), SIGMAS, w=0.1, form="x")
+    with pytest.raises(ValueError, match="history"):
+        kdistpp.sample_dpmpp_2m_distpp(ElementwiseDenoiser(), torch.zeros(1, 2), SIGMAS, teacher=ElementwiseDenoiser(), w=0.1,
+                                       history="teacher")
