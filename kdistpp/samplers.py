@@ -64,9 +64,7 @@ def sample_euler_distpp(model, x, sigmas, extra_args=None, callback=None, disabl
             x = x + eps * (sigma_hat**2 - sig[i] ** 2) ** 0.5
         denoised = run.denoise(x, sigma_hat)
         denoised, info = guide.refine(i, x, sigma_hat, denoised)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": run.sigmas_in[i], "sigma_hat": run.sigmas_in[i] * (gamma + 1),
-                      "denoised": denoised, **info})
+        run.report(callback, i, x, denoised, info, sigma_hat=run.sigmas_in[i] * (gamma + 1))
         # Euler method
         x = cfg_pp_state(run, x, denoised, cfg_pp)
         x = x + (x - denoised) / sigma_hat * (sig[i + 1] - sigma_hat)
@@ -91,9 +89,7 @@ def sample_euler_ancestral_distpp(model, x, sigmas, extra_args=None, callback=No
         denoised = run.denoise(x, sig[i])
         denoised, info = guide.refine(i, x, sig[i], denoised)
         sigma_down, sigma_up = ancestral_step(sig[i], sig[i + 1], eta)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": run.sigmas_in[i], "sigma_hat": run.sigmas_in[i],
-                      "denoised": denoised, **info})
+        run.report(callback, i, x, denoised, info)
         # Euler method
         x = cfg_pp_state(run, x, denoised, cfg_pp)
         x = x + (x - denoised) / sig[i] * (sigma_down - sig[i])
@@ -122,9 +118,7 @@ def sample_dpmpp_2s_ancestral_distpp(model, x, sigmas, extra_args=None, callback
         denoised = run.denoise(x, sig[i])
         denoised, info = guide.refine(i, x, sig[i], denoised)
         sigma_down, sigma_up = ancestral_step(sig[i], sig[i + 1], eta)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": run.sigmas_in[i], "sigma_hat": run.sigmas_in[i],
-                      "denoised": denoised, **info})
+        run.report(callback, i, x, denoised, info)
         x = cfg_pp_state(run, x, denoised, cfg_pp)
         if sigma_down == 0:
             # Euler method
@@ -165,9 +159,7 @@ def sample_dpmpp_2m_distpp(model, x, sigmas, extra_args=None, callback=None, dis
     for i in trange(run.steps, disable=disable):
         denoised = run.denoise(x, sig[i])
         denoised, info = guide.refine(i, x, sig[i], denoised)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": run.sigmas_in[i], "sigma_hat": run.sigmas_in[i],
-                      "denoised": denoised, **info})
+        run.report(callback, i, x, denoised, info)
         x = cfg_pp_state(run, x, denoised, cfg_pp)
         h = log_sigma_gap(sig[i], sig[i + 1])
         if old_denoised is None or sig[i + 1] == 0:
@@ -209,9 +201,7 @@ def _consistency_loop(run, guide, callback, disable):
     for i in trange(run.steps, disable=disable):
         denoised = run.denoise(x, sig[i])
         denoised, info = guide.refine(i, x, sig[i], denoised)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": run.sigmas_in[i], "sigma_hat": run.sigmas_in[i],
-                      "denoised": denoised, **info})
+        run.report(callback, i, x, denoised, info)
         # Denoise, then renoise to the next level with fresh noise
         x = denoised
         if sig[i + 1] > 0:

@@ -95,17 +95,18 @@ def test_renoise_current_with_own_noise_is_the_guidance_form(name, form, w, step
 
 
 def test_interpolate_and_guidance_forms_give_close_samples_with_fresh_noise():
-    """Paper Fig. 6: with fresh renoise noise, eq. 9 and eq. 10 give nearly the same samples; on
-    the toy mixture their gap is a small fraction of the student-teacher gap."""
+    """Paper Fig. 6: with fresh renoise noise, eq. 9 and eq. 10 give nearly the same samples. On
+    this toy the mean gap between the two forms' samples is about 0.87 w (0.043 at w = 0.05), against
+    0.37 between the plain student and the teacher, so at the paper's w (0.01-0.1) it is small."""
     mix = kdistpp.toys.ring_mixture(8, 4.0, 0.35, dim=2)
     sig = kdistpp.get_sigmas_karras(4, 0.05, 20.0)
     student = kdistpp.toys.ProgressiveStudent(mix, sig, substeps=2)
     x = (torch.randn(2000, 2, generator=torch.Generator().manual_seed(0)) * 20).to(DEVICE)
     run = lambda **kw: seeded(kdistpp.sample_euler_distpp, student, x, sig, teacher=mix, **kw)
-    forms = {f: run(w=0.1, form=f) for f in ("interpolate", "guidance")}
+    forms = {f: run(w=0.05, form=f) for f in ("interpolate", "guidance")}
     gap_forms = (forms["interpolate"] - forms["guidance"]).norm(dim=1).mean()
     gap_models = (run(w=0.0) - seeded(kdistpp.sample_euler_distpp, mix, x, sig, teacher=mix, w=0.0)).norm(dim=1).mean()
-    assert gap_forms < 0.25 * gap_models, (gap_forms, gap_models)
+    assert gap_forms < 0.2 * gap_models, (gap_forms, gap_models)
 
 
 @pytest.mark.parametrize("name", CFG_PP)
