@@ -73,11 +73,15 @@ class Guidance:
         teacher_args = self.teacher_extra_args if self.teacher_extra_args is not None else extra_args or {}
         teacher_denoised = self.run.call(self.teacher, x_t, sigma_t, teacher_args)
         self._check_teacher(teacher_denoised, x, i, sigma_t)
+        # The renoised point is ours and no longer needed: it holds the result, so a guided step
+        # allocates one latent-sized buffer besides the teacher's output (never x, the caller's state).
+        out = x_t if x_t is not x and x_t.data_ptr() != teacher_denoised.data_ptr() else None
         if self.form == "eps":
-            residual = (sigma / sigma_t) * (x_t - teacher_denoised) - (x - denoised)
-            refined = torch.add(denoised, residual, alpha=-w)
+            # x0h = x0s - w * (sigma / sigma_r * (x_r - x0T) - (x - x0s))
+            residual = torch.sub(x_t, teacher_denoised, out=out).mul_(sigma / sigma_t).sub_(x).add_(denoised)
+            refined = residual.mul_(-w).add_(denoised)
         else:
-            refined = torch.lerp(denoised, teacher_denoised, w)  # exact at w = 0 and w = 1
+            refined = torch.lerp(denoised, teacher_denoised, w, out=out)  # exact at w = 0 and w = 1
         return refined, {"student_denoised": denoised, "teacher_denoised": teacher_denoised}
 
     def _renoise_noise(self, i: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 settings.register_profile(
-    "kdistpp", max_examples=int(os.environ.get("KDISTPP_EXAMPLES", "25")), deadline=None,
+    "kdistpp", max_examples=int(os.environ.get("KDISTPP_EXAMPLES", "50")), deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile("kdistpp")
