@@ -34,10 +34,6 @@ class Guidance:
     teacher_extra_args: dict | None  # None: the student's extra_args of the same call
     run: Run
 
-    @property
-    def guided_steps(self) -> list[int]:
-        return [i for i, w in enumerate(self.weights) if w != 0.0]
-
     def renoise_level(self, i: int, sigma: float) -> float:
         """sigma_r of eq. 9: the next sigma of the schedule (the paper's decreasing schedule, default),
         the current one, a log-uniform random draw (DreamFusion-style SDS), or a fixed level."""
