@@ -1,22 +1,26 @@
 """Overhead of kdistpp, measured side by side in one run (issue 3, item 5).
 
-    .venv/bin/python benchmarks/overhead.py [--device cpu|cuda] [--repeats 15] [--out docs/benchmarks_overhead.md]
+Run through `benchmarks/run.py --only overhead`.
 
 1. kdistpp at w = 0 against k-diffusion's own sampler, cheap denoiser (the sampler's own cost).
 2. A guided step against a plain step (one step, same student and teacher).
 3. kdistpp.CFGDenoiser (cond + uncond in one call) against two separate calls.
+4. Peak memory of a guided step against a plain step.
 Each ratio is the median over `repeats` interleaved pairs, with the 10th-90th percentile spread.
 Requires the test extra (k-diffusion).
 """
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import time
 
+import weakref
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import kdistpp
 
@@ -65,18 +69,52 @@ def side_by_side(ours, theirs, device, repeats):
     return ratio_stats([(timed(ours, device), timed(theirs, device)) for _ in range(repeats)])
 
 
-def main(argv=None):
+class PeakTensorBytes(TorchDispatchMode):
+    """Peak bytes of live tensor storages created inside the block, on any device: each op's outputs
+    are counted when made and released when their storage is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = set()
+
+    def _release(self, nbytes, key):
+        self.live -= nbytes
+        self.seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if nbytes and key not in self.seen:
+                    self.seen.add(key)
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._release, nbytes, key)
+        return out
+
+
+def peak_bytes(fn, device):
+    """(peak bytes of tensors made by fn, CUDA allocator peak above the starting point or None)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    with torch.no_grad(), PeakTensorBytes() as mode:
+        fn()
+    allocator = torch.cuda.max_memory_allocated(device) - base if cuda else None
+    return mode.peak, allocator
+
+
+def measure(device: torch.device, repeats: int, steps: int):
+    """The overhead rows: (comparison, median ratio, p10, p90, second's median seconds)."""
     from k_diffusion import sampling as K
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--out", default="docs/benchmarks_overhead.md")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
     x = torch.randn(4, 4, 64, 64, device=device) * 14.6
-    sigmas = kdistpp.get_sigmas_karras(args.steps, 0.03, 14.6)
+    sigmas = kdistpp.get_sigmas_karras(steps, 0.03, 14.6)
     model = Cheap()
     rows = []
     pairs = {"euler": K.sample_euler, "euler_ancestral": K.sample_euler_ancestral,
@@ -84,32 +122,42 @@ def main(argv=None):
     for name, base in pairs.items():
         ours = lambda: kdistpp.SAMPLERS[name](model, x, sigmas, disable=True, teacher=model, w=0.0)
         theirs = lambda: base(model, x, sigmas.to(device), disable=True)
-        rows.append((f"{name}, w=0 vs k-diffusion ({args.steps} steps, cheap denoiser)", *side_by_side(ours, theirs, device, args.repeats)))
+        rows.append((f"{name}, w=0 vs k-diffusion ({steps} steps, cheap denoiser)", *side_by_side(ours, theirs, device, repeats)))
     net = Conv(device)
     one = sigmas[[0, 1]]
     guided = lambda: kdistpp.sample_euler_distpp(net, x, one, teacher=net, w=0.1, disable=True)
     plain = lambda: kdistpp.sample_euler_distpp(net, x, one, teacher=net, w=0.0, disable=True)
-    rows.append(("guided step vs plain step (Euler, conv denoiser)", *side_by_side(guided, plain, device, args.repeats)))
+    rows.append(("guided step vs plain step (Euler, conv denoiser)", *side_by_side(guided, plain, device, repeats)))
     c, u = torch.ones(4, device=device), torch.zeros(4, device=device)
     batched = kdistpp.CFGDenoiser(net, cond=c, uncond=u, cond_scale=5.0)
     s = torch.full((4,), 3.0, device=device)
     two_calls = lambda: (lambda U, C: U + (C - U) * 5.0)(net(x, s, cond=u), net(x, s, cond=c))
     with torch.no_grad():
-        rows.append(("CFGDenoiser batched vs two calls (conv denoiser)", *side_by_side(lambda: batched(x, s), two_calls, device, args.repeats)))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        rows.append(("CFGDenoiser batched vs two calls (conv denoiser)", *side_by_side(lambda: batched(x, s), two_calls, device, repeats)))
+    latent = x.numel() * x.element_size()
+    memory = [(name, *peak_bytes(fn, device)) for name, fn in (("plain step", plain), ("guided step", guided))]
+    return rows, memory, latent
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def section(device: torch.device, repeats: int, steps: int, command: str) -> str:
+    rows, memory, latent = measure(device, repeats, steps)
     lines = [
-        "# Overhead (generated by `benchmarks/overhead.py`)", "",
-        f"Command: `.venv/bin/python benchmarks/overhead.py --device {args.device} --repeats {args.repeats} --steps {args.steps}`",
-        f"Device: {name}; torch {torch.__version__}; latent 4x4x64x64 float32.", "",
+        f"Command: `{command}`",
+        f"Device: {describe(device)}; torch {torch.__version__}; latent 4x4x64x64 float32.", "",
         "Ratio = time(first) / time(second), median over interleaved repeats, with the 10th-90th percentile.", "",
         "| comparison | ratio (median) | p10 | p90 | second's median time (s) |", "|---|---|---|---|---|",
     ]
     lines += [f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.3f} | {r[4]:.4f} |" for r in rows]
-    text = "\n".join(lines) + "\n"
-    with open(args.out, "w") as f:
-        f.write(text)
-    print(text)
+    lines += ["", "Peak memory of one Euler step (conv denoiser as student and teacher), in latent-sized buffers "
+              f"({latent / 2**20:.2f} MiB each): the peak of live tensors the step creates"
+              + (", and the CUDA allocator's peak above the starting point." if device.type == "cuda" else "."), "",
+              "| step | tensors made (latents) | CUDA allocator peak (latents) |", "|---|---|---|"]
+    lines += [f"| {name} | {t / latent:.2f} | {'n/a (CPU)' if a is None else f'{a / latent:.2f}'} |" for name, t, a in memory]
+    return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    main()

@@ -14,8 +14,10 @@ def load(name):
     return module
 
 
-def test_overhead_benchmark_writes_its_table(tmp_path):
-    out = tmp_path / "overhead.md"
-    load("overhead").main(["--repeats", "2", "--steps", "2", "--out", str(out), "--device", "cpu"])
-    text = out.read_text()
-    assert "| comparison |" in text and text.count("\n| ") >= 7
+def test_benchmark_entry_point_writes_every_section(tmp_path):
+    text = load("run").main(["--tiny", "--device", "cpu", "--docs", str(tmp_path)])
+    assert (tmp_path / "benchmarks.md").read_text() == text
+    for heading in ("## Headline", "## Forms and w", "## Quality", "## Compute-matched", "## Renoise", "## The 2-D picture", "## Overhead"):
+        assert heading in text, heading
+    for png in ("forms_w.png", "compute_matched.png", "toy_2d.png"):
+        assert (tmp_path / "img" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
