@@ -25,8 +25,9 @@ import overhead  # noqa: E402
 import picture  # noqa: E402
 import quality  # noqa: E402
 import renoise  # noqa: E402
+import sfd  # noqa: E402
 
-ORDER = ("forms", "quality", "compute_matched", "renoise", "picture", "overhead")
+ORDER = ("forms", "quality", "compute_matched", "renoise", "picture", "overhead", "sfd")
 
 
 def parse(argv):
@@ -68,8 +69,8 @@ def main(argv=None) -> str:
         t = time.perf_counter()
         out = fn()
         text = out[0] if isinstance(out, tuple) else out
-        common.write_section(name, text)
         durations[name] = time.perf_counter() - t
+        common.write_section(name, f"{text}\n\n_This section: {durations[name]:.0f} s, `{command_line(args)} --only {name}`._")
         print(f"[{name}] {durations[name]:.0f} s", flush=True)
         return out
 
@@ -91,6 +92,8 @@ def main(argv=None) -> str:
         repeats, steps = (2, 2) if args.tiny else (9, 10) if args.quick else (15, 20)
         section("overhead", lambda: "## Overhead\n\n" + overhead.section(torch.device(args.device), repeats, steps,
                                                                         command_line(args) + " --only overhead"))
+    if "sfd" in wanted:
+        section("sfd", lambda: sfd.run(cfg))
     total = time.perf_counter() - started
 
     parts = ["# Benchmarks", "",

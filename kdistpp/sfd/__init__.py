@@ -1,0 +1,32 @@
+"""SFD: Simple and Fast Distillation of few-step students (Zhou et al., NeurIPS 2024).
+
+    trainer = SFDTrainer(student, teacher, SFDConfig(num_steps=4), shape=(4, 64, 64))
+    trainer.fit()
+    x = sample_sfd(student, torch.randn(1, 4, 64, 64) * trainer.config.sigma_max, trainer.config)
+
+See docs/sfd.md.
+"""
+
+from .conditioning import StepEmbedding, sinusoidal_embedding
+from .nets import MLPDenoiser, train_dsm
+from .sampling import AnalyticFirstStep, sample_sfd, sfd_denoiser
+from .trainer import SFDConfig, SFDTrainer
+from .trajectory import analytic_denoised, dpmpp_3m_trajectory, euler_step, multistep_update, nested_grid, polynomial_sigmas
+
+__all__ = [
+    "AnalyticFirstStep",
+    "MLPDenoiser",
+    "SFDConfig",
+    "SFDTrainer",
+    "StepEmbedding",
+    "analytic_denoised",
+    "dpmpp_3m_trajectory",
+    "euler_step",
+    "multistep_update",
+    "nested_grid",
+    "polynomial_sigmas",
+    "sample_sfd",
+    "sfd_denoiser",
+    "sinusoidal_embedding",
+    "train_dsm",
+]

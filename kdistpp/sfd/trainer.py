@@ -1,0 +1,205 @@
+"""SFD: Simple and Fast Distillation of a few-step student (Zhou et al. 2024, Algorithm 2).
+
+Per trajectory batch: the teacher solves the PF-ODE with DPM-Solver++(3M) on the nested grid; the
+student walks the same timestamps one Euler step at a time from its *own* detached previous state,
+and after each step takes one optimizer step on the L1 distance to the teacher's state there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import trange
+
+from .trajectory import analytic_denoised, broadcast_sigma, dpmpp_3m_trajectory, euler_step, nested_grid, polynomial_sigmas
+
+
+@dataclasses.dataclass
+class SFDConfig:
+    """SFD's hyperparameters; defaults are the authors' (pixel EDM: sigma 0.006..80; SD: 0.1..14.6).
+
+    num_steps: N timestamps (NFE N - 1; N - 2 with `afs`), or a sequence of N for SFD-v, one drawn
+        per batch and passed to the student as `num_steps` (a (B,) long tensor).
+    iterations: trajectory batches; each makes N - 1 optimizer steps (one less with `afs`).
+    lr_decay_at: fraction of `iterations` after which the learning rate is divided by 10.
+    afs: analytical first step (untrained, no model call); sigma_data is the std it assumes for x0.
+    """
+
+    num_steps: int | Sequence[int] = 4
+    sigma_min: float = 0.006
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    substeps: int = 4
+    afs: bool = False
+    sigma_data: float = 1.0
+    lr: float = 5e-5
+    lr_decay_at: float = 0.5
+    batch_size: int = 128
+    iterations: int = 1600
+    seed: int = 0
+
+    def __post_init__(self):
+        choices = self.step_choices
+        if not choices or any(not isinstance(n, int) or n < 2 for n in choices):
+            raise ValueError(f"num_steps must be an int >= 2 or a non-empty sequence of them, got {self.num_steps!r}")
+        if self.afs and min(choices) < 3:
+            raise ValueError("afs=True takes the first interval analytically: num_steps must be >= 3")
+        if not isinstance(self.substeps, int) or self.substeps < 1:
+            raise ValueError(f"substeps (K) must be an int >= 1, got {self.substeps!r}")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+        if self.batch_size < 1 or self.iterations < 1 or self.lr <= 0:
+            raise ValueError("batch_size and iterations must be >= 1 and lr > 0")
+
+    @property
+    def step_choices(self) -> tuple[int, ...]:
+        return (self.num_steps,) if isinstance(self.num_steps, int) else tuple(self.num_steps)
+
+    @property
+    def step_conditioned(self) -> bool:
+        return not isinstance(self.num_steps, int)
+
+    def timestamps(self, n: int | None = None, device="cpu") -> torch.Tensor:
+        """The student's sampling schedule for N = n timestamps (ends at sigma_min, no zero)."""
+        return polynomial_sigmas(n or self.step_choices[0], self.sigma_min, self.sigma_max, self.rho, device)
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class SFDTrainer:
+    """Distils `teacher` into `student` (usually a copy of it) by SFD.
+
+    Both are denoisers in k-diffusion's VE-sigma form, D(x, sigma, **extra) -> x0. Under
+    torch.distributed (torchrun, accelerate launch) the student is wrapped in DistributedDataParallel,
+    each rank draws its own noise, and rank 0 alone shows progress and writes checkpoints: the same
+    script runs on one device or many.
+
+    Conditional models: `condition(generator, batch_size)` returns the batch's extra_args; the teacher
+    gets them updated with `teacher_extra_args` (e.g. a guidance scale; SFD distils at scale 1).
+    """
+
+    def __init__(self, student: nn.Module, teacher: Callable, config: SFDConfig | None = None, *,
+                 shape: Sequence[int] | None = None, condition: Callable | None = None,
+                 teacher_extra_args: dict | None = None, optimizer: torch.optim.Optimizer | None = None):
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"student must be a torch.nn.Module (its weights are trained), got {type(student).__name__}")
+        if not callable(teacher):
+            raise TypeError(f"teacher must be a denoiser D(x, sigma, **extra), got {type(teacher).__name__}")
+        self.config = config or SFDConfig()
+        self.student, self.teacher = student, teacher
+        self.shape = tuple(shape) if shape is not None else None
+        self.condition, self.teacher_extra_args = condition, dict(teacher_extra_args or {})
+        self.rank, self.world_size = _distributed()
+        self.model = student
+        if self.world_size > 1:
+            self.model = nn.parallel.DistributedDataParallel(student)
+        self.optimizer = optimizer or torch.optim.Adam(student.parameters(), lr=self.config.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.generator = torch.Generator().manual_seed(self.config.seed * 1000 + self.rank)
+        self.iteration = 0
+        self.losses: list[float] = []
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.student.parameters()).device
+
+    def learning_rate(self, iteration: int) -> float:
+        """SFD's schedule: lr, divided by 10 after `lr_decay_at` of the iterations."""
+        return self.config.lr * (0.1 if iteration >= self.config.lr_decay_at * self.config.iterations else 1.0)
+
+    def draw_noise(self, batch_size: int | None = None) -> torch.Tensor:
+        if self.shape is None:
+            raise ValueError("pass shape=(C, H, W) (one sample's shape) to SFDTrainer, or x_T to train_batch")
+        z = torch.randn((batch_size or self.config.batch_size, *self.shape), generator=self.generator)
+        return z.to(self.device) * self.config.sigma_max
+
+    def train_batch(self, x_T: torch.Tensor | None = None, extra_args: dict | None = None, num_steps: int | None = None) -> float:
+        """One trajectory batch (Algorithm 2's inner loop); returns the mean L1 loss over its student steps."""
+        cfg = self.config
+        n = num_steps or (cfg.step_choices[int(torch.randint(len(cfg.step_choices), (), generator=self.generator))])
+        x = self.draw_noise() if x_T is None else x_T
+        if extra_args is None and self.condition is not None:
+            extra_args = self.condition(self.generator, x.shape[0])
+        extra_args = dict(extra_args or {})
+        teacher_args = {**extra_args, **self.teacher_extra_args}
+        if cfg.step_conditioned:
+            extra_args["num_steps"] = torch.full((x.shape[0],), n, dtype=torch.long, device=x.device)
+        ts = cfg.timestamps(n)
+        grid = nested_grid(ts, cfg.substeps, cfg.rho)
+        self.teacher_eval()
+        targets = dpmpp_3m_trajectory(self.teacher, x, grid, teacher_args)[:: cfg.substeps]
+        lr = self.learning_rate(self.iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        losses = []
+        for i in range(n - 1):
+            t, t_next = float(ts[i]), float(ts[i + 1])
+            if cfg.afs and i == 0:
+                x = euler_step(x, t, t_next, analytic_denoised(x, t, cfg.sigma_data))
+                continue
+            denoised = self.model(x, broadcast_sigma(t, x), **extra_args)
+            if denoised.shape != x.shape:
+                raise ValueError(f"student returned shape {tuple(denoised.shape)} for input {tuple(x.shape)}")
+            x_next = euler_step(x, t, t_next, denoised)
+            loss = (x_next - targets[i + 1]).abs().flatten(1).sum(1).mean()  # L1 per sample, as the authors
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            losses.append(loss.item())
+            x = x_next.detach()  # the next step starts from the student's own state; no gradient through it
+        self.iteration += 1
+        mean = sum(losses) / len(losses)
+        self.losses.append(mean)
+        return mean
+
+    def teacher_eval(self) -> None:
+        if isinstance(self.teacher, nn.Module):
+            self.teacher.eval()
+
+    def fit(self, iterations: int | None = None, *, progress: bool = True, checkpoint: str | None = None,
+            checkpoint_every: int = 0) -> list[float]:
+        """Trains up to `iterations` trajectory batches in total (default config.iterations), resuming
+        from the current iteration; saves to `checkpoint` every `checkpoint_every` batches and at the end."""
+        total = iterations or self.config.iterations
+        bar = trange(self.iteration, total, disable=not progress or self.rank != 0, desc="SFD")
+        for _ in bar:
+            bar.set_postfix(loss=f"{self.train_batch():.4g}", lr=f"{self.learning_rate(self.iteration - 1):.1e}")
+            if checkpoint and checkpoint_every and self.iteration % checkpoint_every == 0:
+                self.save(checkpoint)
+        if checkpoint:
+            self.save(checkpoint)
+        self.student.eval()
+        return self.losses
+
+    def state_dict(self) -> dict:
+        return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "iteration": self.iteration, "generator": self.generator.get_state(), "losses": list(self.losses),
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                "config": dataclasses.asdict(self.config)}
+
+    def save(self, path: str) -> None:
+        """Writes model, optimizer, iteration and RNG state (rank 0 only under torch.distributed)."""
+        if self.rank == 0:
+            torch.save(self.state_dict(), path)
+
+    def load(self, path: str) -> "SFDTrainer":
+        """Restores a checkpoint written by `save`; training then continues exactly where it stopped."""
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        saved = SFDConfig(**state["config"])
+        if dataclasses.asdict(saved) != dataclasses.asdict(self.config):
+            raise ValueError(f"checkpoint was trained with {saved}, this trainer has {self.config}")
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration, self.losses = state["iteration"], list(state["losses"])
+        self.generator.set_state(state["generator"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
+        random.setstate(state["python_rng"])
+        return self
