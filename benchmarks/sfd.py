@@ -27,7 +27,7 @@ def sizes(cfg: Config) -> dict:
         return dict(dsm=60, sfd=4, sfd_v=8, hidden=32, n_eval=200, eval_seeds=(0,), nfes=(2, 3), classifier=20)
     if cfg.quick:
         return dict(dsm=700, sfd=60, sfd_v=120, hidden=64, n_eval=1000, eval_seeds=(0, 1), nfes=NFES, classifier=200)
-    return dict(dsm=4000, sfd=400, sfd_v=800, hidden=256, n_eval=4000, eval_seeds=(0, 1, 2, 3, 4), nfes=NFES, classifier=600)
+    return dict(dsm=3000, sfd=300, sfd_v=600, hidden=128, n_eval=4000, eval_seeds=(0, 1, 2, 3, 4), nfes=NFES, classifier=600)
 
 
 class Dataset:
