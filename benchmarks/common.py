@@ -187,6 +187,22 @@ def save_figure(fig, name: str, img_dir: str | None = None) -> str:
     return path
 
 
+def panels(cfg: Config, xlabel: str):
+    """A figure with one panel per (dimension, student kind), titled and labelled; returns fig, [(ax, dim, kind)]."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(cfg.dims), len(KINDS), figsize=(4 * len(KINDS), 3.2 * len(cfg.dims)), squeeze=False)
+    out = []
+    for r, dim in enumerate(cfg.dims):
+        for c, kind in enumerate(KINDS.values()):
+            ax = axes[r][c]
+            ax.set_title(f"{kind.label}, {dim}-D", fontsize=9)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("sliced W2 to data")
+            ax.grid(alpha=0.3)
+            out.append((ax, dim, kind))
+    return fig, out
+
+
 def pyplot():
     import matplotlib  # the `bench` extra; imported here so the tables need nothing beyond kdistpp
 

@@ -7,7 +7,7 @@ NFE, like SDXL-Lightning's 2/4/8-step checkpoints); the other students do not de
 
 from __future__ import annotations
 
-from common import KINDS, Config, Counted, karras, mean_std, noise, problem, reference, save_figure, score, table, pyplot, timed
+from common import KINDS, Config, Counted, karras, mean_std, noise, problem, reference, save_figure, score, table, panels, timed
 
 ARMS = ("N + guided step", "N steps, control", "N+1 steps", "N+2 steps")
 
@@ -81,19 +81,12 @@ def run(cfg: Config, settings: dict) -> tuple[str, list]:
 
 
 def plot(results, cfg: Config):
-    plt = pyplot()
-    fig, axes = plt.subplots(len(cfg.dims), len(KINDS), figsize=(4 * len(KINDS), 3.2 * len(cfg.dims)), squeeze=False)
-    for r, dim in enumerate(cfg.dims):
-        for c, kind in enumerate(KINDS.values()):
-            ax = axes[r][c]
-            for arm, style in zip(ARMS, ("o-", "x:", "s--", "^--")):
-                pts = sorted((mean_std(x[1] for x in results[(kind.name, dim, n, arm)])[0],
-                              mean_std(x[0] for x in results[(kind.name, dim, n, arm)])[0]) for n in cfg.step_counts)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, ms=4, label=arm)
-            ax.set_title(f"{kind.label}, {dim}-D", fontsize=9)
-            ax.set_xlabel("NFE")
-            ax.set_ylabel("sliced W2 to data")
-            ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    fig, grid = panels(cfg, "NFE")
+    for ax, dim, kind in grid:
+        for arm, style in zip(ARMS, ("o-", "x:", "s--", "^--")):
+            pts = sorted((mean_std(x[1] for x in results[(kind.name, dim, n, arm)])[0],
+                          mean_std(x[0] for x in results[(kind.name, dim, n, arm)])[0]) for n in cfg.step_counts)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, ms=4, label=arm)
+    grid[0][0].legend(fontsize=7)
     fig.suptitle("Quality per NFE: N student steps + 1 guided step vs more student steps (N = 3..8)")
     return save_figure(fig, "compute_matched.png")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from common import KINDS, Config, karras, noise, pm, problem, reference, save_figure, score, table, pyplot, mean_std
+from common import KINDS, Config, karras, noise, pm, problem, reference, save_figure, score, table, panels, mean_std
 
 FORMS = ("interpolate", "guidance", "eps")
 STEPS = 4
@@ -72,20 +72,13 @@ def interpolate_guidance_gap(cfg: Config):
 
 
 def plot(results, cfg: Config):
-    plt = pyplot()
-    fig, axes = plt.subplots(len(cfg.dims), len(KINDS), figsize=(4 * len(KINDS), 3.2 * len(cfg.dims)), squeeze=False)
-    for r, dim in enumerate(cfg.dims):
-        for c, kind in enumerate(KINDS.values()):
-            ax = axes[r][c]
-            for form in FORMS:
-                ws = w_grid(cfg)
-                stats = [mean_std(results[(kind.name, dim, form, w)]) for w in ws]
-                ax.errorbar(ws, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", ms=3, capsize=2, label=form)
-            ax.set_title(f"{kind.label}, {dim}-D", fontsize=9)
-            ax.set_xlabel("w")
-            ax.set_ylabel("sliced W2 to data")
-            ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    fig, grid = panels(cfg, "w")
+    ws = w_grid(cfg)
+    for ax, dim, kind in grid:
+        for form in FORMS:
+            stats = [mean_std(results[(kind.name, dim, form, w)]) for w in ws]
+            ax.errorbar(ws, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", ms=3, capsize=2, label=form)
+    grid[0][0].legend(fontsize=8)
     fig.suptitle(f"One guided step, {STEPS}-step students: distance to data vs w (lower is better)")
     return save_figure(fig, "forms_w.png")
 
