@@ -42,7 +42,7 @@ class Config:
         if tiny:  # the smoke test's setting
             return cls(quick=True, device=device, n=200, seeds=(0, 1), dims=(2,), step_counts=(3, 4))
         if quick:
-            return cls(quick=True, device=device, n=1500, seeds=(0, 1, 2, 3, 4), dims=(2, 16))
+            return cls(quick=True, device=device, n=1000, seeds=(0, 1, 2, 3, 4), dims=(2, 16))
         return cls(quick=False, device=device)
 
 

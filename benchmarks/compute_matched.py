@@ -52,7 +52,7 @@ def run(cfg: Config, settings: dict) -> tuple[str, list]:
              "by more than one standard error of the difference.", "",
              "Wall time on these toys is not the real-model ratio: each toy student calls the exact teacher "
              "several times internally, so a toy student step costs more than a teacher step; NFE is the "
-             "comparable count. The real-size cost is the GPU section.", "",
+             "comparable count. Real-size cost: the SDXL section below.", "",
              f"![compute matched](img/{path.rsplit('/', 1)[-1]})", ""]
     wins = {}
     for kind in KINDS.values():

@@ -42,7 +42,7 @@ def methods(kind, mixture, sigmas, form, w):
         ("student", counted(lambda x, s, t: kind.sample(s, t, x, sigmas))),
         (f"student++ ({form}, w={w:g})", guided),
         ("control: same refinement, student as teacher",
-         counted(lambda x, s, t: kind.sample(s, Counted(student), x, sigmas, w=w, form=form))),
+         counted(lambda x, s, t: kind.sample(s, s, x, sigmas, w=w, form=form))),  # s counts its teacher calls too
         ("teacher, Euler, same NFE", teacher_same_nfe(kdistpp.sample_euler_distpp, nfe_pp)),
         ("teacher, DPM++ 2M, same NFE", teacher_same_nfe(kdistpp.sample_dpmpp_2m_distpp, nfe_pp)),
         ("teacher, Heun, 100 steps (converged)", lambda x: (converged_teacher(mixture, x), 199)),
