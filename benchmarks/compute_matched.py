@@ -68,7 +68,7 @@ def run(cfg: Config, settings: dict) -> tuple[str, list]:
                 dm, verdict = compare(sw["N + guided step"], sw["N+1 steps"])
                 dc, verdict_c = compare(sw["N + guided step"], sw["N steps, control"])
                 wins.setdefault(kind.name, []).append((verdict, verdict_c))
-                rows.append([dim, n_steps] + cells + [f"{dm:+.3f} {verdict}", f"{dc:+.3f} {verdict_c}"])
+                rows.append([dim, n_steps] + cells + [f"{dm:+.2g} {verdict}", f"{dc:+.2g} {verdict_c}"])
         lines += [f"### {kind.label} (form={settings[kind.name][0]}, w={settings[kind.name][1]:g})", "",
                   table(["dim", "N"] + list(ARMS) + ["guided - (N+1)", "guided - control"], rows), ""]
     summary = [[KINDS[k].label] + [sum(1 for p in v if p[j] == word) for j in (0, 1) for word in ("wins", "tie", "loses")]

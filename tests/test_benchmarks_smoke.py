@@ -17,7 +17,8 @@ def load(name):
 def test_benchmark_entry_point_writes_every_section(tmp_path):
     text = load("run").main(["--tiny", "--device", "cpu", "--docs", str(tmp_path)])
     assert (tmp_path / "benchmarks.md").read_text() == text
-    for heading in ("## Headline", "## Forms and w", "## Quality", "## Compute-matched", "## Renoise", "## The 2-D picture", "## Overhead", "## SFD"):
+    for heading in ("## Headline", "## Forms and w", "## Quality", "## Compute-matched", "## Renoise", "## The 2-D picture", "## Overhead", "## Real-size cost",
+                    "## SFD"):
         assert heading in text, heading
     for png in ("forms_w.png", "compute_matched.png", "toy_2d.png", "sfd_digits.png"):
         assert (tmp_path / "img" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
