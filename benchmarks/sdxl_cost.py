@@ -115,7 +115,8 @@ def run(device: torch.device, tiny: bool = False, quick: bool = False) -> str:
     note = ("" if device.type == "cuda" else
             "No GPU was lent to this run, so the UNet runs in fp32 on the CPU at smaller latents than the paper's "
             "1024x1024; one UNet serves as both student and teacher (identical compute). Seconds are this CPU's; "
-            "the ratios show what the teacher's doubled batch costs relative to a student step. On CUDA the same command uses fp16 at 128x128 latents. ")
+            "the ratios show what the teacher's doubled batch costs relative to a student step. On CUDA the same "
+            "command uses fp16 at 128x128 latents.")
     return "\n".join([
         "## Real-size cost: SDXL UNet (Table 2 wall time)", "",
         f"{where}; {s['repeats']} interleaved repeats after one warm-up. Ratios: single steps against one student "
