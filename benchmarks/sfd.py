@@ -7,12 +7,12 @@ the students by SFD from it, and (digits) the classifier whose features the Frec
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
 from torch import nn
 
+import kdistpp
 from common import Config, mean_std, pyplot, save_figure, table
 from kdistpp import metrics, toys
 from kdistpp.sfd import MLPDenoiser, SFDConfig, SFDTrainer, dpmpp_3m_trajectory, polynomial_sigmas, sample_sfd, train_dsm
@@ -93,12 +93,8 @@ def digits_dataset(iterations):
 
 
 def teacher_euler(teacher, z, n):
-    x, sig = z * SIGMA_MAX, polynomial_sigmas(n, SIGMA_MIN, SIGMA_MAX)
-    with torch.no_grad():
-        for i in range(n - 1):
-            d = teacher(x, x.new_full((x.shape[0],), float(sig[i])))
-            x = x + (x - d) * (float(sig[i + 1] - sig[i]) / float(sig[i]))
-    return x
+    sigmas = polynomial_sigmas(n, SIGMA_MIN, SIGMA_MAX)
+    return kdistpp.sample_euler_distpp(teacher, z * SIGMA_MAX, sigmas, disable=True, teacher=teacher, w=0.0)
 
 
 def teacher_3m(teacher, z, n):

@@ -22,6 +22,16 @@ class TeacherOutputError(ValueError):
     """The teacher returned a tensor of the wrong shape, or one with NaN/inf values."""
 
 
+def check_teacher_output(out: torch.Tensor, x: torch.Tensor, who: str, where: str) -> None:
+    """Refuses a teacher estimate of the wrong shape or with NaN/inf, instead of sampling on with it."""
+    if out.shape != x.shape:
+        raise TeacherOutputError(f"{who} returned shape {tuple(out.shape)} {where}; "
+                                 f"expected the latent's shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(out).all()):
+        raise TeacherOutputError(f"{who} returned non-finite values (NaN/inf) {where}; "
+                                 "check its dtype (fp16 overflow?) and its conditioning")
+
+
 @dataclass(frozen=True)
 class Guidance:
     """Which steps are guided, how strongly, and how: validated once, before any model call."""
@@ -68,7 +78,8 @@ class Guidance:
             x_t = torch.add(denoised, self._renoise_noise(i), alpha=sigma_t)
         teacher_args = self.teacher_extra_args if self.teacher_extra_args is not None else extra_args or {}
         teacher_denoised = self.run.call(self.teacher, x_t, sigma_t, teacher_args)
-        self._check_teacher(teacher_denoised, x, i, sigma_t)
+        name = getattr(self.teacher, "__name__", type(self.teacher).__name__)
+        check_teacher_output(teacher_denoised, x, f"teacher {name}", f"at step {i} (sigma={sigma_t:.4g})")
         # The renoised point is ours and no longer needed: it holds the result, so a guided step
         # allocates one latent-sized buffer besides the teacher's output (never x, the caller's state).
         out = x_t if x_t is not x and x_t.data_ptr() != teacher_denoised.data_ptr() else None
@@ -84,19 +95,6 @@ class Guidance:
         # Default: the global RNG, drawn like the caller's x, so a webui seed controls it too.
         sampler = self.renoise_sampler or default_noise_sampler(self.run.x_in)
         return sampler(self.run.sigmas_in[i], self.run.sigmas_in[i + 1]).to(self.run.dtype)
-
-    def _check_teacher(self, out: torch.Tensor, x: torch.Tensor, i: int, sigma_t: float) -> None:
-        name = getattr(self.teacher, "__name__", type(self.teacher).__name__)
-        if out.shape != x.shape:
-            raise TeacherOutputError(
-                f"teacher {name} returned shape {tuple(out.shape)} at step {i} (sigma={sigma_t:.4g}); "
-                f"expected the latent's shape {tuple(x.shape)}"
-            )
-        if not bool(torch.isfinite(out).all()):
-            raise TeacherOutputError(
-                f"teacher {name} returned non-finite values (NaN/inf) at step {i} (sigma={sigma_t:.4g}); "
-                "check its dtype (fp16 overflow?) and its conditioning"
-            )
 
 
 def plan(

@@ -15,10 +15,15 @@ def append_zero(sigmas: torch.Tensor) -> torch.Tensor:
 def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, device="cpu") -> torch.Tensor:
     """Karras et al. (2022), eq. 5: n sigmas evenly spaced in sigma**(1/rho), then 0."""
     _check_range(n, sigma_min, sigma_max)
+    return append_zero(karras_ramp(n, sigma_min, sigma_max, rho).float()).to(device)
+
+
+def karras_ramp(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """The n sigmas of Karras et al. (2022), eq. 5, from sigma_max down to sigma_min, in float64 and
+    without the final zero (SFD trains and samples down to sigma_min)."""
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    sigmas = (hi + ramp * (lo - hi)) ** rho
-    return append_zero(sigmas.float()).to(device)
+    return (hi + ramp * (lo - hi)) ** rho
 
 
 def get_sigmas_exponential(n: int, sigma_min: float, sigma_max: float, device="cpu") -> torch.Tensor:

@@ -11,6 +11,9 @@ import math
 
 import torch
 
+from ..refine import check_teacher_output
+from ..schedules import karras_ramp
+
 
 def polynomial_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, device="cpu") -> torch.Tensor:
     """The `n` student timestamps t_0 = sigma_max > ... > t_{n-1} = sigma_min (SFD Sec. 4; EDM Eq. 5).
@@ -22,9 +25,7 @@ def polynomial_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7
         raise ValueError(f"n (number of timestamps) must be an int >= 2 (NFE = n - 1), got {n!r}")
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    sigmas = (hi + ramp * (lo - hi)) ** rho
+    sigmas = karras_ramp(n, sigma_min, sigma_max, rho)
     sigmas[0], sigmas[-1] = sigma_max, sigma_min  # exact ends, whatever the rounding
     return sigmas.to(device)
 
@@ -64,10 +65,7 @@ def dpmpp_3m_trajectory(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args
     steps = len(sig) - 1
     for i in range(steps):
         denoised = model(state.to(x.dtype), state.new_full((x.shape[0],), sig[i]).to(x.dtype), **extra_args).to(dtype)
-        if denoised.shape != x.shape:
-            raise ValueError(f"teacher returned shape {tuple(denoised.shape)} for input {tuple(x.shape)}")
-        if not torch.isfinite(denoised).all():
-            raise ValueError(f"teacher returned non-finite values at sigma {sig[i]:.4g}")
+        check_teacher_output(denoised, x, "teacher", f"at sigma {sig[i]:.4g}")
         h = math.log(sig[i] / sig[i + 1])
         order = min(3, len(history) + 1, steps - i)
         state = multistep_update(state, denoised, history, gaps, h, order)
