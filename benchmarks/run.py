@@ -134,9 +134,16 @@ def settings_path() -> str:
     return os.path.join(common.SECTIONS, "tuned_settings.json")
 
 
+def read_saved_settings() -> dict:
+    if not os.path.exists(settings_path()):
+        return {}
+    with open(settings_path()) as f:
+        return json.load(f)
+
+
 def save_settings(setting: str, settings: dict) -> None:
     """Keep the forms sweep's picks, so a later `--only quality` uses them without re-running the sweep."""
-    saved = json.load(open(settings_path())) if os.path.exists(settings_path()) else {}
+    saved = read_saved_settings()
     saved[setting] = {k: list(v) for k, v in settings.items()}
     os.makedirs(common.SECTIONS, exist_ok=True)
     with open(settings_path(), "w") as f:
@@ -144,10 +151,7 @@ def save_settings(setting: str, settings: dict) -> None:
 
 
 def load_settings(setting: str) -> dict | None:
-    if not os.path.exists(settings_path()):
-        return None
-    with open(settings_path()) as f:
-        saved = json.load(f).get(setting)
+    saved = read_saved_settings().get(setting)
     return {k: (form, w) for k, (form, w) in saved.items()} if saved and set(saved) == set(common.KINDS) else None
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-from .. import SAMPLERS
+from .. import SAMPLERS, validation
 from ..refine import FORMS
 
 LABELS = {
@@ -47,8 +47,7 @@ class Settings:
     form: str = "interpolate"
 
     def __post_init__(self):
-        if self.form not in FORMS:
-            raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
+        validation.check_options("form", self.form, FORMS)
 
 
 settings = Settings()
