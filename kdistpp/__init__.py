@@ -6,7 +6,9 @@ Denoisers follow k-diffusion: D(x, sigma, **extra_args) -> x0 estimate, x = x0 +
 from . import metrics, toys
 from .cfg import CFGDenoiser
 from .guided_denoiser import TeacherGuidedDenoiser, teacher_guided
-from .refine import FORMS, Guidance, TeacherOutputError
+from .guided_steps import SigmaWindow
+from .refine import DIRECTIONS, FORMS, Guidance, TeacherOutputError
+from .registry import REGISTRY, SAMPLERS
 from .samplers import (
     sample_consistency,
     sample_consistency_distpp,
@@ -20,19 +22,14 @@ from .steps import ancestral_step
 
 __version__ = "0.1.0"
 
-SAMPLERS = {
-    "euler": sample_euler_distpp,
-    "euler_ancestral": sample_euler_ancestral_distpp,
-    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral_distpp,
-    "dpmpp_2m": sample_dpmpp_2m_distpp,
-    "consistency": sample_consistency_distpp,
-}
-
 __all__ = [
     "CFGDenoiser",
+    "DIRECTIONS",
     "FORMS",
     "Guidance",
+    "REGISTRY",
     "SAMPLERS",
+    "SigmaWindow",
     "TeacherGuidedDenoiser",
     "TeacherOutputError",
     "ancestral_step",

@@ -1,7 +1,9 @@
 """The Distillation++ refinement: the one place where the teacher meets the student's estimate.
 
 Every `*_distpp` sampler and `teacher_guided` call `Guidance.refine` right after the student's
-denoiser call; the solver then continues with the refined estimate in place of the student's.
+denoiser call. The result says which estimate the solver's update reads and what shift it adds
+to the new state afterwards, so that a guided step means what it means in the authors' runs
+(`direction='student'`, default) or what k-diffusion's reading of eq. 9 gives ('refined').
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from . import validation
+from .guided_steps import guided_step_indices
 from .steps import Run, default_noise_sampler
 
 FORMS = ("interpolate", "guidance", "eps")
+DIRECTIONS = ("student", "refined")
 
 
 class TeacherOutputError(ValueError):
@@ -33,6 +37,28 @@ def check_teacher_output(out: torch.Tensor, x: torch.Tensor, who: str, where: st
 
 
 @dataclass(frozen=True)
+class Refinement:
+    """One refined evaluation, as the solver consumes it.
+
+    estimate: what the solver's update reads. direction='student': the student's raw estimate x0s,
+        so the update keeps the student's own noise direction (the authors' Euler++/Euler a++/2M++);
+        'refined': the refined x0h replaces the estimate everywhere.
+    shift: added to the state after the update, x0h - x0s for 'student', None otherwise. Then a
+        guided step = its unguided update shifted by the refinement, whatever the solver.
+    denoised: the refined x0h (the callback's 'denoised'); info: the callback's extra keys.
+    """
+
+    estimate: torch.Tensor
+    denoised: torch.Tensor
+    shift: torch.Tensor | None = None
+    info: dict | None = None
+
+    def carry(self, x: torch.Tensor) -> torch.Tensor:
+        """The state after the solver's update, moved by the refinement's shift."""
+        return x if self.shift is None else x + self.shift
+
+
+@dataclass(frozen=True)
 class Guidance:
     """Which steps are guided, how strongly, and how: validated once, before any model call."""
 
@@ -43,6 +69,7 @@ class Guidance:
     renoise_sampler: Callable | None
     teacher_extra_args: dict | None  # None: the student's extra_args of the same call
     run: Run
+    direction: str = "student"
 
     def renoise_level(self, i: int, sigma: float) -> float:
         """sigma_r of eq. 9: the next sigma of the schedule (the paper's decreasing schedule, default),
@@ -57,7 +84,8 @@ class Guidance:
             return math.exp(lo + (hi - lo) * float(torch.rand(())))
         return float(self.renoise)
 
-    def refine(self, i: int, x: torch.Tensor, sigma: float, denoised: torch.Tensor, extra_args: dict | None = None):
+    def refine(self, i: int, x: torch.Tensor, sigma: float, denoised: torch.Tensor, extra_args: dict | None = None,
+               *, active: bool = True) -> Refinement:
         """Refines the student's estimate `denoised` = Ds(x, sigma) at step i (paper eqs. 9 and 10).
 
         interpolate (eq. 9):  x_r = x0s + sigma_r * n,  x0h = x0s + w * (DT(x_r, sigma_r) - x0s)
@@ -65,12 +93,18 @@ class Guidance:
         eps (consistency students, authors' code): eps_h = eps_s + w * (eps_T - eps_s), i.e.
                               x0h = x0s - w * (sigma / sigma_r * (x_r - x0T) - (x - x0s))
 
-        Returns (x0h, info) where info holds 'student_denoised' and 'teacher_denoised' on a guided
-        step; on other steps (w = 0) it returns (denoised, {}) without touching teacher or RNG.
+        On an unguided step (w = 0, or active=False) the estimate passes through without touching
+        the teacher or the RNG. A guided step's info holds 'student_denoised' and 'teacher_denoised'.
         """
         w = self.weights[i]
-        if w == 0.0:
-            return denoised, {}
+        if w == 0.0 or not active:
+            return Refinement(denoised, denoised, None, {})
+        refined, info = self._refined_estimate(i, x, sigma, denoised, w, extra_args)
+        if self.direction == "refined":
+            return Refinement(refined, refined, None, info)
+        return Refinement(denoised, refined, refined - denoised, info)
+
+    def _refined_estimate(self, i, x, sigma, denoised, w, extra_args):
         if self.form == "guidance":
             x_t, sigma_t = x, sigma
         else:
@@ -80,15 +114,14 @@ class Guidance:
         teacher_denoised = self.run.call(self.teacher, x_t, sigma_t, teacher_args)
         name = getattr(self.teacher, "__name__", type(self.teacher).__name__)
         check_teacher_output(teacher_denoised, x, f"teacher {name}", f"at step {i} (sigma={sigma_t:.4g})")
-        # The renoised point is ours and no longer needed: it holds the result, so a guided step
-        # allocates one latent-sized buffer besides the teacher's output (never x, the caller's state).
-        out = x_t if x_t is not x and x_t.data_ptr() != teacher_denoised.data_ptr() else None
+        # The teacher may keep a reference to its input (hooks, caches): the renoised point is not
+        # reused as the result's buffer.
         if self.form == "eps":
             # x0h = x0s - w * (sigma / sigma_r * (x_r - x0T) - (x - x0s))
-            residual = torch.sub(x_t, teacher_denoised, out=out).mul_(sigma / sigma_t).sub_(x).add_(denoised)
+            residual = torch.sub(x_t, teacher_denoised).mul_(sigma / sigma_t).sub_(x).add_(denoised)
             refined = residual.mul_(-w).add_(denoised)
         else:
-            refined = torch.lerp(denoised, teacher_denoised, w, out=out)  # exact at w = 0 and w = 1
+            refined = torch.lerp(denoised, teacher_denoised, w)  # exact at w = 0 and w = 1
         return refined, {"student_denoised": denoised, "teacher_denoised": teacher_denoised}
 
     def _renoise_noise(self, i: int) -> torch.Tensor:
@@ -106,16 +139,18 @@ def plan(
     renoise="next",
     renoise_sampler=None,
     teacher_extra_args=None,
+    direction="student",
     *,
     resolve_extra_args: bool = True,
 ) -> Guidance:
     """Validates the Distillation++ keyword arguments against the run's schedule."""
     validation.check_callable("teacher", teacher)
     validation.check_options("form", form, FORMS)
+    validation.check_options("direction", direction, DIRECTIONS)
     validation.check_renoise(renoise)
     validation.check_optional_callable("renoise_sampler", renoise_sampler)
     validation.check_extra_args("teacher_extra_args", teacher_extra_args)
-    guided = validation.guided_step_indices(guidance_steps, run.steps)
+    guided = guided_step_indices(guidance_steps, run.sigmas)
     weights = validation.step_weights(w, guided, run.steps)
     if form != "guidance" and renoise == "next":
         last = [i for i in guided if weights[i] != 0.0 and run.sigmas[i + 1] == 0.0]
@@ -126,7 +161,7 @@ def plan(
             )
     if teacher_extra_args is None and resolve_extra_args:
         teacher_extra_args = run.extra_args
-    return Guidance(teacher, tuple(weights), form, renoise, renoise_sampler, teacher_extra_args, run)
+    return Guidance(teacher, tuple(weights), form, renoise, renoise_sampler, teacher_extra_args, run, direction)
 
 
 def unguided(run: Run) -> Guidance:

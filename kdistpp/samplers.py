@@ -1,8 +1,10 @@
 """k-diffusion-style samplers with the Distillation++ refinement (Park et al. 2024).
 
-Each `sample_*_distpp` is its k-diffusion baseline plus one line, `guide.refine(...)`, right after
-the student's denoiser call; everything after it uses the refined estimate. Signatures keep
-k-diffusion's order, and the Distillation++ parameters are keyword-only.
+Each `sample_*_distpp` is its k-diffusion baseline plus the refinement: `g = guide.refine(...)`
+right after the student's denoiser call; the update reads `g.estimate`, and `g.carry(x)` adds the
+refinement's shift to the new state (direction='student': the unguided update shifted by
+x0h - x0s, as the authors' samplers do). Signatures keep k-diffusion's order, and the
+Distillation++ parameters are keyword-only.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 import torch
 from tqdm.auto import trange
 
+from . import validation
 from .refine import plan, unguided
 from .steps import ancestral_step, cfg_pp_state, log_sigma_gap, prepare
 
@@ -27,6 +30,12 @@ _DISTPP_PARAMETERS = """
         renoise_sampler: (sigma, sigma_next) -> unit noise for the renoised point
             x0s + sigma_r * noise; default torch.randn_like from the global RNG.
         teacher_extra_args: the teacher's keyword arguments (default: extra_args).
+        direction: 'student' (default, the authors' update): the step keeps the student's noise
+            direction and only the clean estimate is replaced, i.e. the unguided step shifted by
+            x0h - x0s, so w means what it meant in the paper's runs. 'refined': x0h replaces the
+            estimate everywhere (k-diffusion's reading of eq. 9; on Euler the shift is scaled by
+            1 - sigma_{i+1}/sigma_i).
+    guidance_steps may also be a kdistpp.SigmaWindow(lo, hi): every step with lo <= sigma_i <= hi.
     The callback's 'denoised' is the refined estimate; guided steps add 'student_denoised' and
     'teacher_denoised'. A guided step costs one teacher call; unguided steps cost nothing extra.
 """
@@ -48,13 +57,15 @@ def _documented(cfg_pp: bool = True):
 @torch.no_grad()
 def sample_euler_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
                         s_tmax=float("inf"), s_noise=1.0, *, teacher, w, guidance_steps=1, form="interpolate",
-                        renoise="next", renoise_sampler=None, teacher_extra_args=None, cfg_pp=False):
+                        renoise="next", renoise_sampler=None, teacher_extra_args=None, cfg_pp=False,
+                        direction="student"):
     """Euler steps (Karras et al. 2022, Algorithm 2) with the Distillation++ refinement (eq. 9).
 
-    x_{i+1} = x0h + sigma_{i+1} * (x_i - x0h) / sigma_hat, with x0h the refined estimate.
+    x_{i+1} = x0h + sigma_{i+1} * (x_i - x0s) / sigma_hat (direction='student'), or with x0h in
+    place of x0s (direction='refined').
     """
     run = prepare(model, x, sigmas, extra_args, cfg_pp=cfg_pp)
-    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args)
+    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction)
     x, sig = run.start(), run.sigmas
     for i in trange(run.steps, disable=disable):
         gamma = min(s_churn / run.steps, 2**0.5 - 1) if s_tmin <= sig[i] <= s_tmax else 0.0
@@ -63,11 +74,11 @@ def sample_euler_distpp(model, x, sigmas, extra_args=None, callback=None, disabl
             eps = torch.randn_like(run.x_in).to(run.dtype) * s_noise
             x = x + eps * (sigma_hat**2 - sig[i] ** 2) ** 0.5
         denoised = run.denoise(x, sigma_hat)
-        denoised, info = guide.refine(i, x, sigma_hat, denoised)
-        run.report(callback, i, x, denoised, info, sigma_hat=run.sigmas_in[i] * (gamma + 1))
+        g = guide.refine(i, x, sigma_hat, denoised)
+        run.report(callback, i, x, g, sigma_hat=run.sigmas_in[i] * (gamma + 1))
         # Euler method
-        x = cfg_pp_state(run, x, denoised, cfg_pp)
-        x = x + (x - denoised) / sigma_hat * (sig[i + 1] - sigma_hat)
+        x = cfg_pp_state(run, x, g.estimate, cfg_pp)
+        x = g.carry(x + (x - g.estimate) / sigma_hat * (sig[i + 1] - sigma_hat))
     return run.finish(x)
 
 
@@ -76,23 +87,24 @@ def sample_euler_distpp(model, x, sigmas, extra_args=None, callback=None, disabl
 def sample_euler_ancestral_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
                                   s_noise=1.0, noise_sampler=None, *, teacher, w, guidance_steps=1,
                                   form="interpolate", renoise="next", renoise_sampler=None,
-                                  teacher_extra_args=None, cfg_pp=False):
+                                  teacher_extra_args=None, cfg_pp=False, direction="student"):
     """Ancestral sampling with Euler steps, with the Distillation++ refinement (eq. 9).
 
-    x_{i+1} = x0h + sigma_down * (x_i - x0h) / sigma_i + sigma_up * n. The default renoise level
-    sigma_{i+1} is the total noise level the ancestral step lands on.
+    x_{i+1} = x0h + sigma_down * (x_i - x0s) / sigma_i + sigma_up * n (direction='student'; x0h in
+    place of x0s for 'refined'). The default renoise level sigma_{i+1} is the total noise level
+    the ancestral step lands on.
     """
     run = prepare(model, x, sigmas, extra_args, noise_sampler, cfg_pp=cfg_pp)
-    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args)
+    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction)
     x, sig = run.start(), run.sigmas
     for i in trange(run.steps, disable=disable):
         denoised = run.denoise(x, sig[i])
-        denoised, info = guide.refine(i, x, sig[i], denoised)
+        g = guide.refine(i, x, sig[i], denoised)
         sigma_down, sigma_up = ancestral_step(sig[i], sig[i + 1], eta)
-        run.report(callback, i, x, denoised, info)
+        run.report(callback, i, x, g)
         # Euler method
-        x = cfg_pp_state(run, x, denoised, cfg_pp)
-        x = x + (x - denoised) / sig[i] * (sigma_down - sig[i])
+        x = cfg_pp_state(run, x, g.estimate, cfg_pp)
+        x = g.carry(x + (x - g.estimate) / sig[i] * (sigma_down - sig[i]))
         if sig[i + 1] > 0:
             x = x + run.noise(i) * s_noise * sigma_up
     return run.finish(x)
@@ -103,35 +115,39 @@ def sample_euler_ancestral_distpp(model, x, sigmas, extra_args=None, callback=No
 def sample_dpmpp_2s_ancestral_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
                                      s_noise=1.0, noise_sampler=None, *, teacher, w, guidance_steps=1,
                                      form="interpolate", renoise="next", renoise_sampler=None,
-                                     teacher_extra_args=None, cfg_pp=False, guide_midpoint=False):
+                                     teacher_extra_args=None, cfg_pp=False, direction="student",
+                                     guided_evaluation="midpoint"):
     """Ancestral DPM-Solver++(2S) (Lu et al. 2022) with the Distillation++ refinement (paper eq. 12).
 
-    The first-order estimate of each guided step is refined (eq. 12) and feeds the midpoint
-    x_2 = (sigma_s / sigma_i) x_i - expm1(-h/2) x0h, so one teacher call per guided step.
-    guide_midpoint=True also refines the midpoint estimate, as the authors' code does (a second
-    teacher call per guided step; renoise 'next' is then sigma_{i+1} too).
+    guided_evaluation='midpoint' (default, the authors' choice): the midpoint is built from the
+    student's raw first estimate and the midpoint estimate D_2, which the update reads, is refined
+    (one teacher call per guided step). 'first': the first estimate is refined and moves the
+    midpoint; it reaches the output only through the student's Jacobian there, so its effect is
+    tiny (docs/samplers.md). 'both': the authors' two-call variant. A step with sigma_down = 0 has
+    no midpoint: its one evaluation is refined.
     """
+    validation.check_options("guided_evaluation", guided_evaluation, ("midpoint", "first", "both"))
     run = prepare(model, x, sigmas, extra_args, noise_sampler, cfg_pp=cfg_pp)
-    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args)
+    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction)
     x, sig = run.start(), run.sigmas
     for i in trange(run.steps, disable=disable):
-        denoised = run.denoise(x, sig[i])
-        denoised, info = guide.refine(i, x, sig[i], denoised)
         sigma_down, sigma_up = ancestral_step(sig[i], sig[i + 1], eta)
-        run.report(callback, i, x, denoised, info)
-        x = cfg_pp_state(run, x, denoised, cfg_pp)
+        denoised = run.denoise(x, sig[i])
+        g = guide.refine(i, x, sig[i], denoised, active=sigma_down == 0 or guided_evaluation != "midpoint")
+        run.report(callback, i, x, g)
         if sigma_down == 0:
             # Euler method
-            x = x + (x - denoised) / sig[i] * (sigma_down - sig[i])
+            x_hat = cfg_pp_state(run, x, g.estimate, cfg_pp)
+            x = g.carry(x_hat + (x_hat - g.estimate) / sig[i] * (sigma_down - sig[i]))
         else:
             # DPM-Solver++(2S)
             h = log_sigma_gap(sig[i], sigma_down)
             sigma_s = sig[i] * math.exp(-h / 2)
-            x_2 = (sigma_s / sig[i]) * x - math.expm1(-h / 2) * denoised
+            x_2 = g.carry((sigma_s / sig[i]) * cfg_pp_state(run, x, g.estimate, cfg_pp) - math.expm1(-h / 2) * g.estimate)
             denoised_2 = run.denoise(x_2, sigma_s)
-            if guide_midpoint:
-                denoised_2, _ = guide.refine(i, x_2, sigma_s, denoised_2)
-            x = (sigma_down / sig[i]) * x - math.expm1(-h) * denoised_2
+            g_2 = guide.refine(i, x_2, sigma_s, denoised_2, active=guided_evaluation != "first")
+            # CFG++ renoises along the midpoint's unconditional estimate here, as ComfyUI's 2S a CFG++ does
+            x = g_2.carry((sigma_down / sig[i]) * cfg_pp_state(run, x, g.estimate, cfg_pp) - math.expm1(-h) * g_2.estimate)
         # Noise addition
         if sig[i + 1] > 0:
             x = x + run.noise(i) * s_noise * sigma_up
@@ -142,33 +158,35 @@ def sample_dpmpp_2s_ancestral_distpp(model, x, sigmas, extra_args=None, callback
 @torch.no_grad()
 def sample_dpmpp_2m_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, *, teacher, w,
                            guidance_steps=1, form="interpolate", renoise="next", renoise_sampler=None,
-                           teacher_extra_args=None, cfg_pp=False, history="student"):
+                           teacher_extra_args=None, cfg_pp=False, direction="student", history="student"):
     """DPM-Solver++(2M) (Lu et al. 2022) with the Distillation++ refinement (eq. 9).
 
-    The refined x0h is the anchor of the guided step's update. history='student' (default) keeps
-    the student's raw estimate in the multistep history, so that the next step's correction
-    (D_{i+1} - D_i) / (2r) stays a finite difference of one denoiser along the trajectory;
-    history='refined' stores x0h instead, which carries -w (x0T - x0s) / (2r) into the next step.
+    direction='student' (default, the authors' 2M++): the unguided update from the student's raw
+    estimate, shifted by x0h - x0s. 'refined': x0h is the anchor of the update. history='student'
+    (default) keeps the student's raw estimate in the multistep history, so that the next step's
+    correction (D_{i+1} - D_i) / (2r) stays a finite difference of one denoiser along the
+    trajectory; history='refined' stores x0h instead. With cfg_pp the history is the student's
+    unconditional estimate, as in CFG++ and ComfyUI's dpmpp_2m_cfg_pp.
     """
-    if history not in ("student", "refined"):
-        raise ValueError(f"history must be 'student' or 'refined', got {history!r}")
+    validation.check_options("history", history, ("student", "refined"))
     run = prepare(model, x, sigmas, extra_args, cfg_pp=cfg_pp)
-    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args)
+    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction)
     x, sig = run.start(), run.sigmas
     old_denoised = None
     for i in trange(run.steps, disable=disable):
         denoised = run.denoise(x, sig[i])
-        denoised, info = guide.refine(i, x, sig[i], denoised)
-        run.report(callback, i, x, denoised, info)
-        x = cfg_pp_state(run, x, denoised, cfg_pp)
+        g = guide.refine(i, x, sig[i], denoised)
+        run.report(callback, i, x, g)
+        x = cfg_pp_state(run, x, g.estimate, cfg_pp)
         h = log_sigma_gap(sig[i], sig[i + 1])
         if old_denoised is None or sig[i + 1] == 0:
-            x = (sig[i + 1] / sig[i]) * x - math.expm1(-h) * denoised
+            x = (sig[i + 1] / sig[i]) * x - math.expm1(-h) * g.estimate
         else:
             r = log_sigma_gap(sig[i - 1], sig[i]) / h
-            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            denoised_d = (1 + 1 / (2 * r)) * g.estimate - (1 / (2 * r)) * old_denoised
             x = (sig[i + 1] / sig[i]) * x - math.expm1(-h) * denoised_d
-        old_denoised = info.get("student_denoised", denoised) if history == "student" else denoised
+        x = g.carry(x)
+        old_denoised = run.uncond() if cfg_pp else denoised if history == "student" else g.denoised
     return run.finish(x)
 
 
@@ -185,14 +203,14 @@ def sample_consistency(model, x, sigmas, extra_args=None, callback=None, disable
 @torch.no_grad()
 def sample_consistency_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None,
                               *, teacher, w, guidance_steps=1, form="interpolate", renoise="next",
-                              renoise_sampler=None, teacher_extra_args=None):
+                              renoise_sampler=None, teacher_extra_args=None, direction="student"):
     """Multistep consistency sampling with the Distillation++ refinement (paper Sec. 3.1, Remarks).
 
     x_{i+1} = x0h + sigma_{i+1} * n', with n' independent of the renoise noise. form='eps' is
     the authors' choice for LCM / DMD2 students (its w is about sigma_i / sigma_r larger in effect).
     """
     run = prepare(model, x, sigmas, extra_args, noise_sampler)
-    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args)
+    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction)
     return _consistency_loop(run, guide, callback, disable)
 
 
@@ -200,10 +218,10 @@ def _consistency_loop(run, guide, callback, disable):
     x, sig = run.start(), run.sigmas
     for i in trange(run.steps, disable=disable):
         denoised = run.denoise(x, sig[i])
-        denoised, info = guide.refine(i, x, sig[i], denoised)
-        run.report(callback, i, x, denoised, info)
-        # Denoise, then renoise to the next level with fresh noise
-        x = denoised
+        g = guide.refine(i, x, sig[i], denoised)
+        run.report(callback, i, x, g)
+        # Denoise, then renoise to the next level with fresh noise (both directions give x0h)
+        x = g.carry(g.estimate)
         if sig[i + 1] > 0:
             x = x + run.noise(i) * sig[i + 1]
     return run.finish(x)

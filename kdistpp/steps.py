@@ -84,12 +84,13 @@ class Run:
             raise RuntimeError("cfg_pp=True but the model's last_uncond_denoised is None after its call")
         return u.to(self.dtype)
 
-    def report(self, callback, i: int, x, denoised, info: dict, sigma_hat=None) -> None:
-        """k-diffusion's callback dict, plus 'student_denoised' / 'teacher_denoised' on guided steps."""
+    def report(self, callback, i: int, x, refinement, sigma_hat=None) -> None:
+        """k-diffusion's callback dict with the refined estimate as 'denoised', plus
+        'student_denoised' / 'teacher_denoised' on guided steps."""
         if callback is not None:
             sigma = self.sigmas_in[i]
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma if sigma_hat is None else sigma_hat,
-                      "denoised": denoised, **info})
+                      "denoised": refinement.denoised, **refinement.info})
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.x_in.dtype)

@@ -73,29 +73,6 @@ def step_weights(w, guided: Iterable[int], n_steps: int) -> list[float]:
     return [per_step[i] if i in chosen else 0.0 for i in range(n_steps)]
 
 
-def guided_step_indices(guidance_steps, n_steps: int) -> list[int]:
-    """`guidance_steps` as a sorted list of step indices: an int N means the first N steps."""
-    if isinstance(guidance_steps, bool):
-        raise TypeError("guidance_steps must be an int or a collection of step indices, got a bool")
-    if isinstance(guidance_steps, int):
-        if not 0 <= guidance_steps <= n_steps:
-            raise ValueError(
-                f"guidance_steps={guidance_steps} is beyond the schedule's {n_steps} steps; use 0..{n_steps}"
-            )
-        return list(range(guidance_steps))
-    if not isinstance(guidance_steps, Iterable) or isinstance(guidance_steps, (str, bytes)):
-        raise TypeError(f"guidance_steps must be an int or a collection of step indices, got {guidance_steps!r}")
-    steps = []
-    for i in guidance_steps:
-        if isinstance(i, bool) or not isinstance(i, int) and not (isinstance(i, torch.Tensor) and i.ndim == 0):
-            raise TypeError(f"guidance_steps must hold ints, got {i!r}")
-        i = int(i)
-        if not 0 <= i < n_steps:
-            raise ValueError(f"guidance_steps holds step {i}, beyond the schedule's steps 0..{n_steps - 1}")
-        steps.append(i)
-    return sorted(set(steps))
-
-
 def check_renoise(renoise) -> None:
     if isinstance(renoise, str):
         check_options("renoise", renoise, ("next", "current", "random"))

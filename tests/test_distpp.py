@@ -46,19 +46,20 @@ def test_guidance_form_with_teacher_equal_to_student_is_the_baseline(name, w, st
 @pytest.mark.parametrize("name,extra", [
     ("euler", {}), ("euler_ancestral", {}), ("consistency", {}),
     ("dpmpp_2m", {"history": "refined"}),  # the default keeps the student's estimate in the history
-    ("dpmpp_2s_ancestral", {"guide_midpoint": True}),  # the midpoint is a second student call
+    ("dpmpp_2s_ancestral", {"guided_evaluation": "both"}),  # the midpoint is a second student call
 ])
-def test_guidance_form_w1_everywhere_is_the_baseline_on_the_teacher(name, extra):
+def test_refined_direction_guidance_form_w1_everywhere_is_the_baseline_on_the_teacher(name, extra):
     x, student, teacher = latent(1), ElementwiseDenoiser(), ElementwiseDenoiser(bias=2.0, scale=1.5)
     expected = seeded(SAMPLERS[name], teacher, x, SIGMAS, teacher=teacher, w=0.0)
-    got = seeded(SAMPLERS[name], student, x, SIGMAS, teacher=teacher, w=1.0, guidance_steps=5, form="guidance", **extra)
+    got = seeded(SAMPLERS[name], student, x, SIGMAS, teacher=teacher, w=1.0, guidance_steps=5, form="guidance",
+                 direction="refined", **extra)
     torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2s_ancestral"])
-def test_default_2m_and_2s_choices_differ_from_the_teacher_run(name):
-    """Documented choices: default 2M history keeps the student, default 2S guides only the first
-    evaluation, so w=1 everywhere is not the teacher's run there."""
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2s_ancestral"])
+def test_default_choices_differ_from_the_teacher_run(name):
+    """Documented choices: the default direction keeps the student's noise, 2M's history keeps the
+    student, so w=1 everywhere is not the teacher's run there."""
     x, student, teacher = latent(1), ElementwiseDenoiser(), ElementwiseDenoiser(bias=2.0, scale=1.5)
     expected = seeded(SAMPLERS[name], teacher, x, SIGMAS, teacher=teacher, w=0.0)
     got = seeded(SAMPLERS[name], student, x, SIGMAS, teacher=teacher, w=1.0, guidance_steps=5, form="guidance")
@@ -109,7 +110,9 @@ def test_interpolate_and_guidance_forms_give_close_samples_with_fresh_noise():
     assert gap_forms < 0.2 * gap_models, (gap_forms, gap_models)
 
 
-@pytest.mark.parametrize("name", CFG_PP)
+# Not 2S a: its final update renoises along x + D_1 - U_2 (ComfyUI's dpmpp_2s_ancestral_cfg_pp, which
+# kdistpp matches; tests/test_host_comfyui_samplers.py), and D_1 != D_2 even when U = C.
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "dpmpp_2m"])
 def test_cfg_pp_with_uncond_equal_to_cond_is_the_plain_sampler(name):
     x, inner = latent(3), kdistpp.toys.ring_mixture(4, 2.0, 0.5, dim=32)
     cond = torch.zeros(3, 4, device=DEVICE)
@@ -150,11 +153,12 @@ def test_teacher_guided_with_k_diffusion_equals_the_dedicated_sampler(name, form
     # knows steps only by sigma) also refines it if step i+1 is guided; see the next test.
     eta = {"eta": 0.7} if "ancestral" in name else {}
     # A wrapper can only hand the sampler the refined estimate, so 2M's history holds it.
-    history = {"history": "refined"} if name == "dpmpp_2m" else {}
+    # A wrapper can only replace the estimate: direction 'refined'; 2S: the first evaluation.
+    options = {"dpmpp_2m": {"history": "refined"}, "dpmpp_2s_ancestral": {"guided_evaluation": "first"}}.get(name, {})
     wrapped = kdistpp.teacher_guided(student, teacher, SIGMAS, renoise_sampler=generator_noise(11), **common)
     expected = seeded(KD[name], wrapped, x, SIGMAS.to(DEVICE), **eta)
     got = seeded(SAMPLERS[name], student, x, SIGMAS, teacher=teacher, renoise_sampler=generator_noise(11), **common, **eta,
-                 **history)
+                 direction="refined", **options)
     torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-4)
 
 
@@ -163,7 +167,7 @@ def test_teacher_guided_2s_ancestral_eta1_agrees_when_only_the_first_step_is_gui
     wrapped = kdistpp.teacher_guided(student, teacher, SIGMAS, w=0.3, renoise_sampler=generator_noise(3))
     expected = seeded(K.sample_dpmpp_2s_ancestral, wrapped, x, SIGMAS.to(DEVICE))
     got = seeded(kdistpp.sample_dpmpp_2s_ancestral_distpp, student, x, SIGMAS, teacher=teacher, w=0.3,
-                 renoise_sampler=generator_noise(3))
+                 renoise_sampler=generator_noise(3), direction="refined", guided_evaluation="first")
     torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-4)
 
 
@@ -173,6 +177,9 @@ def test_teacher_guided_with_sample_consistency_equals_the_dedicated_sampler():
     expected = seeded(kdistpp.sample_consistency, wrapped, x, SIGMAS)
     got = seeded(kdistpp.sample_consistency_distpp, student, x, SIGMAS, teacher=teacher, w=0.2, guidance_steps=2, form="eps")
     torch.testing.assert_close(got, expected)
+    default = seeded(kdistpp.sample_consistency_distpp, student, x, SIGMAS, teacher=teacher, w=0.2, guidance_steps=2,
+                     form="eps", direction="refined")
+    assert torch.equal(default, got)  # consistency lands on the estimate: both directions give x0h
 
 
 def test_teacher_guided_drives_samplers_kdistpp_does_not_ship():
@@ -187,17 +194,33 @@ def test_teacher_guided_drives_samplers_kdistpp_does_not_ship():
 @pytest.mark.parametrize("name", SAMPLERS)
 @pytest.mark.parametrize("form", kdistpp.FORMS)
 def test_one_teacher_call_per_guided_step_and_callback_keys(name, form):
-    x, student, teacher = latent(8), ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0)
-    seen = []
-    seeded(SAMPLERS[name], student, x, SIGMAS, teacher=teacher, w=0.2, guidance_steps=[0, 2], form=form, callback=seen.append)
+    x, student, teacher = latent(8), Recording(), Recording(bias=1.0)
+    seen, w, sig = [], 0.2, [float(s) for s in SIGMAS]
+    # 2S a: the default refines the midpoint, after the callback; 'first' shows the refinement there
+    options = {"guided_evaluation": "first"} if name == "dpmpp_2s_ancestral" else {}
+    seeded(SAMPLERS[name], student, x, SIGMAS, teacher=teacher, w=w, guidance_steps=[0, 2], form=form,
+           renoise_sampler=generator_noise(5), callback=seen.append, **options)
     assert teacher.calls == 2
     assert [d["i"] for d in seen] == list(range(5))
+    noise = generator_noise(5)
     for d in seen:
         assert {"x", "i", "sigma", "sigma_hat", "denoised"} <= set(d)
         assert ({"student_denoised", "teacher_denoised"} <= set(d)) == (d["i"] in (0, 2))
-    guided = seen[0]
-    torch.testing.assert_close(guided["denoised"] if form != "interpolate" else
-                               torch.lerp(guided["student_denoised"], guided["teacher_denoised"], 0.2), guided["denoised"])
+        if d["i"] not in (0, 2):
+            continue
+        # the refined estimate, recomputed from the callback's parts and the replayed renoise noise
+        i, x0s, x0t = d["i"], d["student_denoised"], d["teacher_denoised"]
+        n = noise(None, None)
+        if form == "eps":  # x_r = x0s + sigma_{i+1} n; eps-mixing with the sigma_i / sigma_r factor
+            x_r = x0s + sig[i + 1] * n
+            eps_s, eps_t = (d["x"] - x0s) / sig[i], (x_r - x0t) / sig[i + 1]
+            expected = d["x"] - sig[i] * (eps_s + w * (eps_t - eps_s))
+        else:
+            expected = x0s + w * (x0t - x0s)
+            teacher_point = d["x"] if form == "guidance" else x0s + sig[i + 1] * n
+            torch.testing.assert_close(teacher.inputs[len([e for e in seen if e["i"] in (0, 2) and e["i"] < i])][0],
+                                       teacher_point, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(d["denoised"], expected, rtol=1e-5, atol=1e-4)
 
 
 def test_teacher_gets_its_own_extra_args_and_the_student_sigma_vector():

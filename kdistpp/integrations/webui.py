@@ -16,14 +16,9 @@ import dataclasses
 
 from .. import SAMPLERS, validation
 from ..refine import FORMS
+from ..registry import REGISTRY
 
-LABELS = {
-    "euler": "Euler Distillation++",
-    "euler_ancestral": "Euler a Distillation++",
-    "dpmpp_2s_ancestral": "DPM++ 2S a Distillation++",
-    "dpmpp_2m": "DPM++ 2M Distillation++",
-    "consistency": "LCM Distillation++",
-}
+LABELS = {entry.name: entry.label for entry in REGISTRY}
 
 
 def webui_modules():
