@@ -20,7 +20,9 @@ from .trajectory import analytic_denoised, broadcast_sigma, dpmpp_3m_trajectory,
 
 @dataclasses.dataclass
 class SFDConfig:
-    """SFD's hyperparameters; defaults are the authors' (pixel EDM: sigma 0.006..80; SD: 0.1..14.6).
+    """SFD's hyperparameters. The defaults are the authors' for pixel EDM models (sigma 0.006..80;
+    SD: 0.1..14.6) except `afs`: their launch scripts turn the analytical first step on; here it is
+    off by default so that NFE = N - 1 and every interval is trained (pass afs=True for theirs).
 
     num_steps: N timestamps (NFE N - 1; N - 2 with `afs`), or a sequence of N for SFD-v, one drawn
         per batch and passed to the student as `num_steps` (a (B,) long tensor).
@@ -79,8 +81,10 @@ class SFDTrainer:
 
     Both are denoisers in k-diffusion's VE-sigma form, D(x, sigma, **extra) -> x0. Under
     torch.distributed (torchrun, accelerate launch) the student is wrapped in DistributedDataParallel,
-    each rank draws its own noise, and rank 0 alone shows progress and writes checkpoints: the same
-    script runs on one device or many.
+    each rank draws its own noise, all ranks draw the same SFD-v step count N per batch (a separate
+    generator seeded alike on every rank: DDP needs the same graph, hence the same number of
+    optimizer steps, on every replica), and rank 0 alone shows progress and writes checkpoints: the
+    same script runs on one device or many.
 
     Conditional models: `condition(generator, batch_size)` returns the batch's extra_args; the teacher
     gets them updated with `teacher_extra_args` (e.g. a guidance scale; SFD distils at scale 1).
@@ -102,7 +106,8 @@ class SFDTrainer:
         if self.world_size > 1:
             self.model = nn.parallel.DistributedDataParallel(student)
         self.optimizer = optimizer or torch.optim.Adam(student.parameters(), lr=self.config.lr, betas=(0.9, 0.999), eps=1e-8)
-        self.generator = torch.Generator().manual_seed(self.config.seed * 1000 + self.rank)
+        self.generator = torch.Generator().manual_seed(self.config.seed * 1000 + self.rank)  # noise, per rank
+        self.step_generator = torch.Generator().manual_seed(self.config.seed)  # SFD-v's N, the same on all ranks
         self.iteration = 0
         self.losses: list[float] = []
 
@@ -123,7 +128,7 @@ class SFDTrainer:
     def train_batch(self, x_T: torch.Tensor | None = None, extra_args: dict | None = None, num_steps: int | None = None) -> float:
         """One trajectory batch (Algorithm 2's inner loop); returns the mean L1 loss over its student steps."""
         cfg = self.config
-        n = num_steps or (cfg.step_choices[int(torch.randint(len(cfg.step_choices), (), generator=self.generator))])
+        n = num_steps or (cfg.step_choices[int(torch.randint(len(cfg.step_choices), (), generator=self.step_generator))])
         x = self.draw_noise() if x_T is None else x_T
         if extra_args is None and self.condition is not None:
             extra_args = self.condition(self.generator, x.shape[0])
@@ -181,7 +186,8 @@ class SFDTrainer:
 
     def state_dict(self) -> dict:
         return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "iteration": self.iteration, "generator": self.generator.get_state(), "losses": list(self.losses),
+                "iteration": self.iteration, "generator": self.generator.get_state(),
+                "step_generator": self.step_generator.get_state(), "losses": list(self.losses),
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                 "config": dataclasses.asdict(self.config)}
 
@@ -200,6 +206,7 @@ class SFDTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration, self.losses = state["iteration"], list(state["losses"])
         self.generator.set_state(state["generator"].cpu())
+        self.step_generator.set_state(state["step_generator"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())
         random.setstate(state["python_rng"])
         return self

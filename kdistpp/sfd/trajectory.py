@@ -52,7 +52,9 @@ def dpmpp_3m_trajectory(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args
     Returns the state at every grid point (index 0 is x itself). The order ramps up over the first
     steps (no history yet) and back down over the last two, which keeps short grids stable. The
     third-order term uses the exact Taylor coefficient of the exponential integrator, 2*phi_3 on the
-    second divided difference, which makes the method third order (tests check the convergence rate);
+    second divided difference, which gives the third-order steps a local error of order 4 (tests
+    check the rate). Globally the trajectory is second order: its first step and last two steps are
+    first/second order, and one first-order step's local error O(h^2) sets the total;
     no dynamic thresholding (it changes the ODE being solved; the authors' code applies it).
     """
     extra_args = extra_args or {}

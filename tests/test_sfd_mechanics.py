@@ -1,0 +1,130 @@
+"""SFD's training step checked against independent computations: the student's own states, the
+teacher's targets at the student's timestamps, the Euler step, the LR schedule, checkpoints, and
+SFD-v under a 2-process DistributedDataParallel run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import DEVICE
+from kdistpp.sfd import MLPDenoiser, SFDConfig, SFDTrainer, polynomial_sigmas
+
+S_DATA = 1.5  # the Gaussian data's std: its exact denoiser and PF-ODE solution are known in closed form
+
+
+class GaussianDenoiser(nn.Module):
+    """D(x, sigma) = c * x * s^2 / (s^2 + sigma^2); c = 1 is the exact denoiser of N(0, s^2)."""
+
+    def __init__(self, c=1.0):
+        super().__init__()
+        self.c = nn.Parameter(torch.tensor(float(c)))
+        self.seen = []  # (input, output) per call
+
+    def forward(self, x, sigma, **_):
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        out = self.c * x * S_DATA**2 / (S_DATA**2 + s**2)
+        self.seen.append((x.detach().clone(), out.detach().clone()))
+        return out
+
+
+def exact_ode_state(x_T, sigma_T, sigma):
+    """The PF-ODE of N(0, s^2) scales x by sqrt(s^2 + sigma^2) / sqrt(s^2 + sigma_T^2)."""
+    return x_T * math.sqrt(S_DATA**2 + sigma**2) / math.sqrt(S_DATA**2 + sigma_T**2)
+
+
+def config(**kw):
+    base = dict(num_steps=4, sigma_min=0.02, sigma_max=20.0, substeps=8, batch_size=6, lr=1e-3, iterations=4)
+    return SFDConfig(**{**base, **kw})
+
+
+def test_student_walks_its_own_euler_states_and_is_scored_at_its_timestamps():
+    cfg = config()
+    teacher, student = GaussianDenoiser(), GaussianDenoiser(c=0.7).to(DEVICE)
+    trainer = SFDTrainer(student, teacher, cfg, shape=(3,), optimizer=torch.optim.SGD(student.parameters(), lr=0.0))
+    x_T = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)).to(DEVICE) * cfg.sigma_max
+    loss = trainer.train_batch(x_T)
+    ts = [float(t) for t in polynomial_sigmas(4, cfg.sigma_min, cfg.sigma_max)]
+    x, expected_losses = x_T, []
+    for i, (seen_x, seen_out) in enumerate(student.seen):
+        # the student's input is its own previous Euler state, never the teacher's
+        torch.testing.assert_close(seen_x, x, rtol=1e-5, atol=1e-5)
+        x = x + (ts[i + 1] - ts[i]) * (x - seen_out) / ts[i]  # Euler, written out
+        target = exact_ode_state(x_T, ts[0], ts[i + 1])
+        expected_losses.append((x - target).abs().sum(1).mean().item())
+    assert len(student.seen) == 3
+    # the teacher's 3M trajectory on the nested grid is close to the exact solution at the student's timestamps
+    assert loss == pytest.approx(sum(expected_losses) / 3, rel=2e-3)
+    teacher_state = exact_ode_state(x_T, ts[0], ts[1])
+    assert (student.seen[1][0] - teacher_state).abs().max() > 0.1  # teacher forcing would have fed this
+
+
+def test_learning_rate_is_divided_by_ten_after_lr_decay_at():
+    cfg = config(iterations=4, lr_decay_at=0.5, lr=1e-2)
+    trainer = SFDTrainer(GaussianDenoiser(c=0.7).to(DEVICE), GaussianDenoiser(), cfg, shape=(3,))
+    seen = []
+    for _ in range(4):
+        trainer.train_batch()
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+    assert seen == pytest.approx([1e-2, 1e-2, 1e-3, 1e-3])
+
+
+def test_checkpoint_every(tmp_path, monkeypatch):
+    trainer = SFDTrainer(GaussianDenoiser(c=0.7).to(DEVICE), GaussianDenoiser(), config(iterations=5), shape=(3,))
+    saved = []
+    monkeypatch.setattr(trainer, "save", lambda path: saved.append((path, trainer.iteration)))
+    trainer.fit(progress=False, checkpoint=str(tmp_path / "c.pt"), checkpoint_every=2)
+    assert [it for _, it in saved] == [2, 4, 5]
+
+
+def test_sfd_v_draws_the_same_step_counts_whatever_the_rank(monkeypatch):
+    import kdistpp.sfd.trainer as trainer_module
+
+    draws = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(trainer_module, "_distributed", lambda r=rank: (r, 1))
+        torch.manual_seed(0)
+        teacher = MLPDenoiser(2, hidden=8, depth=1).requires_grad_(False)
+        student = MLPDenoiser(2, hidden=8, depth=1, step_conditioned=True).load_teacher(teacher)
+        trainer = SFDTrainer(student, teacher, config(num_steps=(3, 4, 5), iterations=6), shape=(2,))
+        counts, original = [], trainer.config.timestamps
+        monkeypatch.setattr(trainer.config.__class__, "timestamps",
+                            lambda self, n=None, device="cpu": (counts.append(n), original(n, device))[1])
+        for _ in range(6):
+            trainer.train_batch()
+        monkeypatch.undo()
+        draws[rank] = counts
+    assert draws[0] == draws[1] and len(set(draws[0])) > 1
+
+
+def _ddp_sfd_v_worker(rank, world, init_file, result_file):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    teacher = MLPDenoiser(2, hidden=16, depth=1).requires_grad_(False)
+    student = MLPDenoiser(2, hidden=16, depth=1, step_conditioned=True).load_teacher(teacher)
+    trainer = SFDTrainer(student, teacher, config(num_steps=(3, 4, 5), iterations=3), shape=(2,))
+    for _ in range(3):
+        x = torch.randn(8, 2, generator=torch.Generator().manual_seed(100 + rank + 10 * trainer.iteration)) * 20.0
+        trainer.train_batch(x)
+    if rank == 0:
+        torch.save(student.state_dict(), result_file)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_gloo_sfd_v_equals_one_process_on_the_joint_batch(tmp_path):
+    torch.multiprocessing.spawn(_ddp_sfd_v_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp.pt")), nprocs=2)
+    torch.manual_seed(0)
+    teacher = MLPDenoiser(2, hidden=16, depth=1).requires_grad_(False)
+    student = MLPDenoiser(2, hidden=16, depth=1, step_conditioned=True).load_teacher(teacher)
+    trainer = SFDTrainer(student, teacher, config(num_steps=(3, 4, 5), iterations=3), shape=(2,))
+    for _ in range(3):
+        it = trainer.iteration
+        x = torch.cat([torch.randn(8, 2, generator=torch.Generator().manual_seed(100 + r + 10 * it)) for r in (0, 1)])
+        trainer.train_batch(x * 20.0)
+    ddp = torch.load(tmp_path / "ddp.pt")
+    for name, p in student.state_dict().items():
+        assert torch.allclose(p, ddp[name], atol=1e-5), name
