@@ -1,0 +1,177 @@
+"""Mutation testing of kdistpp's core and SFD files: does the suite notice a small change in the code?
+
+Each mutant changes one operator or constant (+ <-> -, * <-> /, < <-> <=, == <-> !=, and <-> or,
+`not x` -> `x`, a number n -> n + 1, True <-> False) in one module; the tests that cover that module
+run against it in a scratch copy of the repository; a failing test (or a crash, or a time-out)
+kills the mutant. Survivors are listed for review: each is either fixed by a new test or argued
+equivalent in docs/mutation.md.
+
+    .venv/bin/python tools/mutation.py                 # all scoped files, 2 workers
+    .venv/bin/python tools/mutation.py kdistpp/cfg.py  # one file
+    .venv/bin/python tools/mutation.py --list          # the mutants, not run
+
+Writes docs/mutation.md (score and survivors). Not part of CI: it runs the tests hundreds of times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# fastest and most sensitive first: -x stops at the first failure
+CORE_TESTS = ["tests/test_direction.py", "tests/test_sampler_options.py", "tests/test_validation.py",
+              "tests/test_distpp.py", "tests/test_baselines.py", "tests/test_host_comfyui_samplers.py"]
+SFD_TESTS = ["tests/test_sfd.py", "tests/test_sfd_mechanics.py"]
+SCOPE = {
+    "kdistpp/refine.py": CORE_TESTS, "kdistpp/samplers.py": CORE_TESTS, "kdistpp/steps.py": CORE_TESTS,
+    "kdistpp/guided_steps.py": CORE_TESTS, "kdistpp/guided_denoiser.py": CORE_TESTS, "kdistpp/cfg.py": CORE_TESTS,
+    "kdistpp/validation.py": CORE_TESTS, "kdistpp/sfd/trajectory.py": SFD_TESTS, "kdistpp/sfd/trainer.py": SFD_TESTS,
+}
+SWAPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Lt: ast.LtE, ast.LtE: ast.Lt,
+         ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.And: ast.Or, ast.Or: ast.And,
+         ast.Pow: ast.Mult, ast.FloorDiv: ast.Div, ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn,
+         ast.NotIn: ast.In}
+
+
+def _skipped_lines(tree: ast.AST) -> set[int]:
+    """Docstrings, annotations and error-message f-strings: mutating them tests nothing."""
+    lines = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            lines.update(range(body[0].lineno, body[0].end_lineno + 1))
+        if isinstance(node, (ast.AnnAssign, ast.arg)) and getattr(node, "annotation", None) is not None:
+            lines.update(range(node.annotation.lineno, node.annotation.end_lineno + 1))
+        if isinstance(node, ast.JoinedStr):
+            lines.update(range(node.lineno, node.end_lineno + 1))
+    return lines
+
+
+def mutation_points(source: str) -> list[tuple[int, str]]:
+    """(node index in ast.walk order, description) of every mutable spot."""
+    tree = ast.parse(source)
+    skip = _skipped_lines(tree)
+    points = []
+    for k, node in enumerate(ast.walk(tree)):
+        line = getattr(node, "lineno", None)
+        if line in skip:
+            continue
+        if isinstance(node, ast.BinOp) and type(node.op) in SWAPS:
+            points.append((k, f"line {line}: {type(node.op).__name__} -> {SWAPS[type(node.op)].__name__}"))
+        elif isinstance(node, ast.BoolOp):
+            points.append((k, f"line {line}: {type(node.op).__name__} -> {SWAPS[type(node.op)].__name__}"))
+        elif isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in SWAPS:
+            points.append((k, f"line {line}: {type(node.ops[0]).__name__} -> {SWAPS[type(node.ops[0])].__name__}"))
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            points.append((k, f"line {line}: drop 'not'"))
+        elif isinstance(node, ast.Constant) and type(node.value) in (int, float) and line is not None:
+            points.append((k, f"line {line}: {node.value!r} -> {node.value + 1!r}"))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, bool):
+            points.append((k, f"line {line}: {node.value} -> {not node.value}"))
+    return points
+
+
+def mutate(source: str, index: int) -> str:
+    tree = ast.parse(source)
+    for k, node in enumerate(ast.walk(tree)):
+        if k != index:
+            continue
+        if isinstance(node, ast.BinOp):
+            node.op = SWAPS[type(node.op)]()
+        elif isinstance(node, ast.BoolOp):
+            node.op = SWAPS[type(node.op)]()
+        elif isinstance(node, ast.Compare):
+            node.ops = [SWAPS[type(node.ops[0])]()]
+        elif isinstance(node, ast.UnaryOp):
+            return _drop_not(tree, node)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, bool):
+            node.value = not node.value
+        elif isinstance(node, ast.Constant):
+            node.value = node.value + 1
+        return ast.unparse(tree)
+    raise IndexError(index)
+
+
+def _drop_not(tree, target):
+    class Drop(ast.NodeTransformer):
+        def visit_UnaryOp(self, node):
+            self.generic_visit(node)
+            return node.operand if node is target else node
+
+    return ast.unparse(Drop().visit(tree))
+
+
+def run_mutant(workdir: Path, path: str, source: str, tests: list[str], timeout: float) -> str:
+    (workdir / path).write_text(source)
+    env = {**os.environ, "PYTHONPATH": str(workdir), "KDISTPP_EXAMPLES": "10", "PYTHONDONTWRITEBYTECODE": "1"}
+    try:
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                                cwd=workdir, env=env, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "killed (time-out)"
+    return "survived" if result.returncode == 0 else "killed"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="*", default=list(SCOPE))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=240)
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "mutation.json"))
+    args = parser.parse_args()
+    jobs = []
+    for path in args.files:
+        source = (ROOT / path).read_text()
+        for index, what in mutation_points(source):
+            jobs.append((path, index, what))
+    if args.list:
+        print("\n".join(f"{p} {w}" for p, _, w in jobs), f"\n{len(jobs)} mutants", sep="")
+        return
+    host = ROOT.parent / "shared" / "hosts" / "comfyui-0.8.0"  # the scratch copies have no ../shared
+    if host.is_dir():
+        os.environ.setdefault("KDISTPP_COMFYUI", str(host))
+    scratch = Path(tempfile.mkdtemp(prefix="kdistpp-mutation-"))
+    workers = []
+    for w in range(args.workers):
+        copy_root = scratch / f"w{w}"
+        shutil.copytree(ROOT, copy_root, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "docs", "*.egg-info"))
+        workers.append(copy_root)
+    free = list(workers)
+    results, started = [], time.time()
+
+    def one(job):
+        path, index, what = job
+        workdir = free.pop()
+        try:
+            original = (ROOT / path).read_text()
+            outcome = run_mutant(workdir, path, mutate(original, index), SCOPE[path], args.timeout)
+            (workdir / path).write_text(original)
+        finally:
+            free.append(workdir)
+        print(f"{outcome:18s} {path} {what}", flush=True)
+        return {"file": path, "mutation": what, "outcome": outcome}
+
+    with ThreadPoolExecutor(args.workers) as pool:
+        results = list(pool.map(one, jobs))
+    shutil.rmtree(scratch, ignore_errors=True)
+    killed = sum(r["outcome"].startswith("killed") for r in results)
+    summary = {"mutants": len(results), "killed": killed, "score": killed / max(len(results), 1),
+               "seconds": round(time.time() - started), "results": results}
+    Path(args.out).write_text(json.dumps(summary, indent=1))
+    print(f"{killed}/{len(results)} killed ({100 * summary['score']:.1f}%) in {summary['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
