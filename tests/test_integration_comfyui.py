@@ -15,6 +15,7 @@ import types
 import pytest
 import torch
 
+import kdistpp
 from conftest import DEVICE
 from kdistpp.integrations import comfyui
 
@@ -180,3 +181,19 @@ def test_teacher_from_another_latent_space_is_refused(monkeypatch):
     fake_comfy(monkeypatch)
     with pytest.raises(ValueError, match="different latent spaces"):
         build(ModelPatcher(0.0), ModelPatcher(0.0, OtherLatentFormat))
+
+
+def test_sigma_window_and_direction_reach_the_sampler(monkeypatch):
+    fake_comfy(monkeypatch)
+    student, teacher = ModelPatcher(0.0), ModelPatcher(0.5)
+    sigmas = torch.tensor([14.6, 3.0, 1.0, 0.3, 0.0], device=DEVICE)
+    noise = torch.randn(1, 4, 8, 8, device=DEVICE)
+    sampler = build(student, teacher, guided_steps=1, guide_sigma_min=0.9, guide_sigma_max=3.5, renoise="current")
+    assert sampler.extra_options["guidance_steps"] == kdistpp.SigmaWindow(0.9, 3.5)
+    sampler.sample(student_wrap(student), sigmas, {"model_options": {}, "seed": 1}, None, noise, disable_pbar=True)
+    assert [e for e in LOG if isinstance(e, tuple) and e[0] == "teacher"] == [("teacher", 4.0)] * 2  # sigmas 3 and 1
+    refined = build(student, teacher, direction="refined")
+    assert refined.extra_options["direction"] == "refined" and refined.extra_options["guidance_steps"] == 1
+    inputs = comfyui.DistillationPPSampler.INPUT_TYPES()
+    assert all("tooltip" in spec[1] for group in inputs.values() for spec in group.values())
+    assert comfyui.DistillationPPSampler.DESCRIPTION

@@ -15,6 +15,7 @@ import types
 import pytest
 import torch
 
+import kdistpp
 from conftest import DEVICE
 from kdistpp.integrations import webui
 
@@ -117,6 +118,15 @@ def test_imports_without_the_webui_and_fails_clearly_when_registering():
         webui.register()
     with pytest.raises(ValueError, match="form"):
         webui.Settings(form="blend")
+    with pytest.raises(ValueError, match="direction"):
+        webui.Settings(direction="teacher")
+    with pytest.raises(ValueError, match="SigmaWindow"):
+        webui.Settings(sigma_min=5.0, sigma_max=1.0)
+
+
+def test_settings_choose_the_guided_steps():
+    assert webui.Settings(guided_steps=3).guidance_steps(2) == 2  # capped at the schedule
+    assert webui.Settings(guided_steps=3, sigma_min=0.5, sigma_max=4.0).guidance_steps(8) == kdistpp.SigmaWindow(0.5, 4.0)
 
 
 def test_register_adds_every_sampler_once():

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import copy
 import json
 import os
 import shutil
@@ -112,15 +111,63 @@ def _drop_not(tree, target):
     return ast.unparse(Drop().visit(tree))
 
 
-def run_mutant(workdir: Path, path: str, source: str, tests: list[str], timeout: float) -> str:
-    (workdir / path).write_text(source)
-    env = {**os.environ, "PYTHONPATH": str(workdir), "KDISTPP_EXAMPLES": "10", "PYTHONDONTWRITEBYTECODE": "1"}
+def preimport() -> None:
+    """Heavy imports done once per worker; each mutant runs in a fork that imports kdistpp afresh."""
+    import hypothesis  # noqa: F401
+    import k_diffusion  # noqa: F401
+    import pytest  # noqa: F401
+    import torch  # noqa: F401
+
+    sys.path.insert(0, str(ROOT / "tests"))
     try:
-        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
-                                cwd=workdir, env=env, capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return "killed (time-out)"
-    return "survived" if result.returncode == 0 else "killed"
+        import hosts
+
+        hosts.import_comfy()
+    except BaseException:  # noqa: BLE001 - no ComfyUI here: its tests skip in the mutants too
+        pass
+    sys.path.remove(str(ROOT / "tests"))
+    for name in [m for m in sys.modules if m == "kdistpp" or m.startswith("kdistpp.")]:
+        del sys.modules[name]
+
+
+def run_mutant(workdir: Path, path: str, source: str, tests: list[str], timeout: float) -> str:
+    """Writes the mutant into the scratch copy and runs its tests in a forked child."""
+    original = (workdir / path).read_text()
+    (workdir / path).write_text(source)
+    try:
+        pid = os.fork()
+        if pid == 0:  # child: quiet, in the scratch copy, kdistpp imported from there
+            os.chdir(workdir)
+            sys.path.insert(0, str(workdir))
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            import pytest
+
+            os._exit(int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", *tests])))
+        deadline = time.time() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return "survived" if os.waitstatus_to_exitcode(status) == 0 else "killed"
+            if time.time() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                return "killed (time-out)"
+            time.sleep(0.05)
+    finally:
+        (workdir / path).write_text(original)
+
+
+def worker(workdir: str, timeout: float) -> None:
+    """Reads jobs (JSON lines: file, index) on stdin, prints one outcome per line."""
+    os.environ["KDISTPP_EXAMPLES"] = "10"
+    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
+    preimport()
+    for line in sys.stdin:
+        path, index = json.loads(line)
+        source = mutate((ROOT / path).read_text(), index)
+        print(json.dumps(run_mutant(Path(workdir), path, source, SCOPE[path], timeout)), flush=True)
 
 
 def main():
@@ -130,7 +177,10 @@ def main():
     parser.add_argument("--timeout", type=float, default=240)
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "docs" / "mutation.json"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.timeout)
     jobs = []
     for path in args.files:
         source = (ROOT / path).read_text()
@@ -148,23 +198,27 @@ def main():
         copy_root = scratch / f"w{w}"
         shutil.copytree(ROOT, copy_root, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "docs", "*.egg-info"))
         workers.append(copy_root)
-    free = list(workers)
-    results, started = [], time.time()
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(w), "--timeout", str(args.timeout)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=w) for w in workers]
+    idle, started = list(procs), time.time()
 
     def one(job):
         path, index, what = job
-        workdir = free.pop()
+        proc = idle.pop()
         try:
-            original = (ROOT / path).read_text()
-            outcome = run_mutant(workdir, path, mutate(original, index), SCOPE[path], args.timeout)
-            (workdir / path).write_text(original)
+            proc.stdin.write(json.dumps([path, index]) + "\n")
+            proc.stdin.flush()
+            outcome = json.loads(proc.stdout.readline())
         finally:
-            free.append(workdir)
+            idle.append(proc)
         print(f"{outcome:18s} {path} {what}", flush=True)
         return {"file": path, "mutation": what, "outcome": outcome}
 
     with ThreadPoolExecutor(args.workers) as pool:
         results = list(pool.map(one, jobs))
+    for proc in procs:
+        proc.stdin.close()
+        proc.wait()
     shutil.rmtree(scratch, ignore_errors=True)
     killed = sum(r["outcome"].startswith("killed") for r in results)
     summary = {"mutants": len(results), "killed": killed, "score": killed / max(len(results), 1),

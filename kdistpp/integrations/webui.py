@@ -15,7 +15,8 @@ import copy
 import dataclasses
 
 from .. import SAMPLERS, validation
-from ..refine import FORMS
+from ..guided_steps import SigmaWindow
+from ..refine import DIRECTIONS, FORMS
 from ..registry import REGISTRY
 
 LABELS = {entry.name: entry.label for entry in REGISTRY}
@@ -40,9 +41,20 @@ class Settings:
     guided_steps: int = 1
     teacher_cfg: float = 5.0
     form: str = "interpolate"
+    direction: str = "student"
+    sigma_min: float = 0.0  # with sigma_max > 0: guide the steps whose sigma lies in [sigma_min, sigma_max]
+    sigma_max: float = 0.0
 
     def __post_init__(self):
         validation.check_options("form", self.form, FORMS)
+        validation.check_options("direction", self.direction, DIRECTIONS)
+        if self.sigma_max > 0:
+            SigmaWindow(self.sigma_min, self.sigma_max)  # refuses a bad window now, not at sampling time
+
+    def guidance_steps(self, n_steps: int):
+        if self.sigma_max > 0:
+            return SigmaWindow(self.sigma_min, self.sigma_max)
+        return min(self.guided_steps, n_steps)
 
 
 settings = Settings()
@@ -95,9 +107,9 @@ def make_sampler_function(base: str, webui_factory=webui_modules, denoiser_class
         webui = webui_factory()
         classes = denoiser_classes or k_diffusion_denoisers()
         teacher = teacher_cfg_denoiser(model, load_teacher(webui, settings.teacher), classes)
-        steps = min(settings.guided_steps, len(sigmas) - 1)
         return sampler(model, x, sigmas, extra_args, callback, disable, teacher=teacher, w=settings.w,
-                       guidance_steps=steps, form=settings.form,
+                       guidance_steps=settings.guidance_steps(len(sigmas) - 1), form=settings.form,
+                       direction=settings.direction,
                        teacher_extra_args={**extra_args, "cond_scale": settings.teacher_cfg})
 
     sample.__name__ = f"sample_{base}_distpp"

@@ -34,11 +34,19 @@ class DistillationPP(scripts.Script):
             steps = gr.Slider(0, 10, value=1, step=1, label="Guided steps (the first N)")
             cfg = gr.Slider(1.0, 15.0, value=5.0, step=0.5, label="Teacher CFG scale")
             form = gr.Dropdown(label="Form", choices=list(webui.FORMS), value="interpolate")
-        return [teacher, w, steps, cfg, form]
+            direction = gr.Dropdown(label="Direction (student = the authors' update)", choices=list(webui.DIRECTIONS),
+                                    value="student")
+            with gr.Row():
+                sigma_min = gr.Number(label="Guide sigma from (window, optional)", value=0.0)
+                sigma_max = gr.Number(label="to (0 = use guided steps)", value=0.0)
+        return [teacher, w, steps, cfg, form, direction, sigma_min, sigma_max]
 
-    def process(self, p, teacher, w, steps, cfg, form):
-        webui.settings = webui.Settings(None if teacher in (None, "None") else teacher, float(w), int(steps), float(cfg), form)
+    def process(self, p, teacher, w, steps, cfg, form, direction="student", sigma_min=0.0, sigma_max=0.0):
+        webui.settings = webui.Settings(None if teacher in (None, "None") else teacher, float(w), int(steps), float(cfg),
+                                        form, direction, float(sigma_min), float(sigma_max))
         if webui.settings.teacher and p.sampler_name in webui.LABELS.values():
             p.extra_generation_params.update({"Distillation++ teacher": teacher, "Distillation++ w": w,
                                               "Distillation++ steps": int(steps), "Distillation++ teacher CFG": cfg,
-                                              "Distillation++ form": form})
+                                              "Distillation++ form": form, "Distillation++ direction": direction})
+            if sigma_max > 0:
+                p.extra_generation_params["Distillation++ sigma window"] = f"{sigma_min}-{sigma_max}"
