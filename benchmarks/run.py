@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import compute_matched  # noqa: E402
+import displacement  # noqa: E402
 import forms  # noqa: E402
 import overhead  # noqa: E402
 import picture  # noqa: E402
@@ -30,7 +31,7 @@ import renoise  # noqa: E402
 import sdxl_cost  # noqa: E402
 import sfd  # noqa: E402
 
-ORDER = ("forms", "quality", "compute_matched", "renoise", "picture", "overhead", "sdxl", "sfd")
+ORDER = ("displacement", "forms", "quality", "compute_matched", "renoise", "picture", "overhead", "sdxl", "sfd")
 
 
 def parse(argv):
@@ -77,6 +78,8 @@ def main(argv=None) -> str:
         print(f"[{name}] {durations[name]:.0f} s", flush=True)
         return out
 
+    if "displacement" in wanted:
+        section("displacement", lambda: displacement.run(cfg))
     setting = "tiny" if args.tiny else "quick" if args.quick else "full"
     settings = {k: ("eps", 0.0) for k in common.KINDS}
     if "forms" in wanted:

@@ -152,3 +152,19 @@ def test_sigma_window_outside_the_schedule_guides_nothing():
     out = kdistpp.sample_euler_distpp(Recorder(), x, SIGMAS, teacher=teacher, w=0.5, disable=True,
                                       guidance_steps=kdistpp.SigmaWindow(100.0, 200.0))
     assert teacher.calls == 0 and torch.equal(out, plain)
+
+
+def test_random_renoise_level_is_log_uniform_over_the_positive_schedule():
+    from kdistpp.refine import plan
+    from kdistpp.steps import prepare
+
+    sigmas = kdistpp.get_sigmas_karras(6, 0.1, 10.0)
+    run = prepare(ElementwiseDenoiser(), torch.zeros(1, 2), sigmas)
+    guide = plan(run, ElementwiseDenoiser(), 0.1, 1, "interpolate", "random", None, None, "student")
+    torch.manual_seed(0)
+    logs = torch.tensor([math.log(guide.renoise_level(0, 10.0)) for _ in range(4000)])
+    lo, hi = math.log(0.1), math.log(10.0)
+    assert lo <= float(logs.min()) < lo + 0.02 and hi - 0.02 < float(logs.max()) <= hi
+    quartiles = torch.quantile(logs, torch.tensor([0.25, 0.5, 0.75], dtype=logs.dtype))
+    expected = torch.tensor([lo + q * (hi - lo) for q in (0.25, 0.5, 0.75)], dtype=logs.dtype)
+    assert torch.allclose(quartiles, expected, atol=0.1)

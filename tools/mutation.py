@@ -166,7 +166,7 @@ def worker(workdir: str, timeout: float) -> None:
     preimport()
     for line in sys.stdin:
         path, index = json.loads(line)
-        source = mutate((ROOT / path).read_text(), index)
+        source = mutate((Path(workdir) / path).read_text(), index)  # the snapshot the job list was made from
         print(json.dumps(run_mutant(Path(workdir), path, source, SCOPE[path], timeout)), flush=True)
 
 
