@@ -168,3 +168,15 @@ def test_random_renoise_level_is_log_uniform_over_the_positive_schedule():
     quartiles = torch.quantile(logs, torch.tensor([0.25, 0.5, 0.75], dtype=logs.dtype))
     expected = torch.tensor([lo + q * (hi - lo) for q in (0.25, 0.5, 0.75)], dtype=logs.dtype)
     assert torch.allclose(quartiles, expected, atol=0.1)
+
+
+@pytest.mark.parametrize("name", kdistpp.SAMPLERS)
+@pytest.mark.parametrize("direction", kdistpp.DIRECTIONS)
+def test_a_guided_last_step_lands_on_the_refined_estimate(name, direction):
+    """The step to sigma 0 has one evaluation (2S a: no midpoint); both directions land on x0h."""
+    last = len(SIG) - 2
+    plain, _, _ = states(name, 0.0, last, renoise="current")
+    guided, student, teacher = states(name, 0.4, last, renoise="current", direction=direction)
+    assert teacher.calls == 1
+    x0s = student.outputs[2 * last if name == "dpmpp_2s_ancestral" else last]
+    torch.testing.assert_close(guided[-1] - plain[-1], 0.4 * (teacher.outputs[0] - x0s), rtol=1e-4, atol=2e-5)

@@ -169,3 +169,35 @@ def test_registry_is_the_one_list():
         assert e.fn.__name__ in readme, f"README does not list {e.fn.__name__}"
         assert ("cfg_pp" in inspect.signature(e.fn).parameters) == e.cfg_pp
         assert "direction" in inspect.signature(e.fn).parameters
+
+
+def test_docstrings_document_exactly_the_parameters_each_sampler_takes():
+    for e in kdistpp.REGISTRY:
+        params = inspect.signature(e.fn).parameters
+        keyword_only = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]
+        for name in keyword_only:
+            assert f"{name}" in e.fn.__doc__, (e.name, name)
+        assert ("cfg_pp:" in e.fn.__doc__) == ("cfg_pp" in params), e.name
+
+
+def test_euler_draws_random_numbers_only_where_it_churns():
+    """As ComfyUI's sample_euler: no churn, no draw, so the global RNG stream is the host's."""
+    x, student = latent(8), ElementwiseDenoiser()
+    torch.manual_seed(0)
+    kdistpp.sample_euler_distpp(student, x, SIGMAS, s_churn=1.0, s_tmin=100.0, teacher=student, w=0.0, disable=True)
+    after = torch.rand(3, device=DEVICE)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3, device=DEVICE))
+
+
+def test_eta_zero_ancestral_is_deterministic_and_equals_k_diffusion():
+    x, student = latent(9), ElementwiseDenoiser()
+    noise = lambda s, sn: torch.full((2, 3, 4), 7.0, device=DEVICE)  # would show if any noise were added
+    euler = kdistpp.sample_euler_distpp(student, x, SIGMAS, teacher=student, w=0.0, disable=True)
+    euler_a = kdistpp.sample_euler_ancestral_distpp(student, x, SIGMAS, eta=0.0, noise_sampler=noise, teacher=student,
+                                                    w=0.0, disable=True)
+    torch.testing.assert_close(euler_a, euler)
+    theirs = K.sample_dpmpp_2s_ancestral(student, x, SIGMAS.to(DEVICE), eta=0.0, noise_sampler=noise, disable=True)
+    ours = kdistpp.sample_dpmpp_2s_ancestral_distpp(student, x, SIGMAS, eta=0.0, noise_sampler=noise, teacher=student,
+                                                    w=0.0, disable=True)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
