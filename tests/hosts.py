@@ -20,8 +20,11 @@ def comfyui_root() -> Path | None:
     return root if (root / "comfy" / "k_diffusion" / "sampling.py").is_file() else None
 
 
-def import_comfy():
-    """ComfyUI's `comfy` package from the host tree, set up for CPU as `main.py --cpu` would."""
+def import_comfy(full: bool = False):
+    """ComfyUI's `comfy` package from the host tree, set up for CPU as `main.py --cpu` would.
+
+    full=True also imports its model definitions and nodes (they need ComfyUI's requirements:
+    `.ci/run` builds .venv-comfyui for them); the k-diffusion functions alone need only torchsde."""
     root = comfyui_root()
     if root is None:
         pytest.skip("ComfyUI not found: set KDISTPP_COMFYUI or put it in ../shared/hosts/comfyui-0.8.0")
@@ -38,6 +41,11 @@ def import_comfy():
         import comfy.model_patcher
         import comfy.model_sampling
         import comfy.samplers
+        if full:
+            import comfy.sd  # noqa: F401
+            import comfy.supported_models  # noqa: F401
+            import comfy_extras.nodes_custom_sampler  # noqa: F401
+            import nodes  # noqa: F401
     except ImportError as err:
         pytest.skip(f"ComfyUI's dependencies are not installed here: {err}")
     finally:

@@ -2,83 +2,113 @@
 
 The node takes the student and teacher MODELs, the teacher's positive/negative conditioning and
 CFG, and the Distillation++ settings; it returns a SAMPLER. At sampling time the student is the
-model SamplerCustom passes in (with its own conditioning and CFG); the teacher is prepared and
-evaluated through ComfyUI's own path (`prepare_sampling`, `process_conds`, `sampling_function`),
-so its LoRAs, patches and conditioning behave as in any ComfyUI sampler.
+model SamplerCustom passes in (with its own conditioning, CFG, patches and memory management).
+
+The teacher is sampled through ComfyUI's own path at every guided call: a `CFGGuider` for the
+teacher runs `sample` with a one-call sampler, so its LoRAs, model patches, wrappers, hooks,
+`transformer_options` (with the student's `sample_sigmas`), conditioning (img2img latent, inpaint
+mask) and model loading are ComfyUI's. Afterwards the student's patcher is loaded again: a
+LoRA student is a clone of its teacher and shares its weights, and loading one patches the
+shared weights for it. At w = 0 or with no guided step the teacher is never loaded.
+
+Noise follows ComfyUI's seed: ancestral and consistency steps draw from ComfyUI's own
+`default_noise_sampler(x, seed)`, so at w = 0 every base sampler equals ComfyUI's sampler of the
+same name; the renoise noise has its own generator seeded from the same seed, so guiding does not
+shift the ancestral noise and a teacher A/B at a fixed seed differs by the teacher alone.
 
 This module imports without ComfyUI; the node only needs it when it runs. Install: docs/comfyui.md.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-from .. import SAMPLERS
 from ..guided_steps import SigmaWindow
 from ..refine import DIRECTIONS, FORMS
+from ..registry import BY_NAME, REGISTRY
 
 RENOISE = ("next", "current", "random")
 CATEGORY = "sampling/custom_sampling/samplers"
+RENOISE_SEED_OFFSET = 0x5EED  # the renoise generator's seed = ComfyUI's seed + this; its own stream
 
 
 def comfy_modules():
-    """ComfyUI's sampler modules, or a clear error outside ComfyUI."""
+    """ComfyUI's modules the node uses, or a clear error outside ComfyUI."""
     try:
-        import comfy.sampler_helpers as helpers
+        import comfy.k_diffusion.sampling as k_sampling
+        import comfy.model_management as management
+        import comfy.model_sampling as model_sampling
         import comfy.samplers as samplers
     except ImportError as err:
         raise RuntimeError("the kdistpp Distillation++ node runs inside ComfyUI (comfy.samplers was not found); "
                            "install it into ComfyUI's custom_nodes as docs/comfyui.md describes") from err
-    return samplers, helpers
+    return samplers, management, k_sampling, model_sampling
 
 
 class ComfyTeacher:
-    """The teacher as a kdistpp denoiser, D(x, sigma) = CFG of its positive/negative conditioning.
+    """The teacher as a kdistpp denoiser: one call = one ComfyUI `CFGGuider.sample` with a one-step sampler.
 
-    A context manager: entering loads the teacher and prepares its conditioning for this latent
-    (ComfyUI's `prepare_sampling` + `process_conds`); leaving unloads what it loaded.
+    `student` is the KSamplerX0Inpaint that ComfyUI hands the sampler function: it carries the
+    student's guider (its patcher, for restoring its weights), latent image and noise.
     """
 
-    def __init__(self, model_patcher, positive, negative, cfg: float, seed=None, modules=None):
-        self.patcher, self.positive, self.negative, self.cfg, self.seed = model_patcher, positive, negative, cfg, seed
-        self.samplers, self.helpers = modules or comfy_modules()
-        self.inner = self.conds = self.loaded = None
+    def __init__(self, teacher_patcher, positive, negative, cfg: float, student, sigmas, extra_args: dict):
+        self.samplers, self.management, _, _ = comfy_modules()
+        self.guider = self.samplers.CFGGuider(teacher_patcher)
+        self.guider.set_conds(positive, negative)
+        self.guider.set_cfg(cfg)
+        self.student, self.sigmas = student, sigmas
+        self.seed = extra_args.get("seed")
+        mask = extra_args.get("denoise_mask")
+        self.mask = mask[:, :1] if mask is not None and mask.ndim == 4 else mask  # as a user mask: one channel
+        self.calls = 0
 
-    def prepare(self, x: torch.Tensor) -> "ComfyTeacher":
-        conds = {"positive": self.helpers.convert_cond(self.positive), "negative": self.helpers.convert_cond(self.negative)}
-        self.inner, conds, self.loaded = self.helpers.prepare_sampling(self.patcher, x.shape, conds, self.patcher.model_options)
-        self.patcher.pre_run()
-        self.conds = self.samplers.process_conds(self.inner, x, conds, x.device, torch.zeros_like(x), None, self.seed)
-        return self
+    def __call__(self, x, sigma, **_student_extra_args):
+        result = {}
 
-    def __call__(self, x, sigma, **_ignored):
-        # extra_args of the student (its denoise mask, model_options) are not the teacher's: dropped
-        return self.samplers.sampling_function(self.inner, x, sigma, self.conds.get("negative"), self.conds.get("positive"),
-                                               self.cfg, model_options=self.patcher.model_options, seed=self.seed)
+        def one_call(model, noise, sigmas, extra_args=None, callback=None, disable=None):
+            result["denoised"] = model(x.to(noise), sigma.to(noise), **(extra_args or {}))
+            return noise  # the guider post-processes this; the estimate is taken from `result`
 
-    def release(self) -> None:
-        if self.inner is not None:
-            self.patcher.cleanup()
-            self.helpers.cleanup_models(self.conds, self.loaded)
-            self.inner = None
+        student_guider = self.student.inner_model
+        inner = student_guider.inner_model  # the student's BaseModel: latent format of both (checked)
+        latent = self.student.latent_image
+        latent = inner.process_latent_out(latent) if torch.count_nonzero(latent) > 0 else latent
+        current = getattr(inner, "current_patcher", None)
+        try:
+            self.guider.sample(self.student.noise, latent, self.samplers.KSAMPLER(one_call), self.sigmas,
+                               denoise_mask=self.mask, disable_pbar=True, seed=self.seed)
+        finally:
+            # A LoRA student is a clone of its teacher: one BaseModel, whose weights the teacher's load
+            # re-patched and whose current patcher the teacher's cleanup cleared. Give both back.
+            self.management.load_models_gpu([student_guider.model_patcher])
+            if current is not None:
+                inner.current_patcher = current
+        self.calls += 1
+        return result["denoised"]
 
 
-def guided_steps_option(guided_steps: int, sigma_min: float = 0.0, sigma_max: float = 0.0):
-    """The node's choice of guided steps: a sigma window when its upper end is set, else the first N."""
-    return SigmaWindow(sigma_min, sigma_max) if sigma_max > 0 else guided_steps
+def comfy_noise_sampler(k_sampling, x, seed):
+    """ComfyUI's noise for ancestral/consistency steps: a generator seeded from the sampling seed."""
+    return k_sampling.default_noise_sampler(x, seed=seed)
 
 
 def sample_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, *, teacher_model, positive, negative,
                   teacher_cfg, base, w, guidance_steps, form, renoise, direction="student"):
     """The SAMPLER's function, called by ComfyUI's KSAMPLER.sample with the student wrapped as `model`."""
-    extra_args = extra_args or {}
-    teacher = ComfyTeacher(teacher_model, positive, negative, teacher_cfg, extra_args.get("seed")).prepare(x)
-    try:
-        return SAMPLERS[base](model, x, sigmas, extra_args, callback, disable, teacher=teacher, w=w,
-                              guidance_steps=guidance_steps, form=form, renoise=renoise, teacher_extra_args={},
-                              direction=direction)
-    finally:
-        teacher.release()
+    _, _, k_sampling, _ = comfy_modules()
+    extra_args = {} if extra_args is None else extra_args
+    seed = extra_args.get("seed")
+    teacher = ComfyTeacher(teacher_model, positive, negative, teacher_cfg, model, sigmas, extra_args)
+    takes_noise = "noise_sampler" in inspect.signature(BY_NAME[base].fn).parameters
+    noise = {"noise_sampler": comfy_noise_sampler(k_sampling, x, seed)} if takes_noise else {}
+    renoise_seed = None if seed is None else seed + RENOISE_SEED_OFFSET
+    return BY_NAME[base].fn(model, x, sigmas, extra_args, callback, disable, teacher=teacher, w=w,
+                            guidance_steps=guidance_steps, form=form, renoise=renoise, teacher_extra_args={},
+                            direction=direction, renoise_sampler=comfy_noise_sampler(k_sampling, x, renoise_seed),
+                            **noise)
 
 
 def same_latent_space(student, teacher) -> None:
@@ -89,13 +119,28 @@ def same_latent_space(student, teacher) -> None:
                          "pick a teacher of the student's family (e.g. SDXL base for SDXL-Lightning)")
 
 
+def refuse_flow_models(model_sampling_module, **models) -> None:
+    """Distillation++'s renoising and kdistpp's updates are in VE sigma: a flow model would be sampled wrong."""
+    for name, patcher in models.items():
+        sampling = patcher.get_model_object("model_sampling")
+        if isinstance(sampling, model_sampling_module.CONST):
+            raise ValueError(f"the {name} is a flow-matching model ({type(patcher.model).__name__}: SD3, Flux, ...); "
+                             "kdistpp's Distillation++ samplers work on VE/epsilon/v models (SD 1.x, SDXL and their "
+                             "distilled students) and would sample it wrong, so it is refused")
+
+
+def guided_steps_option(guided_steps: int, sigma_min: float = 0.0, sigma_max: float = 0.0):
+    """The node's choice of guided steps: a sigma window when its upper end is set, else the first N."""
+    return SigmaWindow(sigma_min, sigma_max) if sigma_max > 0 else guided_steps
+
+
 class DistillationPPSampler:
     """Distillation++ (Park et al. 2024): the teacher refines the student's first step(s)."""
 
     DESCRIPTION = ("Distillation++ (Park et al. 2024): on the first step(s) the distilled student's estimate is "
                    "renoised, denoised by its teacher at the teacher's CFG, and moved a fraction w toward it; the "
                    "sampler then continues. Feed the SAMPLER to SamplerCustom with the student model. One teacher "
-                   "call per guided step.")
+                   "call per guided step; at w = 0 it is ComfyUI's own sampler of the same name, same seed.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -106,8 +151,8 @@ class DistillationPPSampler:
             "teacher_negative": ("CONDITIONING", {"tooltip": "the teacher's negative prompt"}),
             "teacher_cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1,
                                       "tooltip": "the teacher's CFG scale (the paper: 7.5 for SDXL)"}),
-            "base_sampler": (list(SAMPLERS), {"default": "euler", "tooltip": "the solver the refinement is inserted "
-                                              "into; 'consistency' is ComfyUI's lcm (LCM, DMD2)"}),
+            "base_sampler": ([e.name for e in REGISTRY], {"default": "euler", "tooltip": "the solver the refinement "
+                             "is inserted into; 'consistency' is ComfyUI's lcm (LCM, DMD2)"}),
             "w": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01,
                             "tooltip": "teacher weight (the paper's lambda): Lightning 0.1, Turbo 0.02-0.1, "
                                        "DMD2 0.01 and LCM 0.01-0.02 with form eps; 0 = the plain sampler"}),
@@ -137,8 +182,9 @@ class DistillationPPSampler:
 
     def build(self, student, teacher, teacher_positive, teacher_negative, teacher_cfg, base_sampler, w, guided_steps,
               form, renoise, direction="student", guide_sigma_min=0.0, guide_sigma_max=0.0):
-        samplers, _ = comfy_modules()
+        samplers, _, _, model_sampling = comfy_modules()
         same_latent_space(student, teacher)
+        refuse_flow_models(model_sampling, student=student, teacher=teacher)
         steps = guided_steps_option(guided_steps, guide_sigma_min, guide_sigma_max)
         options = dict(teacher_model=teacher, positive=teacher_positive, negative=teacher_negative, teacher_cfg=teacher_cfg,
                        base=base_sampler, w=w, guidance_steps=steps, form=form, renoise=renoise, direction=direction)

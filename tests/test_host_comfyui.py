@@ -1,0 +1,236 @@
+"""The Distillation++ node inside real ComfyUI (the pinned 0.8.0 tree), on tiny random SD1.5 models.
+
+Everything runs through ComfyUI's own code: models built by `comfy.supported_models`, LoRA students
+by `comfy.sd.load_lora_for_models` (LoraLoader's path), sampling by the `SamplerCustom` node with
+the SAMPLER our node's FUNCTION returns, and ComfyUI's model management. Needs ComfyUI's
+requirements: `.ci/run` runs this file in .venv-comfyui; elsewhere it skips with the reason.
+
+Tolerance at w = 0: ComfyUI keeps sigmas as float32 tensors, kdistpp does its scalar step math in
+float64, so the samples agree to float32 rounding (rtol 1e-4 after a few steps through a UNet),
+not bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from comfy_models import conditioning, lora_clone, tiny_sd15
+from hosts import import_comfy
+
+BASES = {"euler": "euler", "euler_ancestral": "euler_ancestral", "dpmpp_2s_ancestral": "dpmpp_2s_ancestral",
+         "dpmpp_2m": "dpmpp_2m", "consistency": "lcm"}
+
+
+@pytest.fixture(scope="module")
+def comfy():
+    return import_comfy(full=True)
+
+
+@pytest.fixture(scope="module")
+def node(comfy):
+    from kdistpp.integrations.comfyui import DistillationPPSampler
+
+    return DistillationPPSampler()
+
+
+class Calls:
+    """Counts the forward calls of a UNet (at the model: whatever path calls it) and what it saw."""
+
+    def __init__(self, patcher):
+        self.count, self.batches, self.checksums = 0, [], []
+        self.module = patcher.model.diffusion_model
+        self.handle = self.module.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.count += 1
+        self.batches.append(args[0].shape[0])
+        w = module.input_blocks[1][1].transformer_blocks[0].attn1.to_q.weight
+        self.checksums.append(float(w.double().sum()))
+
+    def remove(self):
+        self.handle.remove()
+
+
+def sigmas(comfy, patcher, steps=4, denoise=1.0):
+    import comfy_extras.nodes_custom_sampler as ncs
+
+    return ncs.BasicScheduler.execute(patcher, "karras", steps, denoise).result[0]
+
+
+def sample(comfy, model, sampler, sig, positive=None, negative=None, cfg=1.0, seed=3, latent=None, mask=None):
+    import comfy_extras.nodes_custom_sampler as ncs
+
+    image = {"samples": torch.zeros(1, 4, 8, 8) if latent is None else latent}
+    if mask is not None:
+        image["noise_mask"] = mask
+    out = ncs.SamplerCustom.execute(model, True, seed, cfg, positive or conditioning(1), negative or conditioning(2),
+                                    sampler, sig, image)
+    return out.result[0]["samples"]
+
+
+def distpp(node, student, teacher, base, w, **kw):
+    options = dict(teacher_positive=conditioning(1), teacher_negative=conditioning(2), teacher_cfg=3.0,
+                   base_sampler=base, w=w, guided_steps=1, form="interpolate", renoise="next")
+    options.update(kw)
+    return getattr(node, node.FUNCTION)(student, teacher, **options)[0]
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_w0_equals_comfyuis_own_sampler_at_the_same_seed(comfy, node, base):
+    teacher = tiny_sd15(comfy, 0)
+    student = lora_clone(comfy, teacher, 1)
+    sig = sigmas(comfy, student)
+    theirs = sample(comfy, student, comfy.samplers.ksampler(BASES[base]), sig, seed=11)
+    calls = Calls(teacher)
+    ours = sample(comfy, student, distpp(node, student, teacher, base, 0.0), sig, seed=11)
+    calls.remove()
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    other_seed = sample(comfy, student, comfy.samplers.ksampler(BASES[base]), sig, seed=12)
+    assert (other_seed - theirs).abs().max() > 1e-3  # the comparison can fail
+    assert calls.count == len(sig) - 1 + (len(sig) - 2 if base == "dpmpp_2s_ancestral" else 0)  # student calls only
+
+
+@pytest.mark.parametrize("base", ["euler", "euler_ancestral", "consistency"])
+def test_lora_student_keeps_its_patches_around_every_teacher_call(comfy, node, base):
+    teacher = tiny_sd15(comfy, 0)
+    student = lora_clone(comfy, teacher, 1)
+    sig = sigmas(comfy, student)
+    calls = Calls(teacher)  # the one UNet module both patchers share
+    guided = sample(comfy, student, distpp(node, student, teacher, base, 0.5, guided_steps=2), sig, cfg=1.0)
+    calls.remove()
+    # student, teacher (cfg 3: batch 2), student, teacher, student, student
+    assert calls.batches == [1, 2, 1, 2, 1, 1]
+    lora, base_sum = calls.checksums[0], calls.checksums[1]
+    assert lora != pytest.approx(base_sum)  # the LoRA changes the weights the student samples with
+    assert calls.checksums == pytest.approx([lora, base_sum, lora, base_sum, lora, lora])
+    plain_base = sample(comfy, teacher, comfy.samplers.ksampler(BASES[base]), sig)
+    assert (guided - plain_base).abs().max() > 1e-3
+
+
+def test_teacher_is_not_loaded_at_w0_or_with_no_guided_step(comfy, node, monkeypatch):
+    teacher, student = tiny_sd15(comfy, 0), tiny_sd15(comfy, 5)
+    sig = sigmas(comfy, student)
+    loaded = []
+    original = comfy.model_management.load_models_gpu
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu",
+                        lambda models, *a, **k: (loaded.extend(models), original(models, *a, **k))[1])
+    calls = Calls(teacher)
+    sample(comfy, student, distpp(node, student, teacher, "euler", 0.0), sig)
+    sample(comfy, student, distpp(node, student, teacher, "euler", 0.4, guided_steps=0), sig)
+    assert calls.count == 0 and all(m is not teacher for m in loaded)
+    sample(comfy, student, distpp(node, student, teacher, "euler", 0.4, guided_steps=1), sig)
+    calls.remove()
+    assert calls.count == 1 and calls.batches == [2] and any(m is teacher for m in loaded)
+
+
+def test_teacher_gets_comfyuis_model_preparation(comfy, node):
+    """Wrappers registered on the teacher's patcher and transformer_options reach its model calls."""
+    import comfy.patcher_extension as ext
+
+    teacher, student = tiny_sd15(comfy, 0), tiny_sd15(comfy, 5)
+    teacher = teacher.clone()
+    seen = []
+
+    def wrapper(executor, *args, **kwargs):
+        seen.append(args[-1].get("sample_sigmas") if isinstance(args[-1], dict) else None)
+        return executor(*args, **kwargs)
+
+    teacher.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, "kdistpp-test", wrapper)
+    sig = sigmas(comfy, student)
+    sample(comfy, student, distpp(node, student, teacher, "euler", 0.4), sig)
+    assert len(seen) == 1  # the teacher's one call went through its wrapper
+    assert seen[0] is not None and torch.equal(seen[0].cpu(), sig.cpu())  # with the student's schedule
+
+
+def test_renoise_noise_follows_the_seed_and_draws_nothing_from_the_global_rng(comfy, node):
+    """The renoise noise has its own generator seeded from ComfyUI's seed: the same seed gives the
+    same image, and a guided run leaves the global RNG (which ComfyUI seeds when it makes the
+    starting noise, and other nodes draw from) where an unguided run leaves it."""
+    teacher, student = tiny_sd15(comfy, 0), tiny_sd15(comfy, 5)
+    sig = sigmas(comfy, student)
+
+    def run(seed, w):
+        out = sample(comfy, student, distpp(node, student, teacher, "euler_ancestral", w), sig, seed=seed)
+        return out, torch.rand(4)
+
+    (a, after_guided), (b, _) = run(7, 0.4), run(7, 0.4)
+    torch.testing.assert_close(a, b)
+    _, after_plain = run(7, 0.0)
+    torch.testing.assert_close(after_guided, after_plain)
+    assert (run(8, 0.4)[0] - a).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_img2img_and_inpaint_with_a_teacher(comfy, node, mode):
+    teacher, student = tiny_sd15(comfy, 0), tiny_sd15(comfy, 5)
+    sig = sigmas(comfy, student, steps=4, denoise=0.6)
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    mask = None
+    if mode == "inpaint":
+        mask = torch.zeros(1, 8, 8)
+        mask[:, 2:6, 2:6] = 1.0
+    calls = Calls(teacher)
+    out = sample(comfy, student, distpp(node, student, teacher, "euler", 0.5), sig, latent=latent, mask=mask)
+    calls.remove()
+    plain = sample(comfy, student, distpp(node, student, teacher, "euler", 0.0), sig, latent=latent, mask=mask)
+    assert calls.count == 1 and torch.isfinite(out).all()
+    changed = (out - plain).abs() > 1e-4
+    if mode == "inpaint":  # the teacher changes the masked region only; the rest is the source latent
+        assert changed[..., 2:6, 2:6].any() and not changed[..., :2, :].any()
+        torch.testing.assert_close(out[..., :2, :], latent[..., :2, :] * 1.0, rtol=1e-4, atol=1e-4)
+    else:
+        assert changed.any()
+
+
+def test_flow_models_are_refused(comfy, node):
+    import comfy.latent_formats
+    import comfy.model_sampling
+
+    teacher, student = tiny_sd15(comfy, 0), tiny_sd15(comfy, 5)
+    flow = student.clone()
+
+    class Flow(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
+        pass
+
+    flow.add_object_patch("model_sampling", Flow(flow.model.model_config))
+    with pytest.raises(ValueError, match="flow-matching"):
+        distpp(node, flow, teacher, "euler", 0.3)
+
+
+def test_guided_steps_past_the_schedule_fail_clearly(comfy, node):
+    teacher, student = tiny_sd15(comfy, 0), tiny_sd15(comfy, 5)
+    with pytest.raises(ValueError, match="beyond the schedule"):
+        sample(comfy, student, distpp(node, student, teacher, "euler", 0.3, guided_steps=9), sigmas(comfy, student))
+
+
+@pytest.mark.parametrize("folder", ["kdistpp", "ComfyUI-kdistpp"])
+def test_a_clone_or_copy_of_the_repository_loads_as_a_custom_node(comfy, tmp_path, folder):
+    """What ComfyUI-Manager does (git clone into custom_nodes/), loaded by ComfyUI's own loader."""
+    import asyncio
+
+    import nodes
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    target = tmp_path / "custom_nodes" / folder
+    shutil.copytree(repo, target, ignore=shutil.ignore_patterns(".venv*", ".git", "__pycache__", "docs", "benchmarks",
+                                                              "*.egg-info", ".hypothesis", "kdistpp-demo"))
+    saved = {k: v for k, v in sys.modules.items() if k == "kdistpp" or k.startswith("kdistpp.")}
+    for k in saved:
+        del sys.modules[k]  # as in a fresh ComfyUI process, where kdistpp is not installed
+    before = dict(nodes.NODE_CLASS_MAPPINGS)
+    try:
+        ok = asyncio.run(nodes.load_custom_node(str(target)))
+        assert ok, "ComfyUI reported IMPORT FAILED"
+        assert "KdistppDistillationPPSampler" in nodes.NODE_CLASS_MAPPINGS
+        assert sys.modules["kdistpp"].__file__.startswith(str(target))
+    finally:
+        nodes.NODE_CLASS_MAPPINGS.clear()
+        nodes.NODE_CLASS_MAPPINGS.update(before)
+        for k in [k for k in sys.modules if k == "kdistpp" or k.startswith("kdistpp.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
