@@ -180,3 +180,28 @@ def test_a_guided_last_step_lands_on_the_refined_estimate(name, direction):
     assert teacher.calls == 1
     x0s = student.outputs[2 * last if name == "dpmpp_2s_ancestral" else last]
     torch.testing.assert_close(guided[-1] - plain[-1], 0.4 * (teacher.outputs[0] - x0s), rtol=1e-4, atol=2e-5)
+
+
+def test_sigma_window_edges():
+    window = kdistpp.SigmaWindow(SIG[2], SIG[2])  # a window of one sigma, inclusive
+    assert window.steps(SIG) == [2]
+    assert kdistpp.SigmaWindow(0.0, SIG[-2]).steps(SIG) == [len(SIG) - 2]  # lo = 0 is allowed; the last step counts
+    assert hash(window) == hash(kdistpp.SigmaWindow(SIG[2], SIG[2]))  # usable as a cache key (hosts cache options)
+    with pytest.raises(AttributeError):
+        window.lo = 0.0
+
+
+def test_teacher_guided_on_a_batch_of_one_after_a_copy_and_on_the_last_step():
+    import copy
+
+    from k_diffusion import sampling as K
+
+    student, teacher = ElementwiseDenoiser(), Recorder(bias=1.0)
+    last = len(SIG) - 2
+    wrapped = copy.deepcopy(kdistpp.teacher_guided(student, teacher, SIGMAS, w=0.3, guidance_steps=[last],
+                                                   renoise="current"))
+    x = (torch.randn(1, 3, 4, generator=torch.Generator().manual_seed(3)) * SIG[0]).to(DEVICE)
+    got = K.sample_euler(wrapped, x, SIGMAS.to(DEVICE), disable=True)
+    assert len(wrapped.guidance.teacher.outputs) == 1  # the deep copy's teacher, called at the last step
+    plain = K.sample_euler(student, x, SIGMAS.to(DEVICE), disable=True)
+    assert (got - plain).abs().max() > 1e-4

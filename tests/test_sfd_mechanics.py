@@ -128,3 +128,63 @@ def test_two_process_gloo_sfd_v_equals_one_process_on_the_joint_batch(tmp_path):
     ddp = torch.load(tmp_path / "ddp.pt")
     for name, p in student.state_dict().items():
         assert torch.allclose(p, ddp[name], atol=1e-5), name
+
+
+def test_3m_update_is_exact_for_an_estimate_quadratic_in_log_sigma_on_unequal_steps():
+    """x' = -x + D(lambda) with D = a + b u + c u^2: the exponential integrator over h is
+    e^-h x + a (1 - e^-h) + b (h - 1 + e^-h) + c (h^2 - 2h + 2 - 2 e^-h), and 3M is exact for it."""
+    from kdistpp.sfd import multistep_update
+
+    a, b, c = 0.7, -1.3, 0.4
+    gaps, h = [0.5, 0.9], 0.3  # unequal log-sigma steps: u = -1.4, -0.9, 0 for the history and now
+    estimate = lambda u: torch.tensor([a + b * u + c * u * u], dtype=torch.float64)  # noqa: E731
+    history = [estimate(-gaps[0] - gaps[1]), estimate(-gaps[1])]
+    x = torch.tensor([2.0], dtype=torch.float64)
+    got = multistep_update(x, estimate(0.0), history, gaps, h, 3)
+    e = math.exp(-h)
+    exact = e * 2.0 + a * (1 - e) + b * (h - 1 + e) + c * (h * h - 2 * h + 2 - 2 * e)
+    assert float(got) == pytest.approx(exact, rel=1e-12)
+    with pytest.raises(ValueError, match="order"):
+        multistep_update(x, estimate(0.0), history, gaps, h, 4)
+
+
+def test_3m_trajectory_lowers_the_order_on_its_last_steps():
+    """A 2-step grid: both steps first order (no history at first, last step at the end)."""
+    from kdistpp.sfd import dpmpp_3m_trajectory
+
+    teacher = GaussianDenoiser()
+    grid = torch.tensor([10.0, 2.0, 0.5], dtype=torch.float64)
+    x = torch.tensor([[3.0, -1.0]], dtype=torch.float64)
+    states = dpmpp_3m_trajectory(teacher, x, grid)
+    expected = x
+    for s, s_next in ((10.0, 2.0), (2.0, 0.5)):
+        d = expected * S_DATA**2 / (S_DATA**2 + s**2)
+        expected = (s_next / s) * expected + (1 - s_next / s) * d
+    torch.testing.assert_close(states[-1], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_3m_trajectory_keeps_float64_range_and_refuses_a_zero_sigma():
+    from kdistpp.sfd import dpmpp_3m_trajectory
+
+    teacher = GaussianDenoiser()
+    grid = polynomial_sigmas(5, 0.1, 10.0).double()
+    x = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    big = dpmpp_3m_trajectory(teacher, x * 1e300, grid)[-1]  # beyond float32's range
+    assert torch.isfinite(big).all()
+    torch.testing.assert_close(big / 1e300, dpmpp_3m_trajectory(teacher, x, grid)[-1], rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="above zero"):
+        dpmpp_3m_trajectory(teacher, x, torch.tensor([1.0, 0.0], dtype=torch.float64))
+
+
+def test_analytic_first_step_and_grid_arguments():
+    from kdistpp.sfd import nested_grid
+    from kdistpp.sfd.trajectory import analytic_denoised
+
+    x = torch.tensor([3.0])
+    assert float(analytic_denoised(x, 4.0, sigma_data=3.0)) == pytest.approx(3.0 - 3.0 * 4.0 / 5.0)
+    for n in (1, 2.0):
+        with pytest.raises(ValueError, match="int >= 2"):
+            polynomial_sigmas(n, 0.1, 10.0)
+    for k in (0, 1.5):
+        with pytest.raises(ValueError, match="substeps"):
+            nested_grid(polynomial_sigmas(3, 0.1, 10.0), k)

@@ -24,12 +24,15 @@ BAD = [
     ("sigmas", dict(sigmas=SIGMAS[None]), ValueError, "1-D"),
     ("sigmas", dict(sigmas=SIGMAS[:1]), ValueError, "at least 2"),
     ("sigmas", dict(sigmas=SIGMAS.flip(0)), ValueError, "non-increasing"),
+    ("sigmas", dict(sigmas=torch.tensor([3.0, 1.0, 2.0, 0.0])), ValueError, "non-increasing"),
     ("sigmas", dict(sigmas=torch.tensor([2.0, 1.0, -1.0])), ValueError, "non-negative"),
     ("sigmas", dict(sigmas=torch.tensor([2.0, float("nan"), 0.0])), ValueError, "finite"),
     ("sigmas", dict(sigmas=torch.tensor([2.0, 0.0, 0.0])), ValueError, "only the last"),
     ("sigmas", dict(sigmas=[2.0, 1.0, 0.0]), TypeError, "torch.Tensor"),
     ("x", dict(x=torch.ones(2, 3, dtype=torch.long)), TypeError, "floating"),
     ("x", dict(x=[[1.0]]), TypeError, "torch.Tensor"),
+    ("x", dict(x=torch.zeros(0, 3)), ValueError, "non-empty batch"),
+    ("x", dict(x=torch.tensor(1.0)), ValueError, "non-empty batch"),
     ("w", dict(w=-0.1), ValueError, ">= 0"),
     ("w", dict(w=float("inf")), ValueError, "finite"),
     ("w", dict(w=float("nan")), ValueError, "finite"),
@@ -98,3 +101,11 @@ def test_teacher_guided_validates_up_front():
     with pytest.raises(ValueError, match="history"):
         kdistpp.sample_dpmpp_2m_distpp(ElementwiseDenoiser(), torch.zeros(1, 2), SIGMAS, teacher=ElementwiseDenoiser(), w=0.1,
                                        history="teacher")
+
+
+def test_w_list_with_no_guided_step_is_fine():
+    student, teacher = call(w=[0.3, 0.1], guidance_steps=0)
+    assert teacher.calls == 0
+    student, teacher = call(w=0.3, guidance_steps=[torch.tensor(1)])
+    assert teacher.calls == 1
+

@@ -83,6 +83,8 @@ def multistep_update(state, denoised, history, gaps, h: float, order: int):
     The exponential integrator is applied exactly to the Taylor polynomial of the estimate through
     the last `order` points.
     """
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order}")
     phi1 = -math.expm1(-h)  # 1 - e^-h
     phi2 = 1 - phi1 / h  # int_0^h e^{-(h-u)} u du / h
     state = math.exp(-h) * state + phi1 * denoised
