@@ -187,30 +187,38 @@ def test_bad_input_gets_a_clear_error():
         SFDTrainer(student, lambda x, sigma: x * float("nan"), SFDConfig(**SMALL), shape=(2,)).train_batch()
 
 
-def _ddp_worker(rank, world, init_file, result_file):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _ddp_setup(kind):
+    """The same student, teacher and config on every rank and in the one-process reference."""
     torch.manual_seed(0)
     teacher = MLPDenoiser(2, hidden=16, depth=1, sigma_data=1.0).requires_grad_(False)
-    student = perturbed_copy(teacher)
-    trainer = SFDTrainer(student, teacher, SFDConfig(num_steps=3, iterations=2, **SMALL), shape=(2,))
-    for _ in range(2):
-        x = torch.randn(8, 2, generator=torch.Generator().manual_seed(100 + rank)) * SMALL["sigma_max"]
-        trainer.train_batch(x)
+    if kind == "sfd":
+        return SFDTrainer(perturbed_copy(teacher), teacher, SFDConfig(num_steps=3, iterations=3, **SMALL), shape=(2,))
+    student = MLPDenoiser(2, hidden=16, depth=1, sigma_data=1.0, step_conditioned=True).load_teacher(teacher)
+    # SFD-v: each batch draws N; every rank must draw the same N or DDP's replicas part
+    return SFDTrainer(student, teacher, SFDConfig(num_steps=(3, 4, 5), iterations=3, **SMALL), shape=(2,))
+
+
+def _ddp_batch(rank, iteration):
+    return torch.randn(8, 2, generator=torch.Generator().manual_seed(100 + rank + 10 * iteration)) * SMALL["sigma_max"]
+
+
+def _ddp_worker(rank, world, init_file, result_file, kind):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    trainer = _ddp_setup(kind)
+    for it in range(3):
+        trainer.train_batch(_ddp_batch(rank, it))
     if rank == 0:
-        torch.save(student.state_dict(), result_file)
+        torch.save(trainer.student.state_dict(), result_file)
     torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_two_process_gloo_training_equals_one_process_on_the_joint_batch(tmp_path):
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp.pt")), nprocs=2)
-    torch.manual_seed(0)
-    teacher = MLPDenoiser(2, hidden=16, depth=1, sigma_data=1.0).requires_grad_(False)
-    student = perturbed_copy(teacher)
-    trainer = SFDTrainer(student, teacher, SFDConfig(num_steps=3, iterations=2, **SMALL), shape=(2,))
-    for _ in range(2):
-        x = torch.cat([torch.randn(8, 2, generator=torch.Generator().manual_seed(100 + r)) for r in (0, 1)])
-        trainer.train_batch(x * SMALL["sigma_max"])
+@pytest.mark.parametrize("kind", ["sfd", "sfd_v"])
+def test_two_process_gloo_training_equals_one_process_on_the_joint_batch(tmp_path, kind):
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp.pt"), kind), nprocs=2)
+    trainer = _ddp_setup(kind)
+    for it in range(3):
+        trainer.train_batch(torch.cat([_ddp_batch(r, it) for r in (0, 1)]))
     ddp = torch.load(tmp_path / "ddp.pt")
-    for name, p in student.state_dict().items():
+    for name, p in trainer.student.state_dict().items():
         assert torch.allclose(p, ddp[name], atol=1e-5), name
