@@ -158,3 +158,73 @@ def test_analytic_first_step_and_grid_arguments():
     for k in (0, 1.5):
         with pytest.raises(ValueError, match="substeps"):
             nested_grid(polynomial_sigmas(3, 0.1, 10.0), k)
+
+
+@pytest.mark.parametrize("kwargs,ok", [
+    (dict(afs=True, num_steps=3), True), (dict(afs=True, num_steps=2), False), (dict(afs=True, num_steps=(3, 2)), False),
+    (dict(substeps=1), True), (dict(substeps=0), False), (dict(substeps=1.5), False),
+    (dict(batch_size=1, iterations=1), True), (dict(batch_size=0), False), (dict(iterations=0), False),
+    (dict(lr=0.0), False), (dict(num_steps=1), False), (dict(num_steps=()), False),
+])
+def test_config_bounds(kwargs, ok):
+    if ok:
+        config(**kwargs)
+    else:
+        with pytest.raises(ValueError):
+            config(**kwargs)
+
+
+def test_sfd_v_default_timestamps_use_the_first_step_count():
+    assert len(config(num_steps=(3, 5)).timestamps()) == 3
+    assert len(config(num_steps=(3, 5)).timestamps(5)) == 5
+
+
+def test_drawn_noise_has_the_sigma_max_scale():
+    trainer = SFDTrainer(GaussianDenoiser(c=0.7).to(DEVICE), GaussianDenoiser(), config(batch_size=4000), shape=(2,))
+    z = trainer.draw_noise()
+    assert z.shape == (4000, 2) and float(z.std()) == pytest.approx(20.0, rel=0.05)
+
+
+def test_condition_supplies_the_batchs_extra_args_to_student_and_teacher():
+    seen = {"student": [], "teacher": [], "condition": []}
+
+    class Conditioned(GaussianDenoiser):
+        def __init__(self, who, c=1.0):
+            super().__init__(c)
+            self.who = who
+
+        def forward(self, x, sigma, **extra):
+            seen[self.who].append(extra)
+            return super().forward(x, sigma)
+
+    def condition(generator, batch):
+        seen["condition"].append(batch)
+        return {"label": torch.arange(batch)}
+
+    trainer = SFDTrainer(Conditioned("student", 0.7).to(DEVICE), Conditioned("teacher"), config(batch_size=5),
+                         shape=(2,), condition=condition, teacher_extra_args={"cond_scale": 3.0})
+    trainer.train_batch()
+    assert seen["condition"] == [5]
+    assert all(torch.equal(e["label"], torch.arange(5)) and "cond_scale" not in e for e in seen["student"])
+    assert all(torch.equal(e["label"], torch.arange(5)) and e["cond_scale"] == 3.0 for e in seen["teacher"])
+
+
+def test_first_adam_step_moves_every_trained_weight_by_about_lr():
+    """Adam (beta 0.9/0.999, eps 1e-8, as the authors): the first step is lr * sign(grad)."""
+    torch.manual_seed(0)
+    teacher = MLPDenoiser(2, hidden=8, depth=1).requires_grad_(False)
+    student = MLPDenoiser(2, hidden=8, depth=1)
+    before = [p.detach().clone() for p in student.parameters()]
+    SFDTrainer(student, teacher, config(num_steps=2, lr=1e-3), shape=(2,)).train_batch()
+    moves = torch.cat([(p.detach() - b).abs().flatten() for p, b in zip(student.parameters(), before)])
+    moved = moves[moves > 0]
+    assert moved.numel() > 0.9 * moves.numel()
+    assert float(moved.median()) == pytest.approx(1e-3, rel=0.01)
+
+
+def test_progress_bar_only_when_asked(capsys):
+    trainer = SFDTrainer(GaussianDenoiser(c=0.7).to(DEVICE), GaussianDenoiser(), config(iterations=2), shape=(3,))
+    trainer.fit(progress=False)
+    assert "SFD" not in capsys.readouterr().err
+    trainer.fit(4, progress=True)
+    assert "SFD" in capsys.readouterr().err

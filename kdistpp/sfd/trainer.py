@@ -198,7 +198,7 @@ class SFDTrainer:
 
     def load(self, path: str) -> "SFDTrainer":
         """Restores a checkpoint written by `save`; training then continues exactly where it stopped."""
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = torch.load(path, map_location=self.device, weights_only=True)  # tensors, numbers and tuples only
         saved = SFDConfig(**state["config"])
         if dataclasses.asdict(saved) != dataclasses.asdict(self.config):
             raise ValueError(f"checkpoint was trained with {saved}, this trainer has {self.config}")
