@@ -198,7 +198,7 @@ def main():
     workers = []
     for w in range(args.workers):
         copy_root = scratch / f"w{w}"
-        shutil.copytree(ROOT, copy_root, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "docs", "*.egg-info"))
+        shutil.copytree(ROOT, copy_root, ignore=shutil.ignore_patterns(".venv*", ".git", "__pycache__", "docs", "*.egg-info"))
         workers.append(copy_root)
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(w), "--timeout", str(args.timeout)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=w) for w in workers]
