@@ -265,3 +265,18 @@ def test_sigmas_on_cpu_latent_on_cuda():
     out = kdistpp.sample_dpmpp_2m_distpp(ElementwiseDenoiser(), x, SIGMAS.cpu(), teacher=ElementwiseDenoiser(1.0), w=0.1,
                                          disable=True)
     assert out.is_cuda
+
+
+def test_teacher_guided_exposes_the_students_attributes_and_survives_deepcopy():
+    # hosts read attributes such as sigma_min or inner_model off the denoiser they are given
+    import copy
+
+    student, teacher = ElementwiseDenoiser(bias=0.25), ElementwiseDenoiser(bias=1.0)
+    wrapped = kdistpp.teacher_guided(student, teacher, SIGMAS, w=0.5)
+    assert wrapped.bias == 0.25 and wrapped.scale == 1.0
+    with pytest.raises(AttributeError):
+        wrapped.no_such_attribute
+    x = latent(3)
+    clone = copy.deepcopy(wrapped)  # copying builds the object before its fields exist
+    assert clone.bias == 0.25
+    assert torch.equal(seeded(K.sample_euler, clone, x, SIGMAS.to(DEVICE)), seeded(K.sample_euler, wrapped, x, SIGMAS.to(DEVICE)))
