@@ -9,6 +9,7 @@ disable=False, callback=..., sigmas=...)` (sigmas because the signature names it
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import types
 
@@ -24,12 +25,12 @@ SamplerData = collections.namedtuple("SamplerData", ["name", "constructor", "ali
 
 class SDModel:
     def __init__(self, title, bias, parameterization="eps"):
-        self.sd_checkpoint_info = types.SimpleNamespace(title=title)
+        self.sd_checkpoint_info = types.SimpleNamespace(title=title, filename=f"{title}.safetensors")
         self.bias, self.parameterization = bias, parameterization
 
 
 class CompVisDenoiser(torch.nn.Module):
-    def __init__(self, model):
+    def __init__(self, model, quantize=False):
         super().__init__()
         self.inner_model = model
 
@@ -49,7 +50,7 @@ class CFGDenoiser(torch.nn.Module):
     def __init__(self, sd_model):
         super().__init__()
         self.model_wrap = CompVisDenoiser(sd_model)
-        self.scales = []
+        self.scales, self.step = [], 0
 
     @property
     def inner_model(self):
@@ -67,7 +68,8 @@ CLASSES = (CompVisDenoiser, CompVisVDenoiser)
 
 def fake_webui(limit=2):
     models = {"student": SDModel("student", 0.0), "base": SDModel("base", 2.0)}
-    shared = types.SimpleNamespace(sd_model=models["student"], opts=types.SimpleNamespace(sd_checkpoints_limit=limit))
+    shared = types.SimpleNamespace(sd_model=models["student"], opts=types.SimpleNamespace(sd_checkpoints_limit=limit,
+                                                                                           sd_checkpoints_keep_in_cpu=True))
     model_data = types.SimpleNamespace(loaded_sd_models=[models["student"]])
     loads = []
 
@@ -80,7 +82,9 @@ def fake_webui(limit=2):
 
     sd_models = types.SimpleNamespace(
         get_closet_checkpoint_match=lambda t: models[t].sd_checkpoint_info if t in models else None,
-        model_data=model_data, reload_model_weights=reload_model_weights)
+        model_data=model_data, reload_model_weights=reload_model_weights, SkipWritingToConfig=contextlib.nullcontext,
+        send_model_to_device=lambda m: loads.append(("device", m.sd_checkpoint_info.title)),
+        send_model_to_cpu=lambda m: loads.append(("cpu", m.sd_checkpoint_info.title)))
 
     class KDiffusionSampler:
         def __init__(self, funcname, sd_model):
@@ -97,7 +101,8 @@ def fake_webui(limit=2):
 
     sd_samplers = types.SimpleNamespace(all_samplers=[], all_samplers_map={}, set_samplers=lambda: loads.append("set"))
     ns = types.SimpleNamespace(sd_models=sd_models, sd_samplers=sd_samplers, common=types.SimpleNamespace(SamplerData=SamplerData),
-                               kdiffusion=types.SimpleNamespace(KDiffusionSampler=KDiffusionSampler), shared=shared)
+                               kdiffusion=types.SimpleNamespace(KDiffusionSampler=KDiffusionSampler, sampler_extra_params={}),
+                               lcm=types.SimpleNamespace(LCMSampler=KDiffusionSampler), rng=None, shared=shared)
     return ns, loads
 
 
@@ -114,7 +119,7 @@ def run(fake, label, x, sigmas):
 
 
 def test_imports_without_the_webui_and_fails_clearly_when_registering():
-    with pytest.raises(RuntimeError, match="inside the A1111/Forge webui"):
+    with pytest.raises(RuntimeError, match="inside the A1111 webui"):
         webui.register()
     with pytest.raises(ValueError, match="form"):
         webui.Settings(form="blend")
@@ -148,7 +153,7 @@ def test_teacher_runs_through_a_copy_of_the_webui_cfg_denoiser(base):
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert sampler.steps_seen == [0, 1, 2, 3]
     assert fake.shared.sd_model.sd_checkpoint_info.title == "student"  # the student stays the webui's model
-    assert loads == ["set", "base", "student"]
+    assert loads == ["set", "base", "student", *[("device", "base"), ("cpu", "base")] * 2]
     assert sampler.model_wrap_cfg.model_wrap.inner_model.sd_checkpoint_info.title == "student"  # not replaced
     scales = sampler.model_wrap_cfg.scales  # the copy shares the webui denoiser's state, as a copy would in the webui
     assert scales.count(("base", 6.0)) == 2 and scales.count(("student", 1.0)) == len(scales) - 2
@@ -184,4 +189,4 @@ def test_the_extension_script_compiles():
     import py_compile
 
     root = pathlib.Path(__file__).parent.parent
-    py_compile.compile(str(root / "sd-webui-kdistpp" / "scripts" / "kdistpp_distillation_pp.py"), doraise=True)
+    py_compile.compile(str(root / "scripts" / "kdistpp_distillation_pp.py"), doraise=True)

@@ -13,23 +13,30 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 
-from .. import SAMPLERS, validation
+from .. import validation
 from ..guided_steps import SigmaWindow
 from ..refine import DIRECTIONS, FORMS
 from ..registry import REGISTRY
 
 LABELS = {entry.name: entry.label for entry in REGISTRY}
+RENOISE_SEED_OFFSET = 0x5EED  # the renoise generators: the image's seed plus this, as in the ComfyUI node
+FORGE_REFUSAL = ("kdistpp's Distillation++ samplers do not run in Forge yet: Forge keeps one model "
+                 "(no checkpoint cache to hold the teacher) and evaluates it through its own backend. "
+                 "Use A1111 or ComfyUI; see docs/webui.md.")
 
 
 def webui_modules():
     try:
-        from modules import sd_models, sd_samplers, sd_samplers_common, sd_samplers_kdiffusion, shared
+        from modules import (rng, sd_models, sd_samplers, sd_samplers_common, sd_samplers_kdiffusion, sd_samplers_lcm,
+                             shared)
     except ImportError as err:
-        raise RuntimeError("the kdistpp Distillation++ extension runs inside the A1111/Forge webui (modules.sd_samplers "
+        raise RuntimeError("the kdistpp Distillation++ extension runs inside the A1111 webui (modules.sd_samplers "
                            "was not found); install it under extensions/ as docs/webui.md describes") from err
-    return dataclasses.make_dataclass("Webui", ["sd_models", "sd_samplers", "common", "kdiffusion", "shared"])(
-        sd_models, sd_samplers, sd_samplers_common, sd_samplers_kdiffusion, shared)
+    names = ["sd_models", "sd_samplers", "common", "kdiffusion", "lcm", "rng", "shared"]
+    return dataclasses.make_dataclass("Webui", names)(sd_models, sd_samplers, sd_samplers_common,
+                                                      sd_samplers_kdiffusion, sd_samplers_lcm, rng, shared)
 
 
 @dataclasses.dataclass
@@ -65,54 +72,107 @@ def load_teacher(webui, title: str):
 
     Uses the webui's checkpoint cache (`sd_checkpoints_limit` >= 2): the teacher is loaded, then the
     student is reloaded from the cache, so both stay in memory and the student stays `shared.sd_model`.
+    Neither load is written into the user's settings.
     """
+    if not hasattr(webui.sd_models.model_data, "loaded_sd_models"):
+        raise RuntimeError(FORGE_REFUSAL)
     info = webui.sd_models.get_closet_checkpoint_match(title)
     if info is None:
         raise ValueError(f"teacher checkpoint {title!r} not found; pick one from the webui's checkpoint list")
-    loaded = webui.sd_models.model_data.loaded_sd_models
-    for model in loaded:
-        if model.sd_checkpoint_info == info:
+    for model in webui.sd_models.model_data.loaded_sd_models:
+        if model.sd_checkpoint_info.filename == info.filename:  # the cache holds new info objects after a rescan
             return model
     if getattr(webui.shared.opts, "sd_checkpoints_limit", 1) < 2:
         raise ValueError("Distillation++ needs the student and teacher in memory together: set Settings > "
                          "Stable Diffusion > 'Maximum number of checkpoints loaded at the same time' to 2")
     student_info = webui.shared.sd_model.sd_checkpoint_info
-    webui.sd_models.reload_model_weights(info=info)
-    teacher = webui.shared.sd_model
-    webui.sd_models.reload_model_weights(info=student_info)
+    with webui.sd_models.SkipWritingToConfig():
+        webui.sd_models.reload_model_weights(info=info)
+        teacher = webui.shared.sd_model
+        webui.sd_models.reload_model_weights(info=student_info)
     return teacher
 
 
-def teacher_cfg_denoiser(student_cfg, teacher_model, denoiser_classes):
+def teacher_cfg_denoiser(student_cfg, teacher_model, denoiser_classes, quantize=False):
     """A copy of the webui's CFG denoiser (same sampler, prompts, callbacks) around the teacher's model."""
-    eps_class, v_class = denoiser_classes
     teacher = copy.copy(student_cfg)
     for registry in ("_modules", "_parameters", "_buffers"):  # nn.Module: a shallow copy would share these dicts,
         if hasattr(student_cfg, registry):                     # and setting model_wrap would replace the student's
             setattr(teacher, registry, dict(getattr(student_cfg, registry)))
-    wrap = v_class if getattr(teacher_model, "parameterization", "eps") == "v" else eps_class
-    teacher.model_wrap = wrap(teacher_model)
+    constructor = getattr(teacher_model, "create_denoiser", None)  # SDXL models build their own, as in the webui
+    if constructor is not None:
+        teacher.model_wrap = constructor()
+    else:
+        eps_class, v_class = denoiser_classes
+        wrap = v_class if getattr(teacher_model, "parameterization", "eps") == "v" else eps_class
+        teacher.model_wrap = wrap(teacher_model, quantize=quantize)
     return teacher
 
 
-def make_sampler_function(base: str, webui_factory=webui_modules, denoiser_classes=None):
-    """The function the webui's KDiffusionSampler calls as `fn(model_wrap_cfg, x, sigmas=..., extra_args=...,
-    disable=..., callback=...)`; it reads `settings` at call time."""
-    sampler = SAMPLERS[base]
+class TeacherOnDevice:
+    """The teacher's CFG denoiser, run with the teacher on the webui's device.
 
-    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    The webui parks every cached checkpoint but the active one on the CPU ("Only keep one model on
+    device", on by default), the teacher included. Each guided evaluation moves it in through the
+    webui's own `send_model_to_device` (lowvram/medvram hooks included) and, under that setting,
+    back out after; the student is left where it is. The copy's prompt-schedule step follows the
+    student's, since it is called only on guided steps.
+    """
+
+    def __init__(self, webui, cfg_denoiser, model, student_cfg):
+        self.webui, self.cfg, self.model, self.student_cfg = webui, cfg_denoiser, model, student_cfg
+
+    def __call__(self, x, sigma, **extra_args):
+        self.webui.sd_models.send_model_to_device(self.model)
+        self.cfg.step = self.student_cfg.step
+        try:
+            return self.cfg(x, sigma, **extra_args)
+        finally:
+            if getattr(self.webui.shared.opts, "sd_checkpoints_keep_in_cpu", True):
+                self.webui.sd_models.send_model_to_cpu(self.model)
+
+
+def webui_noise(p):
+    """The webui's per-image noise (`p.rng`), so batches match single seeds, as its own samplers do."""
+    return lambda sigma, sigma_next: p.rng.next()
+
+
+def renoise_noise(webui, p, x):
+    """Renoise noise from per-image generators seeded like the image's (offset), so the teacher can be A/B'd
+    at a fixed seed and a batch matches its seeds run alone."""
+    rng = webui.rng.ImageRNG(x.shape[1:], [int(seed) + RENOISE_SEED_OFFSET for seed in p.seeds])
+    return lambda sigma, sigma_next: rng.next()
+
+
+def make_sampler_function(entry, webui_factory=webui_modules, denoiser_classes=None):
+    """The function the webui's sampler calls as `fn(model_wrap_cfg, x, sigmas=..., extra_args=..., disable=...,
+    callback=..., eta=..., s_noise=...)` (the options its base sampler takes); it reads `settings` at call time."""
+    sampler = entry.fn
+
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
         extra_args = extra_args or {}
+        p = getattr(model, "p", None)
+        if "noise_sampler" in parameters and options.get("noise_sampler") is None and hasattr(p, "rng"):
+            options["noise_sampler"] = webui_noise(p)
         if settings.teacher is None or settings.w == 0:
-            return sampler(model, x, sigmas, extra_args, callback, disable, teacher=model, w=0.0)
+            return sampler(model, x, sigmas, extra_args, callback, disable, teacher=model, w=0.0, **options)
         webui = webui_factory()
         classes = denoiser_classes or k_diffusion_denoisers()
-        teacher = teacher_cfg_denoiser(model, load_teacher(webui, settings.teacher), classes)
+        teacher_model = load_teacher(webui, settings.teacher)
+        quantize = bool(getattr(webui.shared.opts, "enable_quantization", False))
+        teacher = TeacherOnDevice(webui, teacher_cfg_denoiser(model, teacher_model, classes, quantize), teacher_model,
+                                  model)
+        renoise = renoise_noise(webui, p, x) if hasattr(p, "seeds") else None
         return sampler(model, x, sigmas, extra_args, callback, disable, teacher=teacher, w=settings.w,
                        guidance_steps=settings.guidance_steps(len(sigmas) - 1), form=settings.form,
-                       direction=settings.direction,
-                       teacher_extra_args={**extra_args, "cond_scale": settings.teacher_cfg})
+                       direction=settings.direction, renoise_sampler=renoise,
+                       teacher_extra_args={**extra_args, "cond_scale": settings.teacher_cfg}, **options)
 
-    sample.__name__ = f"sample_{base}_distpp"
+    # the webui passes eta, s_noise, sigmas... only to functions whose signature names them
+    parameters = {name: par for name, par in inspect.signature(sampler).parameters.items()
+                  if par.kind is not inspect.Parameter.KEYWORD_ONLY}
+    sample.__signature__ = inspect.Signature(list(parameters.values()))
+    sample.__name__ = f"sample_{entry.name}_distpp"
     return sample
 
 
@@ -125,17 +185,32 @@ def k_diffusion_denoisers():
 def register(webui=None, denoiser_classes=None) -> list[str]:
     """Adds the Distillation++ samplers to the webui's sampler list (idempotent); returns their names.
 
-    `webui` and `denoiser_classes` (eps and v CompVis denoisers) default to the running webui's."""
+    Each takes its base sampler's options (schedule type, second-order step count...), its extra
+    parameters (eta, s_noise, churn) and its sampler class (LCM's denoiser for 'LCM Distillation++'),
+    so at w = 0 it is that sampler. `webui` and `denoiser_classes` (eps and v CompVis denoisers)
+    default to the running webui's."""
     factory = webui_modules if webui is None else (lambda: webui)
     webui = factory()
     names = []
-    for base, label in LABELS.items():
-        fn = make_sampler_function(base, factory, denoiser_classes)
-        data = webui.common.SamplerData(label, lambda model, fn=fn: webui.kdiffusion.KDiffusionSampler(fn, model),
-                                        [f"k_{base}_distpp"], {})
-        if label not in webui.sd_samplers.all_samplers_map:
+    for entry in REGISTRY:
+        base = webui.sd_samplers.all_samplers_map.get(entry.webui_base)
+        options = dict(base.options) if base is not None else {}
+        sampler_class = webui.lcm.LCMSampler if entry.name == "consistency" else webui.kdiffusion.KDiffusionSampler
+        extra_params = webui.kdiffusion.sampler_extra_params.get(f"sample_{entry.name}", [])
+
+        def constructor(model, fn=make_sampler_function(entry, factory, denoiser_classes), cls=sampler_class,
+                        extra=extra_params):
+            sampler = cls(fn, model)
+            sampler.extra_params = list(extra)  # keyed by function name in the webui, which a callable has not
+            return sampler
+
+        data = webui.common.SamplerData(entry.label, constructor, [f"k_{entry.name}_distpp"], options)
+        if entry.label not in webui.sd_samplers.all_samplers_map:
             webui.sd_samplers.all_samplers.append(data)
-        webui.sd_samplers.all_samplers_map[label] = data
-        names.append(label)
+        else:
+            index = [d.name for d in webui.sd_samplers.all_samplers].index(entry.label)
+            webui.sd_samplers.all_samplers[index] = data
+        webui.sd_samplers.all_samplers_map[entry.label] = data
+        names.append(entry.label)
     webui.sd_samplers.set_samplers()
     return names

@@ -1,6 +1,7 @@
 """A1111 / Forge extension: Distillation++ samplers and their settings (teacher, w, guided steps).
 
-Link or copy the `sd-webui-kdistpp` folder into the webui's `extensions/`; see docs/webui.md.
+Install this repository as an extension (Extensions > Install from URL, i.e. a clone in `extensions/`);
+see docs/webui.md.
 """
 
 import os
@@ -9,7 +10,7 @@ import sys
 try:
     import kdistpp  # noqa: F401
 except ImportError:  # use the checkout this extension lives in
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
 import gradio as gr  # noqa: E402
 from modules import scripts, sd_models  # noqa: E402

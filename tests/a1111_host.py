@@ -1,0 +1,183 @@
+"""The real A1111 webui (the pinned tree), started in this process on tiny random `ldm` checkpoints.
+
+What is real: every `modules.*` file of the webui, Stability's `ldm` (from PyPI's
+stable-diffusion-sdkit wheel, the same package the webui's launcher clones), k-diffusion from PyPI,
+the webui's checkpoint loader, hijacks, CFG denoiser, samplers, RNG, API routes, and this
+repository installed as an extension the way "Install from URL" does (a clone in extensions/).
+
+What is not: `sgm` (Stability's generative-models, SDXL only) is not on PyPI; the webui imports it
+at start-up but the SD1 path never runs it, so an import stub stands in (`SgmStub`). The CLIP text
+encoder is a 1-layer random CLIP with the real SD1 tokenizer (Forge's offline copy of its files).
+
+`.ci/run` builds `.venv-a1111` from the webui's requirements_versions.txt for these tests.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import json
+import os
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from hosts import SHARED_HOSTS
+
+REPO = Path(__file__).resolve().parents[1]
+CONTEXT = 32
+TOKENIZER = SHARED_HOSTS / "forge-dfdcbab" / "backend" / "huggingface" / "runwayml" / "stable-diffusion-v1-5" / "tokenizer"
+
+
+def a1111_root() -> Path | None:
+    root = Path(os.environ.get("KDISTPP_A1111", SHARED_HOSTS / "a1111-1.10.1"))
+    return root if (root / "modules" / "sd_samplers_kdiffusion.py").is_file() else None
+
+
+class _Placeholder(type):
+    """A class whose every attribute is a do-nothing function (the webui saves and patches sgm's methods)."""
+
+    def __getattr__(cls, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return lambda *args, **kwargs: None
+
+
+class SgmStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Any `sgm.*` import gives a package whose every attribute is a placeholder class (SDXL only)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "sgm" or name.startswith("sgm."):
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = types.ModuleType(spec.name)
+        module.__path__ = []
+        placeholders = {}
+
+        def getattr_(attr):
+            if attr.startswith("__"):
+                raise AttributeError(attr)
+            return placeholders.setdefault(attr, _Placeholder(attr, (), {"__module__": spec.name}))
+
+        module.__getattr__ = getattr_
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+def model_config(clip_dir: Path) -> dict:
+    """An SD1-style LatentDiffusion config with a small UNet, VAE and CLIP (8x downsampling, as the webui assumes)."""
+    unet = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
+        "image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32, "attention_resolutions": [1],
+        "num_res_blocks": 1, "channel_mult": [1, 2], "num_heads": 2, "use_spatial_transformer": True,
+        "transformer_depth": 1, "context_dim": CONTEXT, "use_checkpoint": False, "legacy": False}}
+    vae = {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+        "embed_dim": 4, "lossconfig": {"target": "torch.nn.Identity"}, "ddconfig": {
+            "double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+            "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}}}
+    clip = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+            "params": {"version": str(clip_dir), "device": "cpu"}}
+    return {"model": {"base_learning_rate": 1e-4, "target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
+        "linear_start": 0.00085, "linear_end": 0.012, "num_timesteps_cond": 1, "log_every_t": 200, "timesteps": 1000,
+        "first_stage_key": "jpg", "cond_stage_key": "txt", "image_size": 8, "channels": 4, "cond_stage_trainable": False,
+        "conditioning_key": "crossattn", "monitor": "val/loss_simple_ema", "scale_factor": 0.18215, "use_ema": False,
+        "unet_config": unet, "first_stage_config": vae, "cond_stage_config": clip}}}
+
+
+def tiny_clip(clip_dir: Path) -> None:
+    """A 1-layer random CLIP text model with the real SD1 tokenizer, saved where from_pretrained finds it."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER / name, clip_dir / name)
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=CONTEXT, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=77, projection_dim=CONTEXT)
+    CLIPTextModel(config).save_pretrained(clip_dir, safe_serialization=True)
+
+
+def fill(module: torch.nn.Module, seed: int, skip: str = "") -> None:
+    """Seeded weights of a sensible scale (ldm zero-initialises the UNet's output layers)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if skip and name.startswith(skip):
+                continue
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            elif p.ndim == 1:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+
+
+def make_checkpoints(models_dir: Path, clip_dir: Path, seeds: dict[str, int]) -> None:
+    """One .safetensors + .yaml per name; all share the VAE and CLIP, their UNets differ by seed."""
+    import safetensors.torch
+    from ldm.util import instantiate_from_config
+    from omegaconf import OmegaConf
+
+    models_dir.mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.create(model_config(clip_dir))
+    model = instantiate_from_config(config.model)
+    fill(model.first_stage_model, 1)
+    for name, seed in seeds.items():
+        fill(model.model, seed)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        safetensors.torch.save_file(state, str(models_dir / f"{name}.safetensors"))
+        OmegaConf.save(config, models_dir / f"{name}.yaml")
+
+
+def start(tmp: Path, seeds: dict[str, int], extra_args: list[str] = ()):
+    """Imports and initialises the webui as `webui.py --nowebui` does; returns (modules.shared, FastAPI app)."""
+    root = a1111_root()
+    if root is None:
+        pytest.skip("A1111 not found: set KDISTPP_A1111 or put it in ../shared/hosts/a1111-1.10.1")
+    try:
+        import gradio  # noqa: F401
+        import ldm.models.diffusion.ddpm  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"A1111's requirements are not installed here (.ci/run builds .venv-a1111): {err}")
+    data = tmp / "data"
+    clip_dir = tmp / "clip"
+    tiny_clip(clip_dir)
+    make_checkpoints(data / "models" / "Stable-diffusion", clip_dir, seeds)
+    (data / "extensions").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO, data / "extensions" / "kdistpp", ignore=shutil.ignore_patterns(
+        ".venv*", ".git", "__pycache__", "*.egg-info", "docs", "benchmarks"))  # what a clone brings
+    (data / "config.json").write_text(json.dumps({"sd_checkpoints_limit": 2, "sd_checkpoint_cache": 0, "live_previews_enable": False}))
+    # the webui finds `ldm` in its repositories/ or the working directory: point it at the installed package
+    stage = tmp / "stage"
+    stage.mkdir()
+    import ldm
+
+    (stage / "ldm").symlink_to(Path(ldm.__file__).parent)
+    (tmp / "generative-models" / "sgm").mkdir(parents=True)  # where the webui looks for sgm; SgmStub answers
+    sys.meta_path.insert(0, SgmStub())
+    os.chdir(stage)
+    sys.path.insert(0, str(root))
+    sys.argv = [str(root / "webui.py"), "--skip-torch-cuda-test", "--no-download-sd-model", "--skip-prepare-environment",
+                "--no-half", "--skip-load-model-at-start", "--skip-version-check", "--data-dir", str(data),
+                "--disable-safe-unpickle", *(["--use-cpu", "all"] if not torch.cuda.is_available() else []), *extra_args]
+    os.environ["IGNORE_CMD_ARGS_ERRORS"] = "1"
+    from fastapi import FastAPI
+    from modules import initialize
+
+    initialize.imports()
+    initialize.initialize()
+    from modules import shared
+    from modules.api.api import Api
+    from modules.call_queue import queue_lock
+
+    app = FastAPI()
+    Api(app, queue_lock)
+    return shared, app
