@@ -7,17 +7,13 @@ compared as the API returns them (PNG pixels): "the same image" is what a user c
 
 from __future__ import annotations
 
-import base64
-import io
-
 import numpy as np
 import pytest
 import torch
 
 import a1111_host
 from kdistpp.registry import REGISTRY
-
-SCRIPT = "distillation++ (kdistpp)"
+from webui_api import SCRIPT, generate, init_image, mask_image, same_image
 
 
 @pytest.fixture(scope="module")
@@ -28,27 +24,6 @@ def webui(tmp_path_factory):
     from modules import sd_models
 
     return type("Webui", (), {"shared": shared, "client": TestClient(app), "sd_models": sd_models})
-
-
-def generate(webui, sampler, seed=5, teacher=None, w=0.0, steps=4, route="txt2img", settings=None, **request):
-    args = ["None" if teacher is None else teacher, w, request.pop("guided_steps", 1), 3.0, "interpolate", "student",
-            0.0, 0.0]
-    body = {"prompt": "a red cube", "negative_prompt": "blur", "steps": steps, "width": 64, "height": 64,
-            "sampler_name": sampler, "seed": seed, "cfg_scale": 2.0,
-            "override_settings": {"sd_model_checkpoint": "student", **(settings or {})},
-            "alwayson_scripts": {SCRIPT: {"args": args}}, **request}
-    response = webui.client.post(f"/sdapi/v1/{route}", json=body)
-    assert response.status_code == 200, response.text[:2000]
-    from PIL import Image
-
-    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(image)))).astype(np.int16)
-            for image in response.json()["images"]]
-
-
-def same_image(a, b):
-    """Equal up to float rounding: kdistpp's step scalars are float64 where k-diffusion's are float32, which
-    moves a handful of 8-bit values by one level (measured: 1 value in 12288, by 1)."""
-    return a.shape == b.shape and np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3
 
 
 def teacher_model(webui):
@@ -157,26 +132,11 @@ def test_the_same_seed_gives_the_same_guided_image(webui):
     assert np.array_equal(first, generate(webui, "Euler a Distillation++", teacher="teacher", w=0.5)[0])
 
 
-def init_image(seed=3):
-    from PIL import Image
-
-    g = np.random.default_rng(seed)
-    buffer = io.BytesIO()
-    Image.fromarray(g.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 @pytest.mark.parametrize("inpaint", [False, True], ids=["img2img", "inpaint"])
 def test_img2img_and_inpaint(webui, inpaint, monkeypatch):
     request = {"init_images": [init_image()], "denoising_strength": 0.6}
     if inpaint:
-        mask = np.zeros((64, 64, 3), np.uint8)
-        mask[16:48, 16:48] = 255
-        from PIL import Image
-
-        buffer = io.BytesIO()
-        Image.fromarray(mask).save(buffer, format="PNG")
-        request["mask"] = base64.b64encode(buffer.getvalue()).decode()
+        request["mask"] = mask_image()
     generate(webui, "Euler a", route="img2img", **request)  # the webui's first img2img differs from later ones
     base = generate(webui, "Euler a", route="img2img", **request)[0]
     assert same_image(generate(webui, "Euler a Distillation++", route="img2img", **request)[0], base)

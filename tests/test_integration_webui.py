@@ -119,7 +119,7 @@ def run(fake, label, x, sigmas):
 
 
 def test_imports_without_the_webui_and_fails_clearly_when_registering():
-    with pytest.raises(RuntimeError, match="inside the A1111 webui"):
+    with pytest.raises(RuntimeError, match="inside the A1111 or Forge webui"):
         webui.register()
     with pytest.raises(ValueError, match="form"):
         webui.Settings(form="blend")

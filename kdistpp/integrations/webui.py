@@ -1,10 +1,11 @@
-"""A1111 / Forge webui: Distillation++ samplers in the sampler list, the teacher through the webui's CFG.
+"""A1111 and Forge webuis: Distillation++ samplers in the sampler list, the teacher through the webui's CFG.
 
-`register()` adds one sampler per kdistpp base sampler ("Euler Distillation++", ...) built like the
-webui's own k-diffusion samplers (`KDiffusionSampler(fn, model)`), so the webui's CFG denoiser,
-prompt scheduling, callbacks and progress bar stay in charge. The teacher is a second checkpoint
-evaluated by a copy of the webui's CFG denoiser whose inner model wraps the teacher, so it sees the
-same cond/uncond (the webui's prompt parsing) at its own CFG scale.
+`register()` adds one sampler per kdistpp base sampler ("Euler Distillation++", ...) built like its
+base sampler in the webui (same sampler class, options and extra parameters), so the webui's CFG
+denoiser, prompt scheduling, per-image RNG, callbacks and progress bar stay in charge. The teacher
+is a second checkpoint evaluated by a copy of the webui's CFG denoiser whose inner model wraps the
+teacher, so it sees the same cond/uncond (the webui's prompt parsing) at its own CFG scale. A1111
+holds it in its checkpoint cache; Forge, which keeps one checkpoint, gets it from its own loader.
 
 Imports without the webui; `register()` and the teacher need it. Install: docs/webui.md.
 """
@@ -22,9 +23,6 @@ from ..registry import REGISTRY
 
 LABELS = {entry.name: entry.label for entry in REGISTRY}
 RENOISE_SEED_OFFSET = 0x5EED  # the renoise generators: the image's seed plus this, as in the ComfyUI node
-FORGE_REFUSAL = ("kdistpp's Distillation++ samplers do not run in Forge yet: Forge keeps one model "
-                 "(no checkpoint cache to hold the teacher) and evaluates it through its own backend. "
-                 "Use A1111 or ComfyUI; see docs/webui.md.")
 
 
 def webui_modules():
@@ -32,7 +30,7 @@ def webui_modules():
         from modules import (rng, sd_models, sd_samplers, sd_samplers_common, sd_samplers_kdiffusion, sd_samplers_lcm,
                              shared)
     except ImportError as err:
-        raise RuntimeError("the kdistpp Distillation++ extension runs inside the A1111 webui (modules.sd_samplers "
+        raise RuntimeError("the kdistpp Distillation++ extension runs inside the A1111 or Forge webui (modules.sd_samplers "
                            "was not found); install it under extensions/ as docs/webui.md describes") from err
     names = ["sd_models", "sd_samplers", "common", "kdiffusion", "lcm", "rng", "shared"]
     return dataclasses.make_dataclass("Webui", names)(sd_models, sd_samplers, sd_samplers_common,
@@ -74,8 +72,6 @@ def load_teacher(webui, title: str):
     student is reloaded from the cache, so both stay in memory and the student stays `shared.sd_model`.
     Neither load is written into the user's settings.
     """
-    if not hasattr(webui.sd_models.model_data, "loaded_sd_models"):
-        raise RuntimeError(FORGE_REFUSAL)
     info = webui.sd_models.get_closet_checkpoint_match(title)
     if info is None:
         raise ValueError(f"teacher checkpoint {title!r} not found; pick one from the webui's checkpoint list")
@@ -93,43 +89,99 @@ def load_teacher(webui, title: str):
     return teacher
 
 
-def teacher_cfg_denoiser(student_cfg, teacher_model, denoiser_classes, quantize=False):
-    """A copy of the webui's CFG denoiser (same sampler, prompts, callbacks) around the teacher's model."""
+def load_forge_teacher(webui, title: str):
+    """Forge: the teacher as a second ForgeDiffusionEngine from Forge's own loader, kept here between runs.
+
+    Forge holds one checkpoint (no cache to put the teacher in); its memory manager moves each
+    engine's UNet to the device when sampling asks for it, so two engines can share a GPU.
+    """
+    info = webui.sd_models.get_closet_checkpoint_match(title)
+    if info is None:
+        raise ValueError(f"teacher checkpoint {title!r} not found; pick one from the webui's checkpoint list")
+    if _forge_teacher.get("filename") != info.filename:
+        import torch
+        from backend.loader import forge_loader
+
+        _forge_teacher.clear()  # at most one teacher held
+        with torch.inference_mode():  # as Forge loads its own checkpoints
+            engine = forge_loader(info.filename)
+        engine.sd_checkpoint_info = info
+        _forge_teacher.update(filename=info.filename, engine=engine)
+    return _forge_teacher["engine"]
+
+
+_forge_teacher: dict = {}
+
+
+def teacher_cfg_denoiser(student_cfg, model_wrap):
+    """A copy of the webui's CFG denoiser (same sampler, prompts, callbacks) whose inner model is the teacher's."""
     teacher = copy.copy(student_cfg)
     for registry in ("_modules", "_parameters", "_buffers"):  # nn.Module: a shallow copy would share these dicts,
         if hasattr(student_cfg, registry):                     # and setting model_wrap would replace the student's
             setattr(teacher, registry, dict(getattr(student_cfg, registry)))
-    constructor = getattr(teacher_model, "create_denoiser", None)  # SDXL models build their own, as in the webui
-    if constructor is not None:
-        teacher.model_wrap = constructor()
-    else:
-        eps_class, v_class = denoiser_classes
-        wrap = v_class if getattr(teacher_model, "parameterization", "eps") == "v" else eps_class
-        teacher.model_wrap = wrap(teacher_model, quantize=quantize)
+    teacher.model_wrap = model_wrap
     return teacher
 
 
-class TeacherOnDevice:
-    """The teacher's CFG denoiser, run with the teacher on the webui's device.
+class TeacherCall:
+    """The teacher's CFG denoiser, called with the teacher on the webui's device.
 
-    The webui parks every cached checkpoint but the active one on the CPU ("Only keep one model on
-    device", on by default), the teacher included. Each guided evaluation moves it in through the
-    webui's own `send_model_to_device` (lowvram/medvram hooks included) and, under that setting,
-    back out after; the student is left where it is. The copy's prompt-schedule step follows the
-    student's, since it is called only on guided steps.
+    `enter(x)` puts the teacher where it must be before a guided evaluation and `leave(x)` restores
+    the student's state after (A1111: its send_model_to_device/cpu; Forge: its memory manager). The
+    copy's prompt-schedule step follows the student's, since it is called only on guided steps.
     """
 
-    def __init__(self, webui, cfg_denoiser, model, student_cfg):
-        self.webui, self.cfg, self.model, self.student_cfg = webui, cfg_denoiser, model, student_cfg
+    def __init__(self, cfg_denoiser, student_cfg, enter, leave):
+        self.cfg, self.student_cfg, self.enter, self.leave = cfg_denoiser, student_cfg, enter, leave
 
     def __call__(self, x, sigma, **extra_args):
-        self.webui.sd_models.send_model_to_device(self.model)
+        self.enter(x)
         self.cfg.step = self.student_cfg.step
         try:
             return self.cfg(x, sigma, **extra_args)
         finally:
-            if getattr(self.webui.shared.opts, "sd_checkpoints_keep_in_cpu", True):
-                self.webui.sd_models.send_model_to_cpu(self.model)
+            self.leave(x)
+
+
+def a1111_teacher(webui, student_cfg, title: str, denoiser_classes):
+    """A1111 keeps cached checkpoints but the active one on the CPU ("Only keep one model on device", on by
+    default), the teacher included: each guided evaluation moves it in through the webui's own
+    `send_model_to_device` (lowvram/medvram hooks included) and, under that setting, back out after."""
+    model = load_teacher(webui, title)
+    constructor = getattr(model, "create_denoiser", None)  # SDXL models build their own, as in the webui
+    if constructor is not None:
+        wrap = constructor()
+    else:
+        eps_class, v_class = denoiser_classes or k_diffusion_denoisers()
+        wrap_class = v_class if getattr(model, "parameterization", "eps") == "v" else eps_class
+        wrap = wrap_class(model, quantize=bool(getattr(webui.shared.opts, "enable_quantization", False)))
+
+    def leave(x):
+        if getattr(webui.shared.opts, "sd_checkpoints_keep_in_cpu", True):
+            webui.sd_models.send_model_to_cpu(model)
+
+    return TeacherCall(teacher_cfg_denoiser(student_cfg, wrap), student_cfg,
+                       lambda x: webui.sd_models.send_model_to_device(model), leave)
+
+
+def forge_teacher(webui, student_cfg, title: str):
+    """Forge evaluates models through UNet patchers its memory manager loads (`sampling_prepare`): the
+    teacher's is prepared before each guided evaluation and the student's again after, so a teacher
+    that pushed the student off the device does not leave it there."""
+    import k_diffusion.external  # Forge's bundled k-diffusion
+    from backend.sampling.sampling_function import sampling_prepare
+
+    engine = load_forge_teacher(webui, title)
+    wrap = k_diffusion.external.ForgeScheduleLinker(engine.forge_objects.unet.model.predictor)
+    wrap.inner_model = engine
+    student_unet = student_cfg.inner_model.inner_model.forge_objects.unet
+    return TeacherCall(teacher_cfg_denoiser(student_cfg, wrap), student_cfg,
+                       lambda x: sampling_prepare(engine.forge_objects.unet, x),
+                       lambda x: sampling_prepare(student_unet, x))
+
+
+def is_forge(webui) -> bool:
+    return not hasattr(webui.sd_models.model_data, "loaded_sd_models")
 
 
 def webui_noise(p):
@@ -157,11 +209,8 @@ def make_sampler_function(entry, webui_factory=webui_modules, denoiser_classes=N
         if settings.teacher is None or settings.w == 0:
             return sampler(model, x, sigmas, extra_args, callback, disable, teacher=model, w=0.0, **options)
         webui = webui_factory()
-        classes = denoiser_classes or k_diffusion_denoisers()
-        teacher_model = load_teacher(webui, settings.teacher)
-        quantize = bool(getattr(webui.shared.opts, "enable_quantization", False))
-        teacher = TeacherOnDevice(webui, teacher_cfg_denoiser(model, teacher_model, classes, quantize), teacher_model,
-                                  model)
+        teacher = (forge_teacher(webui, model, settings.teacher) if is_forge(webui)
+                   else a1111_teacher(webui, model, settings.teacher, denoiser_classes))
         renoise = renoise_noise(webui, p, x) if hasattr(p, "seeds") else None
         return sampler(model, x, sigmas, extra_args, callback, disable, teacher=teacher, w=settings.w,
                        guidance_steps=settings.guidance_steps(len(sigmas) - 1), form=settings.form,

@@ -1,0 +1,98 @@
+"""The real Forge webui (the pinned tree), started in this process on small random SD1.5 checkpoints.
+
+Forge loads checkpoints through its own backend (`backend.loader.forge_loader`), which recognises
+the model from the state dict (huggingface_guess: an SD1.5 UNet has 320 base channels and a 768-wide
+context) and builds the text encoder and VAE from the full-size configs in its
+`backend/huggingface/`. So the checkpoints here have a full-size random CLIP-L and VAE and a
+one-level SD1.5-shaped UNet, stored in fp16 (~330 MB each). Everything run is Forge's code, with
+this repository cloned into extensions/. `.ci/run` builds `.venv-forge` for these tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from a1111_host import REPO, fill
+from hosts import SHARED_HOSTS
+
+UNET = {"in_channels": 4, "model_channels": 320, "out_channels": 4, "num_res_blocks": [1], "channel_mult": [1],
+        "num_heads": 8, "num_head_channels": -1, "use_spatial_transformer": True, "transformer_depth": [1],
+        "transformer_depth_output": [1, 1], "transformer_depth_middle": 1, "context_dim": 768,
+        "use_linear_in_transformer": False, "adm_in_channels": None}
+
+
+def forge_root() -> Path | None:
+    root = Path(os.environ.get("KDISTPP_FORGE", SHARED_HOSTS / "forge-dfdcbab"))
+    return root if (root / "backend" / "loader.py").is_file() else None
+
+
+def make_checkpoints(root: Path, models_dir: Path, seeds: dict[str, int]) -> None:
+    """SD1.5-format checkpoints (ldm key names) built from Forge's own module classes."""
+    import safetensors.torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from backend.nn.unet import IntegratedUNet2DConditionModel
+    from backend.nn.vae import IntegratedAutoencoderKL
+
+    repo = root / "backend" / "huggingface" / "runwayml" / "stable-diffusion-v1-5"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    vae = IntegratedAutoencoderKL.from_config(IntegratedAutoencoderKL.load_config(repo / "vae"))
+    fill(vae, 1)
+    clip = CLIPTextModel(CLIPTextConfig.from_pretrained(repo / "text_encoder"))
+    fill(clip, 2)
+    shared = {**{f"first_stage_model.{k}": v for k, v in vae.state_dict().items()},
+              **{f"cond_stage_model.transformer.{k}": v for k, v in clip.state_dict().items()}}
+    for name, seed in seeds.items():
+        unet = IntegratedUNet2DConditionModel(**UNET)
+        fill(unet, seed)
+        state = {**shared, **{f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}}
+        state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+        safetensors.torch.save_file(state, str(models_dir / f"{name}.safetensors"))
+
+
+def start(tmp: Path, seeds: dict[str, int]):
+    """Imports and initialises Forge as its webui.py does (API only); returns (modules.shared, FastAPI app)."""
+    root = forge_root()
+    if root is None:
+        pytest.skip("Forge not found: set KDISTPP_FORGE or put it in ../shared/hosts/forge-dfdcbab")
+    try:
+        import diffusers  # noqa: F401
+        import gradio  # noqa: F401
+        import huggingface_guess  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"Forge's requirements are not installed here (.ci/run builds .venv-forge): {err}")
+    data = tmp / "data"
+    (data / "extensions").mkdir(parents=True)
+    shutil.copytree(REPO, data / "extensions" / "kdistpp", ignore=shutil.ignore_patterns(
+        ".venv*", ".git", "__pycache__", "*.egg-info", "docs", "benchmarks"))
+    (data / "config.json").write_text(json.dumps({"live_previews_enable": False}))
+    os.chdir(root)
+    sys.path.insert(0, str(root))
+    sys.argv = [str(root / "webui.py"), "--skip-torch-cuda-test", "--no-download-sd-model", "--skip-prepare-environment",
+                "--skip-version-check", "--data-dir", str(data), "--disable-safe-unpickle", "--nowebui",
+                *(["--always-cpu"] if not torch.cuda.is_available() else [])]
+    os.environ["IGNORE_CMD_ARGS_ERRORS"] = "1"
+    from modules_forge.initialization import initialize_forge
+
+    initialize_forge()
+    make_checkpoints(root, data / "models" / "Stable-diffusion", seeds)
+    from modules import initialize
+
+    initialize.imports()
+    initialize.initialize()
+    from fastapi import FastAPI
+
+    from modules import shared
+    from modules.api.api import Api
+    from modules.call_queue import queue_lock
+
+    app = FastAPI()
+    Api(app, queue_lock)
+    return shared, app
