@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import compute_matched  # noqa: E402
+import conditional  # noqa: E402
 import displacement  # noqa: E402
 import forms  # noqa: E402
 import overhead  # noqa: E402
@@ -31,7 +32,8 @@ import renoise  # noqa: E402
 import sdxl_cost  # noqa: E402
 import sfd  # noqa: E402
 
-ORDER = ("displacement", "forms", "quality", "compute_matched", "renoise", "picture", "overhead", "sdxl", "sfd")
+ORDER = ("displacement", "forms", "quality", "compute_matched", "renoise", "conditional", "picture", "overhead", "sdxl",
+         "sfd")
 
 
 def parse(argv):
@@ -97,6 +99,8 @@ def main(argv=None) -> str:
         common.write_section("headline", headline(summary, cfg))
     if "renoise" in wanted:
         section("renoise", lambda: renoise.run(cfg, settings))
+    if "conditional" in wanted:
+        section("conditional", lambda: conditional.run(cfg))
     if "picture" in wanted:
         section("picture", lambda: picture.run(cfg, settings))
     if "overhead" in wanted:

@@ -34,7 +34,7 @@ TOKENIZER = SHARED_HOSTS / "forge-dfdcbab" / "backend" / "huggingface" / "runway
 
 
 def a1111_root() -> Path | None:
-    root = Path(os.environ.get("KDISTPP_A1111", SHARED_HOSTS / "a1111-1.10.1"))
+    root = Path(os.environ.get("KDISTPP_A1111", SHARED_HOSTS / "a1111-1.10.1")).resolve()  # start() changes directory
     return root if (root / "modules" / "sd_samplers_kdiffusion.py").is_file() else None
 
 

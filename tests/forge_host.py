@@ -29,7 +29,7 @@ UNET = {"in_channels": 4, "model_channels": 320, "out_channels": 4, "num_res_blo
 
 
 def forge_root() -> Path | None:
-    root = Path(os.environ.get("KDISTPP_FORGE", SHARED_HOSTS / "forge-dfdcbab"))
+    root = Path(os.environ.get("KDISTPP_FORGE", SHARED_HOSTS / "forge-dfdcbab")).resolve()  # start() changes directory
     return root if (root / "backend" / "loader.py").is_file() else None
 
 

@@ -17,8 +17,10 @@ def load(name):
 def test_benchmark_entry_point_writes_every_section(tmp_path):
     text = load("run").main(["--tiny", "--device", "cpu", "--docs", str(tmp_path)])
     assert (tmp_path / "benchmarks.md").read_text() == text
-    for heading in ("## Headline", "## One guided step", "## Forms and w", "## Quality", "## Compute-matched", "## Renoise", "## The 2-D picture", "## Overhead", "## Real-size cost",
+    for heading in ("## Headline", "## One guided step", "## Forms and w", "## Quality", "## Compute-matched", "## Renoise", "## Conditional generation",
+                    "## The 2-D picture", "## Overhead", "## Real-size cost",
                     "## SFD"):
         assert heading in text, heading
-    for png in ("forms_w.png", "compute_matched.png", "toy_2d.png", "sfd_digits.png"):
+    for png in ("forms_w.png", "compute_matched.png", "toy_2d.png", "sfd_digits.png", "conditional_forms.png",
+                "conditional_tradeoff.png"):
         assert (tmp_path / "img" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
