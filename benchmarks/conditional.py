@@ -35,6 +35,7 @@ STEPS = 4
 FORMS = ("interpolate", "guidance", "eps")
 SAMPLERS = {"consistency collapse": kdistpp.sample_consistency_distpp}  # the rest: Euler (Lightning-style)
 DISTILL_SUBSTEPS = 4  # teacher Euler substeps per student step when distilling: a small distillation error
+RENOISE = ("next", "current", "random", 1.0, 10.0)
 WINDOWS = ((5.0, SIGMA_MAX), (1.0, 5.0), (0.1, 1.0))  # sigma bands of the 8-step schedule (3, 2, 2 steps)
 
 
@@ -143,13 +144,15 @@ def table_1(setups, cfg: Config, best):
     for setup in setups:
         for name in setup.students:
             form, w = best[name]
-            runs = {"student": [], "student++": [], "student, +2 steps": []}
+            runs = {"student": [], "student++": [], "student, +1 step": [], "student, +2 steps": []}
             for seed in cfg.seeds:
                 runs["student"].append(setup.score(setup.sample(name, seed), seed))
                 runs["student++"].append(setup.score(setup.sample(name, seed, w=w, form=form), seed))
+                runs["student, +1 step"].append(setup.score(setup.sample(name, seed, steps=STEPS + 1), seed))
                 runs["student, +2 steps"].append(setup.score(setup.sample(name, seed, steps=STEPS + 2), seed))
             for label, scores in runs.items():
-                nfe = {"student": STEPS, "student++": STEPS + 2, "student, +2 steps": STEPS + 2}[label]
+                nfe = {"student": STEPS, "student++": STEPS + 2, "student, +1 step": STEPS + 1,
+                       "student, +2 steps": STEPS + 2}[label]
                 rows.append([name, setup.dim, label, nfe, f"{form}, {w:g}" if label == "student++" else "–",
                              *collect(scores)])
     return rows
@@ -173,6 +176,20 @@ def window_rows(setups, cfg: Config, best):
                 cells.append(f"{pm(scores)} ({guided})")
             base = [setup.score(setup.sample(name, seed, steps=8), seed)["w2"] for seed in cfg.seeds]
             rows.append([name, setup.dim, f"{form}, {w:g}", pm(base), *cells])
+    return rows
+
+
+def renoise_rows(setups, cfg: Config, best):
+    """The renoise level sigma_r of the one guided step (Table 3 analog), at each student's tuned (form, w)."""
+    rows = []
+    for setup in setups:
+        for name in setup.students:
+            form, w = best[name]
+            if w == 0 or form == "guidance":  # eq. 10 evaluates the teacher at x itself: nothing is renoised
+                continue
+            cells = [pm([setup.score(setup.sample(name, seed, w=w, form=form, renoise=level), seed)["w2"]
+                         for seed in cfg.seeds]) for level in RENOISE]
+            rows.append([name, setup.dim, f"{form}, {w:g}", *cells])
     return rows
 
 
@@ -228,6 +245,7 @@ def run(cfg: Config):
     best = best_settings(results, setups, cfg)
     rows = table_1(setups, cfg, best)
     windows = window_rows(setups, cfg, best)
+    renoise = renoise_rows(setups, cfg, best)
     curves = tradeoff(setups, cfg, best)
     plots(results, setups, cfg, curves)
     sweep_rows = [[name, dim, form] + [pm(results[(name, dim, form, w)]) for w in w_grid(cfg)]
@@ -246,6 +264,11 @@ def run(cfg: Config):
         "### Forms over w (Fig. 6 analog), tuning seeds", "",
         "Per-class sliced W2, one guided step; ![forms over w](img/conditional_forms.png)", "",
         table(["student", "dim", "form"] + [f"w={w:g}" for w in w_grid(cfg)], sweep_rows), "",
+        "### Renoise level of the guided step (Table 3 analog)", "",
+        "Per-class sliced W2 at the tuned (form, w); 'next' = sigma_{i+1} (the paper's default), 'current' = "
+        "sigma_i, 'random' = log-uniform over the schedule, numbers = a fixed sigma_r. Students tuned to w = 0 or "
+        "to the guidance form (eq. 10 evaluates the teacher at x, with no renoising) are left out.", "",
+        table(["student", "dim", "form, w", "next", "current", "random", "fixed 1", "fixed 10"], renoise), "",
         f"### Which sigma band to guide (8-step schedule; bands {band})", "",
         "Per-class sliced W2 with every step in the band guided (the count in brackets) at the tuned (form, w); "
         "students whose tuned w is 0 are left out.", "",
