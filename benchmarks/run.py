@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import compute_matched  # noqa: E402
 import conditional  # noqa: E402
+import digits_cfg  # noqa: E402
 import displacement  # noqa: E402
 import forms  # noqa: E402
 import overhead  # noqa: E402
@@ -32,8 +33,8 @@ import renoise  # noqa: E402
 import sdxl_cost  # noqa: E402
 import sfd  # noqa: E402
 
-ORDER = ("displacement", "forms", "quality", "compute_matched", "renoise", "conditional", "picture", "overhead", "sdxl",
-         "sfd")
+ORDER = ("displacement", "forms", "quality", "compute_matched", "renoise", "conditional", "digits_cfg", "picture",
+         "overhead", "sdxl", "sfd")
 
 
 def parse(argv):
@@ -101,6 +102,8 @@ def main(argv=None) -> str:
         section("renoise", lambda: renoise.run(cfg, settings))
     if "conditional" in wanted:
         section("conditional", lambda: conditional.run(cfg))
+    if "digits_cfg" in wanted:
+        section("digits_cfg", lambda: digits_cfg.run(cfg))
     if "picture" in wanted:
         section("picture", lambda: picture.run(cfg, settings))
     if "overhead" in wanted:

@@ -17,7 +17,7 @@ def load(name):
 def test_benchmark_entry_point_writes_every_section(tmp_path):
     text = load("run").main(["--tiny", "--device", "cpu", "--docs", str(tmp_path)])
     assert (tmp_path / "benchmarks.md").read_text() == text
-    for heading in ("## Headline", "## One guided step", "## Forms and w", "## Quality", "## Compute-matched", "## Renoise", "## Conditional generation",
+    for heading in ("## Headline", "## One guided step", "## Forms and w", "## Quality", "## Compute-matched", "## Renoise", "## Conditional generation", "## Digits with a CFG teacher",
                     "## The 2-D picture", "## Overhead", "## Real-size cost",
                     "## SFD"):
         assert heading in text, heading
