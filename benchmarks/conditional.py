@@ -91,12 +91,15 @@ class Setup:
         model = self.students[name]
         return model if name in SAMPLERS else toys.ProgressiveStudent(model, sigmas[:-1], substeps=DISTILL_SUBSTEPS)
 
-    def sample(self, name: str, seed: int, steps: int = STEPS, teacher=None, **distpp):
+    def sample(self, name: str, seed: int, steps: int = STEPS, teacher=None, control=False, **distpp):
+        """control=True: the same refinement with the student as its own teacher (what it gains is not
+        the teacher's doing, e.g. the eps form's noise re-draw)."""
         sampler = SAMPLERS.get(name, kdistpp.sample_euler_distpp)
         sigmas = karras(steps)
+        student = self.student(name, sigmas)
         distpp.setdefault("w", 0.0)
-        return sampler(self.student(name, sigmas), self.noise(seed), sigmas, {"label": self.labels}, disable=True,
-                       teacher=teacher or self.teacher, **distpp)
+        return sampler(student, self.noise(seed), sigmas, {"label": self.labels}, disable=True,
+                       teacher=student if control else teacher or self.teacher, **distpp)
 
     def score(self, samples, seed: int) -> dict:
         ref, classes = self.target(seed), self.problem.n_classes
@@ -144,16 +147,20 @@ def table_1(setups, cfg: Config, best):
     for setup in setups:
         for name in setup.students:
             form, w = best[name]
-            runs = {"student": [], "student++": [], "student, +1 step": [], "student, +2 steps": []}
+            runs = {"student": [], "student++": [], "control: student as teacher": [], "student, +1 step": [],
+                    "student, +2 steps": []}
             for seed in cfg.seeds:
                 runs["student"].append(setup.score(setup.sample(name, seed), seed))
                 runs["student++"].append(setup.score(setup.sample(name, seed, w=w, form=form), seed))
+                runs["control: student as teacher"].append(
+                    setup.score(setup.sample(name, seed, w=w, form=form, control=True), seed))
                 runs["student, +1 step"].append(setup.score(setup.sample(name, seed, steps=STEPS + 1), seed))
                 runs["student, +2 steps"].append(setup.score(setup.sample(name, seed, steps=STEPS + 2), seed))
             for label, scores in runs.items():
-                nfe = {"student": STEPS, "student++": STEPS + 2, "student, +1 step": STEPS + 1,
-                       "student, +2 steps": STEPS + 2}[label]
-                rows.append([name, setup.dim, label, nfe, f"{form}, {w:g}" if label == "student++" else "–",
+                nfe = {"student": STEPS, "student++": STEPS + 2, "control: student as teacher": STEPS + 1,
+                       "student, +1 step": STEPS + 1, "student, +2 steps": STEPS + 2}[label]
+                tuned = label in ("student++", "control: student as teacher")
+                rows.append([name, setup.dim, label, nfe, f"{form}, {w:g}" if tuned else "–",
                              *collect(scores)])
     return rows
 
