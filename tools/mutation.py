@@ -179,6 +179,8 @@ def main():
     parser.add_argument("--timeout", type=float, default=240)
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "docs" / "mutation.json"))
+    parser.add_argument("--update", action="store_true",
+                        help="re-run only the named files and replace their rows in the existing report")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -222,11 +224,19 @@ def main():
         proc.stdin.close()
         proc.wait()
     shutil.rmtree(scratch, ignore_errors=True)
+    seconds = round(time.time() - started)
+    reruns = []
+    if args.update and Path(args.out).exists():  # keep the other files' rows from the last full run
+        previous = json.loads(Path(args.out).read_text())
+        kept = [r for r in previous["results"] if r["file"] not in args.files]
+        results = kept + results
+        seconds += previous["seconds"]
+        reruns = previous.get("reruns", []) + [" ".join(args.files)]
     killed = sum(r["outcome"].startswith("killed") for r in results)
     summary = {"mutants": len(results), "killed": killed, "score": killed / max(len(results), 1),
-               "seconds": round(time.time() - started), "results": results}
+               "seconds": seconds, "results": results, "reruns": reruns}
     Path(args.out).write_text(json.dumps(summary, indent=1))
-    Path(args.out).with_suffix(".md").write_text(report(summary, " ".join(sys.argv[1:])))
+    Path(args.out).with_suffix(".md").write_text(report(summary, "" if args.update else " ".join(sys.argv[1:])))
     print(f"{killed}/{len(results)} killed ({100 * summary['score']:.1f}%) in {summary['seconds']} s")
 
 
@@ -243,7 +253,11 @@ def report(summary: dict, argv: str) -> str:
              "Each mutant changes one operator or constant in one module; the module's tests run against it "
              "(tools/mutation.py says which); a failing test kills it.", "",
              f"**{summary['killed']} of {summary['mutants']} killed ({100 * summary['score']:.1f}%)** in "
-             f"{summary['seconds']} s.", "", "| file | mutants | killed | score |", "|---|---|---|---|"]
+             f"{summary['seconds']} s."]
+    if summary.get("reruns"):
+        lines.append("Files re-run alone with `--update` after the full run (their rows replace the earlier ones): "
+                     + "; ".join(summary["reruns"]) + ".")
+    lines += ["", "| file | mutants | killed | score |", "|---|---|---|---|"]
     for f, (n, k) in files.items():
         lines.append(f"| {f} | {n} | {k} | {100 * k / n:.0f}% |")
     survivors = [r for r in summary["results"] if r["outcome"] == "survived"]
