@@ -65,6 +65,13 @@ class Settings:
 settings = Settings()
 
 
+def checkpoint_info(webui, title: str):
+    info = webui.sd_models.get_closet_checkpoint_match(title)
+    if info is None:
+        raise ValueError(f"teacher checkpoint {title!r} not found; pick one from the webui's checkpoint list")
+    return info
+
+
 def load_teacher(webui, title: str):
     """The teacher's model object, loaded once and kept next to the student.
 
@@ -72,9 +79,7 @@ def load_teacher(webui, title: str):
     student is reloaded from the cache, so both stay in memory and the student stays `shared.sd_model`.
     Neither load is written into the user's settings.
     """
-    info = webui.sd_models.get_closet_checkpoint_match(title)
-    if info is None:
-        raise ValueError(f"teacher checkpoint {title!r} not found; pick one from the webui's checkpoint list")
+    info = checkpoint_info(webui, title)
     for model in webui.sd_models.model_data.loaded_sd_models:
         if model.sd_checkpoint_info.filename == info.filename:  # the cache holds new info objects after a rescan
             return model
@@ -95,9 +100,7 @@ def load_forge_teacher(webui, title: str):
     Forge holds one checkpoint (no cache to put the teacher in); its memory manager moves each
     engine's UNet to the device when sampling asks for it, so two engines can share a GPU.
     """
-    info = webui.sd_models.get_closet_checkpoint_match(title)
-    if info is None:
-        raise ValueError(f"teacher checkpoint {title!r} not found; pick one from the webui's checkpoint list")
+    info = checkpoint_info(webui, title)
     if _forge_teacher.get("filename") != info.filename:
         import torch
         from backend.loader import forge_loader
