@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
-import json
 import os
 import shutil
 import sys
@@ -26,9 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hosts import SHARED_HOSTS
+from hosts import SHARED_HOSTS, fill, require, webui_api, webui_argv, webui_data_dir
 
-REPO = Path(__file__).resolve().parents[1]
 CONTEXT = 32
 TOKENIZER = SHARED_HOSTS / "forge-dfdcbab" / "backend" / "huggingface" / "runwayml" / "stable-diffusion-v1-5" / "tokenizer"
 
@@ -104,21 +102,6 @@ def tiny_clip(clip_dir: Path) -> None:
     CLIPTextModel(config).save_pretrained(clip_dir, safe_serialization=True)
 
 
-def fill(module: torch.nn.Module, seed: int, skip: str = "") -> None:
-    """Seeded weights of a sensible scale (ldm zero-initialises the UNet's output layers)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if skip and name.startswith(skip):
-                continue
-            if name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-            elif p.ndim == 1:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-
-
 def make_checkpoints(models_dir: Path, clip_dir: Path, seeds: dict[str, int]) -> None:
     """One .safetensors + .yaml per name; all share the VAE and CLIP, their UNets differ by seed."""
     import safetensors.torch
@@ -136,25 +119,16 @@ def make_checkpoints(models_dir: Path, clip_dir: Path, seeds: dict[str, int]) ->
         OmegaConf.save(config, models_dir / f"{name}.yaml")
 
 
-def start(tmp: Path, seeds: dict[str, int], extra_args: list[str] = ()):
+def start(tmp: Path, seeds: dict[str, int]):
     """Imports and initialises the webui as `webui.py --nowebui` does; returns (modules.shared, FastAPI app)."""
     root = a1111_root()
     if root is None:
         pytest.skip("A1111 not found: set KDISTPP_A1111 or put it in ../shared/hosts/a1111-1.10.1")
-    try:
-        import gradio  # noqa: F401
-        import ldm.models.diffusion.ddpm  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as err:
-        pytest.skip(f"A1111's requirements are not installed here (.ci/run builds .venv-a1111): {err}")
-    data = tmp / "data"
+    require("A1111", ".venv-a1111", "gradio", "ldm.models.diffusion.ddpm", "transformers")
+    data = webui_data_dir(tmp, {"sd_checkpoints_limit": 2, "sd_checkpoint_cache": 0})
     clip_dir = tmp / "clip"
     tiny_clip(clip_dir)
     make_checkpoints(data / "models" / "Stable-diffusion", clip_dir, seeds)
-    (data / "extensions").mkdir(parents=True, exist_ok=True)
-    shutil.copytree(REPO, data / "extensions" / "kdistpp", ignore=shutil.ignore_patterns(
-        ".venv*", ".git", "__pycache__", "*.egg-info", "docs", "benchmarks"))  # what a clone brings
-    (data / "config.json").write_text(json.dumps({"sd_checkpoints_limit": 2, "sd_checkpoint_cache": 0, "live_previews_enable": False}))
     # the webui finds `ldm` in its repositories/ or the working directory: point it at the installed package
     stage = tmp / "stage"
     stage.mkdir()
@@ -165,19 +139,6 @@ def start(tmp: Path, seeds: dict[str, int], extra_args: list[str] = ()):
     sys.meta_path.insert(0, SgmStub())
     os.chdir(stage)
     sys.path.insert(0, str(root))
-    sys.argv = [str(root / "webui.py"), "--skip-torch-cuda-test", "--no-download-sd-model", "--skip-prepare-environment",
-                "--no-half", "--skip-load-model-at-start", "--skip-version-check", "--data-dir", str(data),
-                "--disable-safe-unpickle", *(["--use-cpu", "all"] if not torch.cuda.is_available() else []), *extra_args]
-    os.environ["IGNORE_CMD_ARGS_ERRORS"] = "1"
-    from fastapi import FastAPI
-    from modules import initialize
-
-    initialize.imports()
-    initialize.initialize()
-    from modules import shared
-    from modules.api.api import Api
-    from modules.call_queue import queue_lock
-
-    app = FastAPI()
-    Api(app, queue_lock)
-    return shared, app
+    sys.argv = webui_argv(root, data, "--no-half", "--skip-load-model-at-start",
+                          *(["--use-cpu", "all"] if not torch.cuda.is_available() else []))
+    return webui_api()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from hosts import fill
+
 UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
         "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
         "transformer_depth": [1, 0], "channel_mult": [1, 2], "transformer_depth_middle": 1,
@@ -23,16 +25,7 @@ def tiny_sd15(comfy, seed: int, latent_format=None):
     if latent_format is not None:
         config.latent_format = latent_format
     model = config.get_model({}, device=torch.device("cpu"))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.diffusion_model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-            elif p.ndim == 1:  # norm scales
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
+    fill(model.diffusion_model, seed)
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
 

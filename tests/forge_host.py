@@ -10,17 +10,14 @@ this repository cloned into extensions/. `.ci/run` builds `.venv-forge` for thes
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from a1111_host import REPO, fill
-from hosts import SHARED_HOSTS
+from hosts import SHARED_HOSTS, fill, require, webui_api, webui_argv, webui_data_dir
 
 UNET = {"in_channels": 4, "model_channels": 320, "out_channels": 4, "num_res_blocks": [1], "channel_mult": [1],
         "num_heads": 8, "num_head_channels": -1, "use_spatial_transformer": True, "transformer_depth": [1],
@@ -62,37 +59,13 @@ def start(tmp: Path, seeds: dict[str, int]):
     root = forge_root()
     if root is None:
         pytest.skip("Forge not found: set KDISTPP_FORGE or put it in ../shared/hosts/forge-dfdcbab")
-    try:
-        import diffusers  # noqa: F401
-        import gradio  # noqa: F401
-        import huggingface_guess  # noqa: F401
-    except ImportError as err:
-        pytest.skip(f"Forge's requirements are not installed here (.ci/run builds .venv-forge): {err}")
-    data = tmp / "data"
-    (data / "extensions").mkdir(parents=True)
-    shutil.copytree(REPO, data / "extensions" / "kdistpp", ignore=shutil.ignore_patterns(
-        ".venv*", ".git", "__pycache__", "*.egg-info", "docs", "benchmarks"))
-    (data / "config.json").write_text(json.dumps({"live_previews_enable": False}))
+    require("Forge", ".venv-forge", "diffusers", "gradio", "huggingface_guess")
+    data = webui_data_dir(tmp, {})
     os.chdir(root)
     sys.path.insert(0, str(root))
-    sys.argv = [str(root / "webui.py"), "--skip-torch-cuda-test", "--no-download-sd-model", "--skip-prepare-environment",
-                "--skip-version-check", "--data-dir", str(data), "--disable-safe-unpickle", "--nowebui",
-                *(["--always-cpu"] if not torch.cuda.is_available() else [])]
-    os.environ["IGNORE_CMD_ARGS_ERRORS"] = "1"
+    sys.argv = webui_argv(root, data, "--nowebui", *(["--always-cpu"] if not torch.cuda.is_available() else []))
     from modules_forge.initialization import initialize_forge
 
-    initialize_forge()
+    initialize_forge()  # Forge's backend must be set up before its module classes build the checkpoints
     make_checkpoints(root, data / "models" / "Stable-diffusion", seeds)
-    from modules import initialize
-
-    initialize.imports()
-    initialize.initialize()
-    from fastapi import FastAPI
-
-    from modules import shared
-    from modules.api.api import Api
-    from modules.call_queue import queue_lock
-
-    app = FastAPI()
-    Api(app, queue_lock)
-    return shared, app
+    return webui_api()

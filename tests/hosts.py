@@ -6,13 +6,75 @@ KDISTPP_COMFYUI may point at a ComfyUI checkout; by default the pinned snapshot 
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
-SHARED_HOSTS = Path(__file__).resolve().parents[2] / "shared" / "hosts"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_HOSTS = REPO.parent / "shared" / "hosts"
+
+
+def fill(module, seed: int) -> None:
+    """Seeded weights of a sensible scale: hosts skip weight init (ComfyUI, Forge) or zero the UNet's
+    output layers (ldm), and a zero or unscaled network would hide what the tests look for."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            elif p.ndim == 1:  # norm scales
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+
+
+def require(host: str, venv: str, *modules: str) -> None:
+    """Skips unless the host's own requirements import here."""
+    try:
+        for name in modules:
+            importlib.import_module(name)
+    except ImportError as err:
+        pytest.skip(f"{host}'s requirements are not installed here (.ci/run builds {venv}): {err}")
+
+
+def webui_data_dir(tmp: Path, settings: dict) -> Path:
+    """A webui --data-dir with this repository in extensions/ as "Install from URL" clones it, and settings."""
+    data = tmp / "data"
+    (data / "extensions").mkdir(parents=True)
+    shutil.copytree(REPO, data / "extensions" / "kdistpp", ignore=shutil.ignore_patterns(
+        ".venv*", ".git", "__pycache__", "*.egg-info", "docs", "benchmarks"))
+    (data / "config.json").write_text(json.dumps({"live_previews_enable": False, **settings}))
+    return data
+
+
+def webui_argv(root: Path, data: Path, *flags: str) -> list[str]:
+    """The command line both webuis parse at import, as their launcher would pass it."""
+    return [str(root / "webui.py"), "--skip-torch-cuda-test", "--no-download-sd-model", "--skip-prepare-environment",
+            "--skip-version-check", "--disable-safe-unpickle", "--data-dir", str(data), *flags]
+
+
+def webui_api():
+    """Initialises the imported webui and mounts its own API routes; returns (modules.shared, FastAPI app)."""
+    os.environ["IGNORE_CMD_ARGS_ERRORS"] = "1"
+    from fastapi import FastAPI
+    from modules import initialize
+
+    initialize.imports()
+    initialize.initialize()
+    from modules import shared
+    from modules.api.api import Api
+    from modules.call_queue import queue_lock
+
+    app = FastAPI()
+    Api(app, queue_lock)
+    return shared, app
 
 
 def comfyui_root() -> Path | None:

@@ -38,7 +38,7 @@ class UNetCalls:
 
     def __init__(self, webui, model, monkeypatch):
         self.events, self.model = [], model
-        model.model.diffusion_model.register_forward_pre_hook(lambda *_: self.events.append("unet"))
+        self.hook = model.model.diffusion_model.register_forward_pre_hook(lambda *_: self.events.append("unet"))
         for name in ("send_model_to_device", "send_model_to_cpu"):
             real = getattr(webui.sd_models, name)
 
@@ -52,6 +52,20 @@ class UNetCalls:
     @property
     def calls(self):
         return self.events.count("unet")
+
+
+@pytest.fixture
+def unet_calls(webui, monkeypatch):
+    """Makes UNetCalls for a model; their hooks are removed after the test."""
+    made = []
+
+    def make(model):
+        made.append(UNetCalls(webui, model, monkeypatch))
+        return made[-1]
+
+    yield make
+    for recorder in made:
+        recorder.hook.remove()
 
 
 @pytest.mark.parametrize("entry", REGISTRY, ids=lambda e: e.name)
@@ -81,9 +95,9 @@ def test_a_batch_gives_the_images_of_its_seeds_alone(webui, entry):
 
 
 @pytest.mark.parametrize("entry", REGISTRY, ids=lambda e: e.name)
-def test_the_teacher_is_called_once_per_guided_step_on_the_device(webui, entry, monkeypatch):
+def test_the_teacher_is_called_once_per_guided_step_on_the_device(webui, entry, unet_calls):
     generate(webui, entry.label, teacher="teacher", w=0.5)  # loads the teacher into the cache
-    calls = UNetCalls(webui, teacher_model(webui), monkeypatch)
+    calls = unet_calls(teacher_model(webui))
     guided = generate(webui, entry.label, teacher="teacher", w=0.5, guided_steps=2)[0]
     # one batched cond+uncond call per guided step, each inside a move to the device and back
     assert calls.events == ["send_model_to_device", "unet", "send_model_to_cpu"] * 2
@@ -91,9 +105,9 @@ def test_the_teacher_is_called_once_per_guided_step_on_the_device(webui, entry, 
     assert webui.shared.sd_model.sd_checkpoint_info.model_name == "student"
 
 
-def test_the_teacher_stays_on_the_device_when_the_webui_keeps_several_there(webui, monkeypatch):
+def test_the_teacher_stays_on_the_device_when_the_webui_keeps_several_there(webui, unet_calls):
     generate(webui, "Euler Distillation++", teacher="teacher", w=0.5)
-    calls = UNetCalls(webui, teacher_model(webui), monkeypatch)
+    calls = unet_calls(teacher_model(webui))
     generate(webui, "Euler Distillation++", teacher="teacher", w=0.5, settings={"sd_checkpoints_keep_in_cpu": False})
     assert calls.events == ["send_model_to_device", "unet"]
 
@@ -133,7 +147,7 @@ def test_the_same_seed_gives_the_same_guided_image(webui):
 
 
 @pytest.mark.parametrize("inpaint", [False, True], ids=["img2img", "inpaint"])
-def test_img2img_and_inpaint(webui, inpaint, monkeypatch):
+def test_img2img_and_inpaint(webui, inpaint, unet_calls):
     request = {"init_images": [init_image()], "denoising_strength": 0.6}
     if inpaint:
         request["mask"] = mask_image()
@@ -141,7 +155,7 @@ def test_img2img_and_inpaint(webui, inpaint, monkeypatch):
     base = generate(webui, "Euler a", route="img2img", **request)[0]
     assert same_image(generate(webui, "Euler a Distillation++", route="img2img", **request)[0], base)
     generate(webui, "Euler a Distillation++", route="img2img", teacher="teacher", w=0.5, **request)
-    calls = UNetCalls(webui, teacher_model(webui), monkeypatch)
+    calls = unet_calls(teacher_model(webui))
     guided = generate(webui, "Euler a Distillation++", route="img2img", teacher="teacher", w=0.5, **request)[0]
     assert calls.calls == 1 and not same_image(guided, base)
     if inpaint:  # outside the mask the webui keeps the original; the teacher must not change that
@@ -156,9 +170,6 @@ def test_the_infotext_records_the_teacher(webui):
     info = response.json()["info"]
     assert "Distillation++ teacher: teacher" in info and "Distillation++ w: 0.25" in info
 
-
-def test_torch_stays_float32_here():
-    assert torch.get_default_dtype() == torch.float32
 
 
 def test_the_sigma_noise_setting_reaches_dpmpp_2s_a(webui, monkeypatch):

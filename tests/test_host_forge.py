@@ -32,7 +32,7 @@ class Recorder:
 
         self.events = []
         self.teacher = webui._forge_teacher["engine"]
-        self.teacher.forge_objects.unet.model.diffusion_model.register_forward_pre_hook(
+        self.hook = self.teacher.forge_objects.unet.model.diffusion_model.register_forward_pre_hook(
             lambda *_: self.events.append("teacher unet"))
         real = sampling.sampling_prepare
 
@@ -41,6 +41,20 @@ class Recorder:
             return real(unet, x)
 
         monkeypatch.setattr(sampling, "sampling_prepare", prepare)
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    """Makes a Recorder; its hook is removed after the test."""
+    made = []
+
+    def make():
+        made.append(Recorder(monkeypatch))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.hook.remove()
 
 
 @pytest.mark.parametrize("entry", REGISTRY, ids=lambda e: e.name)
@@ -52,10 +66,10 @@ def test_w0_and_no_teacher_give_forges_own_sampler_image(forge, entry):
 
 
 @pytest.mark.parametrize("entry", REGISTRY, ids=lambda e: e.name)
-def test_the_teacher_runs_once_per_guided_step_through_forges_memory_manager(forge, entry, monkeypatch):
+def test_the_teacher_runs_once_per_guided_step_through_forges_memory_manager(forge, entry, recorder):
     plain = generate(forge, entry.label)[0]
     generate(forge, entry.label, teacher="teacher", w=0.5)  # loads the teacher
-    calls = Recorder(monkeypatch)
+    calls = recorder()
     guided = generate(forge, entry.label, teacher="teacher", w=0.5, guided_steps=2)[0]
     assert calls.events == ["prepare teacher", "teacher unet", "prepare student"] * 2
     assert not same_image(guided, plain)
@@ -82,12 +96,12 @@ def test_a_batch_gives_the_images_of_its_seeds_alone(forge, entry):
 
 
 @pytest.mark.parametrize("inpaint", [False, True], ids=["img2img", "inpaint"])
-def test_img2img_and_inpaint(forge, inpaint, monkeypatch):
+def test_img2img_and_inpaint(forge, inpaint, recorder):
     request = {"init_images": [init_image()], "denoising_strength": 0.6, **({"mask": mask_image()} if inpaint else {})}
     generate(forge, "Euler a", route="img2img", **request)
     base = generate(forge, "Euler a", route="img2img", **request)[0]
     assert same_image(generate(forge, "Euler a Distillation++", route="img2img", **request)[0], base)
     generate(forge, "Euler a Distillation++", route="img2img", teacher="teacher", w=0.5, **request)
-    calls = Recorder(monkeypatch)
+    calls = recorder()
     guided = generate(forge, "Euler a Distillation++", route="img2img", teacher="teacher", w=0.5, **request)[0]
     assert calls.events.count("teacher unet") == 1 and not same_image(guided, base)
