@@ -25,7 +25,7 @@ import dataclasses
 import torch
 
 import kdistpp
-from common import SIGMA_MAX, SIGMA_MIN, Config, mean_std, pm, pyplot, sample_heun, save_figure, table
+from common import SIGMA_MAX, SIGMA_MIN, Config, karras, mean_std, noise, pm, pyplot, sample_heun, save_figure, table
 from kdistpp import metrics, toys
 from kdistpp.guided_steps import guided_step_indices
 from kdistpp.conditional_toys import class_rings, students, within_class_spread
@@ -55,10 +55,6 @@ def w_grid(cfg: Config):
     return (0.0, 0.1, 0.3, 1.0) if cfg.quick else (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
 
-def karras(n: int):
-    return kdistpp.get_sigmas_karras(n, SIGMA_MIN, SIGMA_MAX)
-
-
 class Setup:
     """One problem (dimension) with its labels, noise, targets and students."""
 
@@ -69,12 +65,6 @@ class Setup:
         self.teacher = self.problem.cfg(SCALE)
         self.students = students(self.problem, SCALE)
         self._targets = {}
-
-    def noise(self, seed: int):
-        g = torch.Generator().manual_seed(30_000 + seed)
-        x = torch.randn(self.cfg.n, self.dim, generator=g).to(self.cfg.device) * SIGMA_MAX
-        torch.manual_seed(seed)
-        return x
 
     def target(self, seed: int):
         """The converged CFG teacher's samples, from noise independent of the students'."""
@@ -98,7 +88,7 @@ class Setup:
         sigmas = karras(steps)
         student = self.student(name, sigmas)
         distpp.setdefault("w", 0.0)
-        return sampler(student, self.noise(seed), sigmas, {"label": self.labels}, disable=True,
+        return sampler(student, noise(self.cfg, self.dim, seed), sigmas, {"label": self.labels}, disable=True,
                        teacher=student if control else teacher or self.teacher, **distpp)
 
     def score(self, samples, seed: int) -> dict:

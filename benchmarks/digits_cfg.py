@@ -23,8 +23,8 @@ import torch
 import kdistpp
 from common import Config, mean_std, pm, table
 from kdistpp import metrics
-from kdistpp.sfd import MLPDenoiser, SFDConfig, SFDTrainer, dpmpp_3m_trajectory, polynomial_sigmas, sample_sfd, train_dsm
-from sfd import SIGMA_MAX, SIGMA_MIN, digit_classifier
+from kdistpp.sfd import MLPDenoiser, SFDConfig, dpmpp_3m_trajectory, polynomial_sigmas, sample_sfd, train_dsm
+from sfd import SIGMA_MAX, SIGMA_MIN, digit_classifier, distil
 
 SCALE = 3.0
 NFE = 3  # the students' steps
@@ -52,16 +52,6 @@ class GuidedTeacher:
         return cfg(x, sigma.reshape(-1).expand(x.shape[0]))
 
 
-def distil(teacher_net, teacher, s: dict, steps: int) -> MLPDenoiser:
-    student = MLPDenoiser(64, hidden=s["hidden"], depth=3, sigma_data=teacher_net.sigma_data, n_classes=10)
-    student.load_teacher(teacher_net)
-    config = SFDConfig(num_steps=steps, iterations=s["sfd"], sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, lr=1e-3,
-                       batch_size=128, seed=0)
-    condition = lambda g, b: {"label": torch.randint(10, (b,), generator=g)}  # noqa: E731
-    SFDTrainer(student, teacher, config, shape=(64,), condition=condition).fit(progress=False)
-    return student.eval().requires_grad_(False)
-
-
 def run(cfg: Config) -> str:
     s = sizes(cfg)
     clf, x, y, accuracy = digit_classifier(s["classifier"])
@@ -73,12 +63,14 @@ def run(cfg: Config) -> str:
     net.requires_grad_(False)
     guided = GuidedTeacher(net, SCALE)
     students = {}
-    for name, teacher, steps in (("SFD at the teacher's CFG", guided, NFE + 1),
-                                 ("SFD at the teacher's CFG, NFE 5", guided, 6),
-                                 ("SFD without CFG", GuidedTeacher(net, 1.0), NFE + 1)):
-        start = time.perf_counter()
-        students[name] = (distil(net, teacher, s, steps), steps)
-        times[name] = time.perf_counter() - start
+    condition = lambda g, b: {"label": torch.randint(10, (b,), generator=g)}  # noqa: E731
+    for name, target, steps in (("SFD at the teacher's CFG", guided, NFE + 1),
+                                ("SFD at the teacher's CFG, NFE 5", guided, 6),
+                                ("SFD without CFG", GuidedTeacher(net, 1.0), NFE + 1)):
+        config = SFDConfig(num_steps=steps, iterations=s["sfd"], sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, lr=1e-3,
+                           batch_size=128, seed=0)
+        student, times[name] = distil(net, 64, config, s["hidden"], target=target, condition=condition)
+        students[name] = (student, steps)
 
     def features(samples):
         with torch.no_grad():

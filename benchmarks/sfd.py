@@ -109,10 +109,13 @@ def teacher_3m(teacher, z, n):
     return dpmpp_3m_trajectory(teacher, z * SIGMA_MAX, polynomial_sigmas(n, SIGMA_MIN, SIGMA_MAX))[-1]
 
 
-def distil(teacher, data, config, hidden, step_conditioned=False):
-    student = MLPDenoiser(data.dim, hidden=hidden, depth=3, sigma_data=teacher.sigma_data, step_conditioned=step_conditioned)
+def distil(teacher, dim, config, hidden, step_conditioned=False, *, target=None, condition=None):
+    """An SFD student initialised from the `teacher` network; it imitates `target` (default: the teacher
+    itself; e.g. the teacher under CFG), with extra_args from `condition`. Returns (student, seconds)."""
+    student = MLPDenoiser(dim, hidden=hidden, depth=3, sigma_data=teacher.sigma_data, step_conditioned=step_conditioned,
+                          n_classes=teacher.n_classes)
     student.load_teacher(teacher)
-    trainer = SFDTrainer(student, teacher, config, shape=(data.dim,))
+    trainer = SFDTrainer(student, target or teacher, config, shape=(dim,), condition=condition)
     start = time.perf_counter()
     trainer.fit(progress=False)
     return student.eval().requires_grad_(False), time.perf_counter() - start
@@ -129,9 +132,9 @@ def experiment(data: Dataset, s: dict) -> tuple[dict, dict]:
     base = dict(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, lr=1e-3, batch_size=128, seed=0)
     students = {}
     for nfe in s["nfes"]:
-        students[nfe], times[f"SFD, NFE {nfe}"] = distil(teacher, data, SFDConfig(num_steps=nfe + 1, iterations=s["sfd"], **base), hidden)
+        students[nfe], times[f"SFD, NFE {nfe}"] = distil(teacher, data.dim, SFDConfig(num_steps=nfe + 1, iterations=s["sfd"], **base), hidden)
     choices = tuple(n + 1 for n in s["nfes"])
-    sfd_v, times["SFD-v (all NFE)"] = distil(teacher, data, SFDConfig(num_steps=choices, iterations=s["sfd_v"], **base), hidden, True)
+    sfd_v, times["SFD-v (all NFE)"] = distil(teacher, data.dim, SFDConfig(num_steps=choices, iterations=s["sfd_v"], **base), hidden, True)
     sfd_v_config = SFDConfig(num_steps=choices, **base)
 
     rows = {}  # (method, nfe) -> list of distances over evaluation seeds
