@@ -1,6 +1,29 @@
 """kdistpp: Distillation++ (inference-time distillation) samplers in k-diffusion convention.
 
 Denoisers follow k-diffusion: D(x, sigma, **extra_args) -> x0 estimate, x = x0 + sigma * noise.
+A guided step renoises the student's estimate, has the teacher denoise it and moves the estimate
+toward the teacher's; the solver then continues as usual.
+
+Samplers (k-diffusion's arguments, then keyword-only teacher, w, guidance_steps, form, renoise,
+direction, ...; help() on each lists them):
+    sample_euler_distpp, sample_euler_ancestral_distpp, sample_dpmpp_2s_ancestral_distpp,
+    sample_dpmpp_2m_distpp, sample_consistency_distpp, and the baseline sample_consistency.
+    SAMPLERS and REGISTRY hold them by name.
+Wrapper for any other k-diffusion-convention sampler:
+    teacher_guided(student, teacher, sigmas, w=...) -> TeacherGuidedDenoiser
+Schedules: get_sigmas_karras, get_sigmas_exponential; SigmaWindow picks guided steps by sigma.
+Denoisers: CFGDenoiser (cond and uncond in one batched call; keeps the unconditional estimate
+    that cfg_pp=True reads).
+The refinement: Guidance, FORMS, DIRECTIONS; ancestral_step.
+Toys and metrics: kdistpp.toys (Gaussian mixtures with exact denoisers, imperfect students),
+    kdistpp.metrics (sliced W2, energy and Frechet distances, mode weights).
+
+Loaded on first access (`import kdistpp` does not import them):
+    kdistpp.sfd: SFD / SFD-v distillation of few-step students (SFDTrainer, SFDConfig, sample_sfd).
+    kdistpp.integrations: diffusers UNets as denoisers, the ComfyUI node, the A1111/Forge extension.
+    kdistpp.conditional_toys: class-conditional mixtures with an exact CFG teacher.
+
+Command line: python -m kdistpp demo (python -m kdistpp --help lists its options).
 """
 
 from . import metrics, toys
@@ -43,3 +66,19 @@ __all__ = [
     "sample_euler_distpp",
     "teacher_guided",
 ]
+
+
+_LAZY_MODULES = ("sfd", "integrations", "conditional_toys")
+
+
+def __getattr__(name):
+    """Imports kdistpp.sfd, kdistpp.integrations and kdistpp.conditional_toys on first access."""
+    if name in _LAZY_MODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_MODULES))

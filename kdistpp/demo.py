@@ -17,11 +17,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics, toys
-from .png import scatter_panel, side_by_side, write_png
+from .png import scatter_panel, side_by_side, titled, write_png
 from .samplers import sample_consistency, sample_consistency_distpp, sample_dpmpp_2m_distpp, sample_euler_distpp
 from .schedules import get_sigmas_karras
 
 SIGMA_MAX, SIGMA_MIN = 20.0, 0.05
+PANEL_SIZE, PANEL_GAP = 260, 6  # pixels of one scatter panel and of the white gap between panels
 
 
 def build_runs(mixture, student, n_steps: int, w: float, form: str):
@@ -39,6 +40,13 @@ def build_runs(mixture, student, n_steps: int, w: float, form: str):
         ("teacher, DPM++ 2M, converged", 100,
          lambda x: sample_dpmpp_2m_distpp(mixture, x, sig_converged, teacher=mixture, w=0.0, **quiet)),
     ]
+
+
+def panel_titles(n_steps: int, w: float, form: str) -> list[list[str]]:
+    """Two title lines for the student, student++ and teacher panels (the first three runs)."""
+    return [["student", f"consistency, {n_steps} NFE"],
+            ["student++", f"{form}, w={w:g}, {n_steps + 1} NFE"],
+            ["teacher", f"Euler, {n_steps + 1} NFE"]]
 
 
 def density_grid(mixture, extent: float, size: int) -> np.ndarray:
@@ -69,12 +77,14 @@ def run_demo(n: int = 4000, seed: int = 0, steps: int = 4, w: float = 0.3, form:
         rows.append({"method": name, "nfe": nfe, **metrics.all_metrics(out, reference, mixture), "seconds": seconds})
     rows.append({"method": "data vs data (noise floor)", "nfe": 0, **floor, "seconds": 0.0})
     os.makedirs(out_dir, exist_ok=True)
-    extent, size = 6.5, 260
-    density = density_grid(mixture, extent, size)
-    panels = [scatter_panel(reference.cpu().numpy()[:1500], density, extent, color=(60, 60, 60))]
-    panels += [scatter_panel(samples[name].numpy()[:1500], density, extent) for name, _, _ in runs[:3]]
+    extent = 6.5
+    density = density_grid(mixture, extent, PANEL_SIZE)
+    panels = [titled(scatter_panel(reference.cpu().numpy()[:1500], density, extent, color=(60, 60, 60)),
+                     ["data", "exact samples"])]
+    panels += [titled(scatter_panel(samples[name].numpy()[:1500], density, extent), title)
+               for (name, _, _), title in zip(runs[:3], panel_titles(steps, w, form))]
     path = os.path.join(out_dir, "demo_scatter.png")
-    write_png(path, side_by_side(panels))
+    write_png(path, side_by_side(panels, gap=PANEL_GAP))
     return rows, path
 
 
@@ -87,16 +97,22 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kdistpp demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=4000, help="samples per method (default 4000)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the start noise (default 0)")
     parser.add_argument("--steps", type=int, default=4, help="student steps (default 4)")
     parser.add_argument("--w", type=float, default=0.3, help="teacher weight of the guided step (default 0.3)")
-    parser.add_argument("--form", default="eps", choices=["interpolate", "guidance", "eps"])
+    parser.add_argument("--form", default="eps", choices=["interpolate", "guidance", "eps"],
+                        help="form of the refinement (default eps, the authors' choice for consistency students)")
     parser.add_argument("--out", default="kdistpp-demo", help="folder for the PNG (default ./kdistpp-demo)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default cuda when available, else cpu)")
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     rows, path = run_demo(args.n, args.seed, args.steps, args.w, args.form, args.out, args.device)
     print(f"\n8-mode 2-D Gaussian mixture, {args.n} samples each; distances to fresh data samples (lower is better)\n")
     print(format_table(rows))

@@ -1,4 +1,4 @@
-"""A dependency-free PNG writer and scatter raster, so that the demo needs no plotting library."""
+"""A dependency-free PNG writer, scatter raster and bitmap-font titles, so that the demo needs no plotting library."""
 
 from __future__ import annotations
 
@@ -44,3 +44,124 @@ def side_by_side(panels: list[np.ndarray], gap: int = 6) -> np.ndarray:
     for p in panels[1:]:
         out += [spacer, p]
     return np.concatenate(out, axis=1)
+
+
+# A 5x9 bitmap font (7 rows above the baseline, 2 for descenders), one row per word, "#" = ink.
+GLYPH_WIDTH, GLYPH_HEIGHT = 5, 9
+_GLYPHS = {
+    "A": ".###. #...# #...# ##### #...# #...# #...#",
+    "B": "####. #...# #...# ####. #...# #...# ####.",
+    "C": ".###. #...# #.... #.... #.... #...# .###.",
+    "D": "####. #...# #...# #...# #...# #...# ####.",
+    "E": "##### #.... #.... ####. #.... #.... #####",
+    "F": "##### #.... #.... ####. #.... #.... #....",
+    "G": ".###. #...# #.... #.### #...# #...# .####",
+    "H": "#...# #...# #...# ##### #...# #...# #...#",
+    "I": ".###. ..#.. ..#.. ..#.. ..#.. ..#.. .###.",
+    "J": "..### ...#. ...#. ...#. ...#. #..#. .##..",
+    "K": "#...# #..#. #.#.. ##... #.#.. #..#. #...#",
+    "L": "#.... #.... #.... #.... #.... #.... #####",
+    "M": "#...# ##.## #.#.# #.#.# #...# #...# #...#",
+    "N": "#...# #...# ##..# #.#.# #..## #...# #...#",
+    "O": ".###. #...# #...# #...# #...# #...# .###.",
+    "P": "####. #...# #...# ####. #.... #.... #....",
+    "Q": ".###. #...# #...# #...# #.#.# #..#. .##.#",
+    "R": "####. #...# #...# ####. #.#.. #..#. #...#",
+    "S": ".#### #.... #.... .###. ....# ....# ####.",
+    "T": "##### ..#.. ..#.. ..#.. ..#.. ..#.. ..#..",
+    "U": "#...# #...# #...# #...# #...# #...# .###.",
+    "V": "#...# #...# #...# #...# #...# .#.#. ..#..",
+    "W": "#...# #...# #...# #.#.# #.#.# #.#.# .#.#.",
+    "X": "#...# #...# .#.#. ..#.. .#.#. #...# #...#",
+    "Y": "#...# #...# .#.#. ..#.. ..#.. ..#.. ..#..",
+    "Z": "##### ....# ...#. ..#.. .#... #.... #####",
+    "a": "..... ..... .###. ....# .#### #...# .####",
+    "b": "#.... #.... #.##. ##..# #...# #...# ####.",
+    "c": "..... ..... .###. #.... #.... #...# .###.",
+    "d": "....# ....# .##.# #..## #...# #...# .####",
+    "e": "..... ..... .###. #...# ##### #.... .###.",
+    "f": "..##. .#..# .#... ###.. .#... .#... .#...",
+    "g": "..... ..... .#### #...# #...# #...# .#### ....# .###.",
+    "h": "#.... #.... #.##. ##..# #...# #...# #...#",
+    "i": "..#.. ..... .##.. ..#.. ..#.. ..#.. .###.",
+    "j": "...#. ..... ..##. ...#. ...#. ...#. ...#. #..#. .##..",
+    "k": "#.... #.... #..#. #.#.. ##... #.#.. #..#.",
+    "l": ".##.. ..#.. ..#.. ..#.. ..#.. ..#.. .###.",
+    "m": "..... ..... ##.#. #.#.# #.#.# #.#.# #.#.#",
+    "n": "..... ..... #.##. ##..# #...# #...# #...#",
+    "o": "..... ..... .###. #...# #...# #...# .###.",
+    "p": "..... ..... ####. #...# #...# #...# ####. #.... #....",
+    "q": "..... ..... .#### #...# #...# #...# .#### ....# ....#",
+    "r": "..... ..... #.##. ##..# #.... #.... #....",
+    "s": "..... ..... .#### #.... .###. ....# ####.",
+    "t": ".#... .#... ###.. .#... .#... .#..# ..##.",
+    "u": "..... ..... #...# #...# #...# #..## .##.#",
+    "v": "..... ..... #...# #...# #...# .#.#. ..#..",
+    "w": "..... ..... #...# #...# #.#.# #.#.# .#.#.",
+    "x": "..... ..... #...# .#.#. ..#.. .#.#. #...#",
+    "y": "..... ..... #...# #...# #...# #...# .#### ....# .###.",
+    "z": "..... ..... ##### ...#. ..#.. .#... #####",
+    "0": ".###. #...# #..## #.#.# ##..# #...# .###.",
+    "1": "..#.. .##.. ..#.. ..#.. ..#.. ..#.. .###.",
+    "2": ".###. #...# ....# ...#. ..#.. .#... #####",
+    "3": "##### ...#. ..#.. ...#. ....# #...# .###.",
+    "4": "...#. ..##. .#.#. #..#. ##### ...#. ...#.",
+    "5": "##### #.... ####. ....# ....# #...# .###.",
+    "6": "..##. .#... #.... ####. #...# #...# .###.",
+    "7": "##### ....# ...#. ..#.. .#... .#... .#...",
+    "8": ".###. #...# #...# .###. #...# #...# .###.",
+    "9": ".###. #...# #...# .#### ....# ...#. .##..",
+    " ": "",
+    "+": "..... ..#.. ..#.. ##### ..#.. ..#.. .....",
+    "-": "..... ..... ..... ##### ..... ..... .....",
+    "=": "..... ..... ##### ..... ##### ..... .....",
+    ".": "..... ..... ..... ..... ..... .##.. .##..",
+    ",": "..... ..... ..... ..... ..... .##.. .##.. ..#.. .#...",
+    "(": "...#. ..#.. .#... .#... .#... ..#.. ...#.",
+    ")": ".#... ..#.. ...#. ...#. ...#. ..#.. .#...",
+    ":": "..... .##.. .##.. ..... .##.. .##.. .....",
+    "/": "....# ....# ...#. ..#.. .#... #.... #....",
+}
+
+
+def glyph(char: str) -> np.ndarray:
+    """The (GLYPH_HEIGHT, GLYPH_WIDTH) bool bitmap of one character."""
+    if char not in _GLYPHS:
+        raise ValueError(f"no glyph for {char!r} in kdistpp's bitmap font")
+    rows = [[c == "#" for c in row] for row in _GLYPHS[char].split()]
+    rows += [[False] * GLYPH_WIDTH] * (GLYPH_HEIGHT - len(rows))
+    return np.array(rows, dtype=bool)
+
+
+def render_text(text: str, scale: int = 1) -> np.ndarray:
+    """A bool mask of `text` in one line: one blank column between glyphs, each pixel scale x scale."""
+    if not text:
+        return np.zeros((GLYPH_HEIGHT * scale, 0), dtype=bool)
+    spacer = np.zeros((GLYPH_HEIGHT, 1), dtype=bool)
+    cells = []
+    for char in text:
+        cells += [glyph(char), spacer]
+    mask = np.concatenate(cells[:-1], axis=1)
+    return mask.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def title_band(lines: list[str], width: int, scale: int = 2, color=(30, 30, 30), margin: int = 4) -> np.ndarray:
+    """A white (H, width, 3) band with each line centred. A line wider than `width` at `scale` is drawn
+    at the largest smaller scale that fits (at scale 1 it is cropped); H depends only on the number of
+    lines and `scale`."""
+    line_height = (GLYPH_HEIGHT + 2) * scale
+    band = np.full((2 * margin + line_height * len(lines), width, 3), 255, dtype=np.uint8)
+    for k, line in enumerate(lines):
+        s = scale
+        while s > 1 and render_text(line, s).shape[1] > width - 2 * margin:
+            s -= 1
+        mask = render_text(line, s)[:, : width - 2 * margin]
+        top = margin + k * line_height + (line_height - mask.shape[0]) // 2
+        left = (width - mask.shape[1]) // 2
+        band[top:top + mask.shape[0], left:left + mask.shape[1]][mask] = color
+    return band
+
+
+def titled(panel: np.ndarray, lines: list[str], scale: int = 2) -> np.ndarray:
+    """`panel` with a title band of `lines` above it."""
+    return np.concatenate([title_band(lines, panel.shape[1], scale), panel], axis=0)
