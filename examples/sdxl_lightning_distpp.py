@@ -1,13 +1,14 @@
 """SDXL-Lightning 4-step (student) refined by SDXL base (teacher) with Distillation++, in diffusers.
 
-    pip install "kdistpp[diffusers]"
+    pip install -e ".[diffusers]"          # from the repository root
     python examples/sdxl_lightning_distpp.py --base /models/sdxl-base --lightning-unet /models/sdxl_lightning_4step_unet.safetensors \
         --prompt "a lighthouse at dusk, oil painting" --out lighthouse.png
 
 --base is a local diffusers folder of stabilityai/stable-diffusion-xl-base-1.0 (text encoders, VAE,
 UNet: the teacher); --lightning-unet is ByteDance/SDXL-Lightning's UNet checkpoint for the same
 architecture (the student, distilled at cfg 1). Any SDXL-family student works the same way (DMD2,
-Hyper-SD, or the base UNet with an LCM/Lightning LoRA fused). Needs a GPU with room for two UNets.
+Hyper-SD, or the base UNet with an LCM/Lightning LoRA fused). Meant for a GPU with room for two UNets
+(float16); --device cpu runs in float32 and is slow.
 """
 
 from __future__ import annotations
@@ -32,16 +33,19 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--out", default="distpp.png")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default cuda when available, else cpu; float16 on CUDA, float32 elsewhere)")
     args = p.parse_args()
 
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
-    device, dtype = "cuda", torch.float16
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe = StableDiffusionXLPipeline.from_pretrained(args.base, torch_dtype=dtype).to(device)
     teacher_unet = pipe.unet
     student_unet = copy.deepcopy(teacher_unet)
-    student_unet.load_state_dict(load_file(args.lightning_unet, device=device))
+    student_unet.load_state_dict(load_file(args.lightning_unet, device=str(device)))
     scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
 
     with torch.no_grad():

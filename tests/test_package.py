@@ -32,3 +32,63 @@ def test_cli_demo_runs(tmp_path):
     assert "student++" in out.stdout and os.path.exists(tmp_path / "demo_scatter.png")
     bad = subprocess.run([sys.executable, "-m", "kdistpp", "dmeo"], capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stdout
+
+
+def _run_python(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_sfd_and_integrations_load_on_first_access_only():
+    code = ("import sys, kdistpp; names = ('kdistpp.sfd', 'kdistpp.integrations'); "
+            "before = [n in sys.modules for n in names]; kdistpp.sfd.SFDTrainer; kdistpp.integrations; "
+            "print(before, [n in sys.modules for n in names], 'sfd' in dir(kdistpp))")
+    assert _run_python(code) == "[False, False] [True, True] True"
+
+
+def test_unknown_attribute_is_an_attribute_error():
+    import kdistpp
+
+    try:
+        kdistpp.no_such_thing
+    except AttributeError as err:
+        assert "no_such_thing" in str(err)
+    else:
+        raise AssertionError("no AttributeError")
+
+
+def test_help_names_the_public_pieces():
+    import pydoc
+
+    import kdistpp
+
+    text = pydoc.render_doc(kdistpp, renderer=pydoc.plaintext)
+    doc = kdistpp.__doc__
+    for name in ("sample_euler_distpp", "sample_euler_ancestral_distpp", "sample_dpmpp_2s_ancestral_distpp",
+                 "sample_dpmpp_2m_distpp", "sample_consistency_distpp", "sample_consistency", "teacher_guided",
+                 "get_sigmas_karras", "CFGDenoiser", "toys", "metrics", "kdistpp.sfd", "kdistpp.integrations",
+                 "python -m kdistpp demo"):
+        assert name in doc, name
+    assert doc.split("\n\n")[0] in text
+
+
+def test_cli_help_lists_the_commands_and_the_demo_options():
+    for argv in (["--help"], ["-h"], []):
+        out = subprocess.run([sys.executable, "-m", "kdistpp", *argv], capture_output=True, text=True)
+        assert out.returncode == (2 if not argv else 0)
+        assert "demo" in out.stdout
+        for option in ("--n", "--seed", "--steps", "--w", "--form", "--out", "--device"):
+            assert option in out.stdout, (argv, option)
+    demo = subprocess.run([sys.executable, "-m", "kdistpp", "demo", "--help"], capture_output=True, text=True, check=True)
+    assert "--device" in demo.stdout and "interpolate" in demo.stdout
+
+
+def test_example_script_takes_a_device_and_installs_as_the_readme_says():
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "sdxl_lightning_distpp.py")
+    with open(example) as f:
+        source = f.read()
+    with open(os.path.join(os.path.dirname(example), "..", "README.md")) as f:
+        readme = f.read()
+    install = 'pip install -e ".[diffusers]"'
+    assert install in source and install in readme
+    out = subprocess.run([sys.executable, example, "--help"], capture_output=True, text=True, check=True)
+    assert "--device" in out.stdout
