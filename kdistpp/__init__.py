@@ -29,8 +29,9 @@ Command line: python -m kdistpp demo (python -m kdistpp --help lists its options
 from . import metrics, toys
 from .cfg import CFGDenoiser
 from .guided_denoiser import TeacherGuidedDenoiser, teacher_guided
-from .guided_steps import SigmaWindow
-from .refine import DIRECTIONS, FORMS, Guidance, TeacherOutputError
+from .guided_steps import GuidanceWarning, SigmaWindow
+from .refine import DIRECTIONS, FORMS, Guidance
+from .validation import DenoiserOutputError, StudentOutputError, TeacherOutputError
 from .registry import REGISTRY, SAMPLERS
 from .samplers import (
     sample_consistency,
@@ -48,11 +49,14 @@ __version__ = "0.1.0"
 __all__ = [
     "CFGDenoiser",
     "DIRECTIONS",
+    "DenoiserOutputError",
     "FORMS",
     "Guidance",
+    "GuidanceWarning",
     "REGISTRY",
     "SAMPLERS",
     "SigmaWindow",
+    "StudentOutputError",
     "TeacherGuidedDenoiser",
     "TeacherOutputError",
     "ancestral_step",

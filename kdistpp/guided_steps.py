@@ -1,17 +1,27 @@
-"""Which steps of a schedule are guided: the first N, a set of indices, or a sigma window.
+"""Which steps of a schedule are guided, and how strongly: the first N, a set of indices, a sigma
+window, or a per-step list of weights.
 
 Where the refinement lands in sigma, not its index, decides what it can fix (coarse layout and
 mode weights at high sigma, detail at low sigma), so a window in sigma transfers across step
 counts and schedules where an index does not.
+
+Every value a caller passes either acts or is refused: a w > 0 that guides no step warns
+(GuidanceWarning), a w list longer than the schedule or positive on a step outside an explicit
+`guidance_steps` is an error.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
+from . import validation
+
+
+class GuidanceWarning(UserWarning):
+    """A Distillation++ setting asked for guidance that no step of the run receives."""
 
 
 @dataclass(frozen=True)
@@ -24,13 +34,17 @@ class SigmaWindow:
     def __post_init__(self):
         for name in ("lo", "hi"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not validation.is_real(value) or not math.isfinite(float(value)) or float(value) < 0:
                 raise ValueError(f"SigmaWindow.{name} must be a finite sigma >= 0, got {value!r}")
+            object.__setattr__(self, name, float(value))  # numpy / 0-d tensor bounds become floats
         if self.lo > self.hi:
             raise ValueError(f"SigmaWindow needs lo <= hi, got lo={self.lo}, hi={self.hi}; swap them")
 
     def steps(self, sigmas: list[float]) -> list[int]:
         return [i for i, s in enumerate(sigmas[:-1]) if self.lo <= s <= self.hi]
+
+
+_STEPS_TYPES = "an int N (the first N steps), a collection of step indices or a SigmaWindow"
 
 
 def guided_step_indices(guidance_steps, sigmas: list[float]) -> list[int]:
@@ -39,23 +53,69 @@ def guided_step_indices(guidance_steps, sigmas: list[float]) -> list[int]:
     n_steps = len(sigmas) - 1
     if isinstance(guidance_steps, SigmaWindow):
         return guidance_steps.steps(sigmas)
-    if isinstance(guidance_steps, bool):
-        raise TypeError("guidance_steps must be an int, a collection of step indices or a SigmaWindow, got a bool")
-    if isinstance(guidance_steps, int):
-        if not 0 <= guidance_steps <= n_steps:
-            raise ValueError(
-                f"guidance_steps={guidance_steps} is beyond the schedule's {n_steps} steps; use 0..{n_steps}"
-            )
-        return list(range(guidance_steps))
+    if validation.is_bool(guidance_steps):
+        raise TypeError(f"guidance_steps must be {_STEPS_TYPES}, got a bool")
+    if validation.is_integer(guidance_steps):
+        n = int(guidance_steps)
+        if not 0 <= n <= n_steps:
+            raise ValueError(f"guidance_steps={n} is beyond the schedule's {n_steps} steps; use 0..{n_steps}")
+        return list(range(n))
     if not isinstance(guidance_steps, Iterable) or isinstance(guidance_steps, (str, bytes)):
-        raise TypeError("guidance_steps must be an int, a collection of step indices or a SigmaWindow, "
-                        f"got {guidance_steps!r}")
+        raise TypeError(f"guidance_steps must be {_STEPS_TYPES}, got {guidance_steps!r}")
     steps = []
     for i in guidance_steps:
-        if isinstance(i, bool) or not isinstance(i, int) and not (isinstance(i, torch.Tensor) and i.ndim == 0):
+        if validation.is_bool(i) or not validation.is_integer(i):
             raise TypeError(f"guidance_steps must hold ints, got {i!r}")
         i = int(i)
         if not 0 <= i < n_steps:
             raise ValueError(f"guidance_steps holds step {i}, beyond the schedule's steps 0..{n_steps - 1}")
         steps.append(i)
     return sorted(set(steps))
+
+
+def step_weights(w, guidance_steps, sigmas: list[float]) -> tuple[float, ...]:
+    """The teacher weight of every step (0 = unguided, no teacher call).
+
+    w: None or 0 (the baseline), a float for every guided step, or one value per step (a list,
+    tuple, 1-D tensor or array; missing trailing values are 0). guidance_steps None means the
+    first step for a float w, and the steps with a positive value for a w list.
+    """
+    n_steps = len(sigmas) - 1
+    if w is None:
+        per_step, scalar = [0.0] * n_steps, True
+    elif validation.is_real(w):
+        per_step, scalar = [float(w)] * n_steps, True
+    elif validation.is_bool(w) or isinstance(w, (str, bytes)) or not isinstance(w, Iterable):
+        raise TypeError(f"w must be a float or a sequence of floats (one per step), got {type(w).__name__}")
+    else:
+        values = list(w)
+        if not all(validation.is_real(v) for v in values):
+            raise TypeError(f"w must be a float or a sequence of floats (one per step), got {values!r}")
+        if len(values) > n_steps:
+            raise ValueError(f"w has {len(values)} values but the schedule has {n_steps} steps; "
+                             "give at most one value per step")
+        per_step, scalar = [float(v) for v in values] + [0.0] * (n_steps - len(values)), False
+    for i, v in enumerate(per_step):
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"w must be finite and >= 0, got {v} for step {i}")
+
+    if guidance_steps is None:
+        guided = [0] if scalar and n_steps else [i for i, v in enumerate(per_step) if v > 0]
+    else:
+        guided = guided_step_indices(guidance_steps, sigmas)
+        if not scalar:
+            outside = [i for i, v in enumerate(per_step) if v > 0 and i not in guided]
+            if outside:
+                i = outside[0]
+                raise ValueError(f"w[{i}]={per_step[i]} but step {i} is not among guidance_steps={guidance_steps!r}; "
+                                 f"a w list implies its steps: drop guidance_steps, or set w[{i}] to 0")
+            if guided and len(values) <= guided[-1]:
+                raise ValueError(f"w has {len(values)} values but step {guided[-1]} is guided; "
+                                 f"give one value per step (at least {guided[-1] + 1})")
+    chosen = set(guided)
+    weights = tuple(per_step[i] if i in chosen else 0.0 for i in range(n_steps))
+    if any(v > 0 for v in per_step) and not any(v > 0 for v in weights):
+        warnings.warn(f"w={w!r} guides no step: guidance_steps={guidance_steps!r} selects none of this schedule's "
+                      f"{n_steps} steps (sigmas {[round(s, 4) for s in sigmas]}); the run is the unguided baseline",
+                      GuidanceWarning, stacklevel=4)
+    return weights

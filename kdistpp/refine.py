@@ -15,25 +15,14 @@ from dataclasses import dataclass
 import torch
 
 from . import validation
-from .guided_steps import guided_step_indices
+from .guided_steps import step_weights
 from .steps import Run, default_noise_sampler
+from .validation import TeacherOutputError
+
+__all__ = ["DIRECTIONS", "FORMS", "Guidance", "Refinement", "TeacherOutputError", "plan", "unguided"]
 
 FORMS = ("interpolate", "guidance", "eps")
 DIRECTIONS = ("student", "refined")
-
-
-class TeacherOutputError(ValueError):
-    """The teacher returned a tensor of the wrong shape, or one with NaN/inf values."""
-
-
-def check_teacher_output(out: torch.Tensor, x: torch.Tensor, who: str, where: str) -> None:
-    """Refuses a teacher estimate of the wrong shape or with NaN/inf, instead of sampling on with it."""
-    if out.shape != x.shape:
-        raise TeacherOutputError(f"{who} returned shape {tuple(out.shape)} {where}; "
-                                 f"expected the latent's shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(out).all()):
-        raise TeacherOutputError(f"{who} returned non-finite values (NaN/inf) {where}; "
-                                 "check its dtype (fp16 overflow?) and its conditioning")
 
 
 @dataclass(frozen=True)
@@ -62,7 +51,7 @@ class Refinement:
 class Guidance:
     """Which steps are guided, how strongly, and how: validated once, before any model call."""
 
-    teacher: Callable
+    teacher: Callable | None  # None only when no step is guided
     weights: tuple[float, ...]  # w per step; 0 means the step is not guided (no teacher call)
     form: str
     renoise: str | float
@@ -70,6 +59,7 @@ class Guidance:
     teacher_extra_args: dict | None  # None: the student's extra_args of the same call
     run: Run
     direction: str = "student"
+    generator: torch.Generator | None = None  # the renoise noise and 'random' level; None: global RNG
 
     def renoise_level(self, i: int, sigma: float) -> float:
         """sigma_r of eq. 9: the next sigma of the schedule (the paper's decreasing schedule, default),
@@ -81,7 +71,9 @@ class Guidance:
         if self.renoise == "random":
             positive = [s for s in self.run.sigmas if s > 0]
             lo, hi = math.log(positive[-1]), math.log(positive[0])
-            return math.exp(lo + (hi - lo) * float(torch.rand(())))
+            g = self.generator
+            u = torch.rand((), generator=g, device=g.device) if g is not None else torch.rand(())
+            return math.exp(lo + (hi - lo) * float(u))
         return float(self.renoise)
 
     def refine(self, i: int, x: torch.Tensor, sigma: float, denoised: torch.Tensor, extra_args: dict | None = None,
@@ -111,9 +103,10 @@ class Guidance:
             sigma_t = self.renoise_level(i, sigma)
             x_t = torch.add(denoised, self._renoise_noise(i), alpha=sigma_t)
         teacher_args = self.teacher_extra_args if self.teacher_extra_args is not None else extra_args or {}
-        teacher_denoised = self.run.call(self.teacher, x_t, sigma_t, teacher_args)
         name = getattr(self.teacher, "__name__", type(self.teacher).__name__)
-        check_teacher_output(teacher_denoised, x, f"teacher {name}", f"at step {i} (sigma={sigma_t:.4g})")
+        where = f"at step {i} (step sigma={sigma:.4g}, teacher called at sigma_r={sigma_t:.4g})"
+        teacher_denoised = self.run.call(self.teacher, x_t, sigma_t, teacher_args, f"teacher {name}", where,
+                                         TeacherOutputError)
         # The teacher may keep a reference to its input (hooks, caches): the renoised point is not
         # reused as the result's buffer.
         if self.form == "eps":
@@ -122,12 +115,20 @@ class Guidance:
             refined = residual.mul_(-w).add_(denoised)
         else:
             refined = torch.lerp(denoised, teacher_denoised, w)  # exact at w = 0 and w = 1
+        # A large w extrapolates past what the model's dtype holds: fail here, not as NaN steps later.
+        if not bool(torch.isfinite(refined.to(self.run.x_in.dtype)).all()):
+            raise ValueError(f"w={w} made the refined estimate overflow {self.run.x_in.dtype} {where}; "
+                             "the paper's weights are below 1: use a smaller w")
         return refined, {"student_denoised": denoised, "teacher_denoised": teacher_denoised}
 
     def _renoise_noise(self, i: int) -> torch.Tensor:
+        if self.renoise_sampler is not None:
+            return self.renoise_sampler(self.run.sigmas_in[i], self.run.sigmas_in[i + 1]).to(self.run.dtype)
+        x, g = self.run.x_in, self.generator
+        if g is not None:
+            return torch.randn(x.shape, generator=g, device=g.device, dtype=x.dtype).to(x.device, self.run.dtype)
         # Default: the global RNG, drawn like the caller's x, so a webui seed controls it too.
-        sampler = self.renoise_sampler or default_noise_sampler(self.run.x_in)
-        return sampler(self.run.sigmas_in[i], self.run.sigmas_in[i + 1]).to(self.run.dtype)
+        return default_noise_sampler(x)(None, None).to(self.run.dtype)
 
 
 def plan(
@@ -140,20 +141,34 @@ def plan(
     renoise_sampler,
     teacher_extra_args,
     direction,
+    renoise_generator=None,
     *,
     resolve_extra_args: bool = True,
 ) -> Guidance:
-    """Validates the Distillation++ keyword arguments against the run's schedule."""
-    validation.check_callable("teacher", teacher)
+    """Validates the Distillation++ keyword arguments against the run's schedule.
+
+    With no teacher and w None or 0 the plan guides nothing: the sampler is its plain baseline.
+    """
+    if teacher is not None:
+        validation.check_callable("teacher", teacher)
+    if teacher is not None and w is None:
+        raise TypeError("w is required with a teacher: the teacher weight (the paper's lambda), e.g. w=0.1; "
+                        "w=0 runs the plain sampler")
     validation.check_options("form", form, FORMS)
     validation.check_options("direction", direction, DIRECTIONS)
     validation.check_renoise(renoise)
     validation.check_optional_callable("renoise_sampler", renoise_sampler)
+    validation.check_generator("renoise_generator", renoise_generator)
     validation.check_extra_args("teacher_extra_args", teacher_extra_args)
-    guided = guided_step_indices(guidance_steps, run.sigmas)
-    weights = validation.step_weights(w, guided, run.steps)
+    weights = step_weights(w, guidance_steps, run.sigmas)
+    if max(weights, default=0.0) > torch.finfo(run.dtype).max:
+        raise ValueError(f"w={max(weights)} is beyond {run.dtype}'s range, in which the steps are computed; "
+                         "the paper's weights are below 1: use a smaller w")
+    if teacher is None and any(v > 0 for v in weights):
+        raise TypeError("teacher is None but w asks for guidance: pass teacher=<the teacher denoiser>, "
+                        "or leave w at 0 for the plain sampler")
     if form != "guidance" and renoise == "next":
-        last = [i for i in guided if weights[i] != 0.0 and run.sigmas[i + 1] == 0.0]
+        last = [i for i, v in enumerate(weights) if v != 0.0 and run.sigmas[i + 1] == 0.0]
         if last:
             raise ValueError(
                 f"step {last[0]} is guided with renoise='next', but its next sigma is 0: a teacher cannot "
@@ -161,7 +176,8 @@ def plan(
             )
     if teacher_extra_args is None and resolve_extra_args:
         teacher_extra_args = run.extra_args
-    return Guidance(teacher, tuple(weights), form, renoise, renoise_sampler, teacher_extra_args, run, direction)
+    return Guidance(teacher, weights, form, renoise, renoise_sampler, teacher_extra_args, run, direction,
+                    renoise_generator)
 
 
 def unguided(run: Run) -> Guidance:

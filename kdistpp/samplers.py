@@ -21,23 +21,33 @@ from .steps import ancestral_step, cfg_pp_state, log_sigma_gap, prepare
 _DISTPP_PARAMETERS = """
     Distillation++ keyword-only parameters (docs/samplers.md has each update with the math):
         teacher: the teacher denoiser, same convention as `model`: D(x, sigma, **extra) -> x0.
-        w: teacher weight (the paper's lambda): a float, or one value per step. 0 = baseline.
-        guidance_steps: int N = the first N steps (default 1, as in the paper), or step indices.
+            None (default) with w None or 0: the plain sampler, with no teacher.
+        w: teacher weight (the paper's lambda): a float for every guided step, or one value per
+            step (a list, tuple, 1-D tensor or array; missing trailing values are 0). 0 = baseline.
+            Required with a teacher.
+        guidance_steps: which steps are guided. None (default): the first step for a float w (the
+            paper's setting), the steps with w > 0 for a w list. int N = the first N steps;
+            a collection of step indices; or kdistpp.SigmaWindow(lo, hi): every step with
+            lo <= sigma_i <= hi. A w > 0 that reaches no step warns (kdistpp.GuidanceWarning);
+            a w list positive on a step outside guidance_steps is an error.
         form: 'interpolate' (eq. 9, default), 'guidance' (eq. 10: teacher at the student's own
             point), or 'eps' (eps-mixing, as the authors use for consistency students).
         renoise: the renoise level sigma_r: 'next' = sigma_{i+1} (default), 'current', 'random'
             (log-uniform over the schedule) or a fixed sigma > 0. Ignored by form='guidance'.
         renoise_sampler: (sigma, sigma_next) -> unit noise for the renoised point
             x0s + sigma_r * noise; default torch.randn_like from the global RNG.
+        renoise_generator: a torch.Generator for the renoise noise (when renoise_sampler is None)
+            and renoise='random''s level, so guiding leaves the global RNG untouched.
         teacher_extra_args: the teacher's keyword arguments (default: extra_args).
         direction: 'student' (default, the authors' update): the step keeps the student's noise
             direction and only the clean estimate is replaced, i.e. the unguided step shifted by
             x0h - x0s, so w means what it meant in the paper's runs. 'refined': x0h replaces the
             estimate everywhere (k-diffusion's reading of eq. 9; on Euler the shift is scaled by
             1 - sigma_{i+1}/sigma_i).
-    guidance_steps may also be a kdistpp.SigmaWindow(lo, hi): every step with lo <= sigma_i <= hi.
     The callback's 'denoised' is the refined estimate; guided steps add 'student_denoised' and
     'teacher_denoised'. A guided step costs one teacher call; unguided steps cost nothing extra.
+    The student's and teacher's outputs are checked (a tensor of the latent's shape, finite):
+    kdistpp.StudentOutputError / kdistpp.TeacherOutputError name the model, step and sigma.
 """
 
 _CFG_PP_PARAMETER = """        cfg_pp: CFG++ (Chung et al. 2024): renoise along the student's unconditional estimate,
@@ -56,16 +66,17 @@ def _documented(cfg_pp: bool = True):
 @_documented()
 @torch.no_grad()
 def sample_euler_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
-                        s_tmax=float("inf"), s_noise=1.0, *, teacher, w, guidance_steps=1, form="interpolate",
+                        s_tmax=float("inf"), s_noise=1.0, *, teacher=None, w=None, guidance_steps=None, form="interpolate",
                         renoise="next", renoise_sampler=None, teacher_extra_args=None, cfg_pp=False,
-                        direction="student"):
+                        direction="student", renoise_generator=None):
     """Euler steps (Karras et al. 2022, Algorithm 2) with the Distillation++ refinement (eq. 9).
 
     x_{i+1} = x0h + sigma_{i+1} * (x_i - x0s) / sigma_hat (direction='student'), or with x0h in
     place of x0s (direction='refined').
     """
     run = prepare(model, x, sigmas, extra_args, cfg_pp=cfg_pp)
-    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction)
+    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction,
+                 renoise_generator)
     x, sig = run.start(), run.sigmas
     for i in trange(run.steps, disable=disable):
         gamma = min(s_churn / run.steps, 2**0.5 - 1) if s_tmin <= sig[i] <= s_tmax else 0.0
@@ -85,9 +96,10 @@ def sample_euler_distpp(model, x, sigmas, extra_args=None, callback=None, disabl
 @_documented()
 @torch.no_grad()
 def sample_euler_ancestral_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
-                                  s_noise=1.0, noise_sampler=None, *, teacher, w, guidance_steps=1,
+                                  s_noise=1.0, noise_sampler=None, *, teacher=None, w=None, guidance_steps=None,
                                   form="interpolate", renoise="next", renoise_sampler=None,
-                                  teacher_extra_args=None, cfg_pp=False, direction="student"):
+                                  teacher_extra_args=None, cfg_pp=False, direction="student",
+                                  renoise_generator=None):
     """Ancestral sampling with Euler steps, with the Distillation++ refinement (eq. 9).
 
     x_{i+1} = x0h + sigma_down * (x_i - x0s) / sigma_i + sigma_up * n (direction='student'; x0h in
@@ -95,7 +107,8 @@ def sample_euler_ancestral_distpp(model, x, sigmas, extra_args=None, callback=No
     the ancestral step lands on.
     """
     run = prepare(model, x, sigmas, extra_args, noise_sampler, cfg_pp=cfg_pp)
-    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction)
+    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction,
+                 renoise_generator)
     x, sig = run.start(), run.sigmas
     for i in trange(run.steps, disable=disable):
         denoised = run.denoise(x, sig[i])
@@ -113,10 +126,10 @@ def sample_euler_ancestral_distpp(model, x, sigmas, extra_args=None, callback=No
 @_documented()
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
-                                     s_noise=1.0, noise_sampler=None, *, teacher, w, guidance_steps=1,
+                                     s_noise=1.0, noise_sampler=None, *, teacher=None, w=None, guidance_steps=None,
                                      form="interpolate", renoise="next", renoise_sampler=None,
                                      teacher_extra_args=None, cfg_pp=False, direction="student",
-                                     guided_evaluation="midpoint"):
+                                     guided_evaluation="midpoint", renoise_generator=None):
     """Ancestral DPM-Solver++(2S) (Lu et al. 2022) with the Distillation++ refinement (paper eq. 12).
 
     guided_evaluation='midpoint' (default, the authors' choice): the midpoint is built from the
@@ -129,7 +142,8 @@ def sample_dpmpp_2s_ancestral_distpp(model, x, sigmas, extra_args=None, callback
     """
     validation.check_options("guided_evaluation", guided_evaluation, ("midpoint", "first", "both"))
     run = prepare(model, x, sigmas, extra_args, noise_sampler, cfg_pp=cfg_pp)
-    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction)
+    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction,
+                 renoise_generator)
     x, sig = run.start(), run.sigmas
     for i in trange(run.steps, disable=disable):
         sigma_down, sigma_up = ancestral_step(sig[i], sig[i + 1], eta)
@@ -157,9 +171,10 @@ def sample_dpmpp_2s_ancestral_distpp(model, x, sigmas, extra_args=None, callback
 
 @_documented()
 @torch.no_grad()
-def sample_dpmpp_2m_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, *, teacher, w,
-                           guidance_steps=1, form="interpolate", renoise="next", renoise_sampler=None,
-                           teacher_extra_args=None, cfg_pp=False, direction="student", history="student"):
+def sample_dpmpp_2m_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, *, teacher=None, w=None,
+                           guidance_steps=None, form="interpolate", renoise="next", renoise_sampler=None,
+                           teacher_extra_args=None, cfg_pp=False, direction="student", history="student",
+                           renoise_generator=None):
     """DPM-Solver++(2M) (Lu et al. 2022) with the Distillation++ refinement (eq. 9).
 
     direction='student' (default, the authors' 2M++): the unguided update from the student's raw
@@ -171,7 +186,8 @@ def sample_dpmpp_2m_distpp(model, x, sigmas, extra_args=None, callback=None, dis
     """
     validation.check_options("history", history, ("student", "refined"))
     run = prepare(model, x, sigmas, extra_args, cfg_pp=cfg_pp)
-    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction)
+    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction,
+                 renoise_generator)
     x, sig = run.start(), run.sigmas
     old_denoised = None
     for i in trange(run.steps, disable=disable):
@@ -180,10 +196,13 @@ def sample_dpmpp_2m_distpp(model, x, sigmas, extra_args=None, callback=None, dis
         run.report(callback, i, x, g)
         x = cfg_pp_state(run, x, g.estimate, cfg_pp)
         h = log_sigma_gap(sig[i], sig[i + 1])
-        if old_denoised is None or sig[i + 1] == 0:
+        h_last = log_sigma_gap(sig[i - 1], sig[i]) if i > 0 else 0.0
+        # First order on the first and last steps, and next to a repeated sigma (a step of size 0
+        # leaves x as it is, and the step ratio r = h_last / h is undefined beside it).
+        if old_denoised is None or sig[i + 1] == 0 or h == 0 or h_last == 0:
             x = (sig[i + 1] / sig[i]) * x - math.expm1(-h) * g.estimate
         else:
-            r = log_sigma_gap(sig[i - 1], sig[i]) / h
+            r = h_last / h
             denoised_d = (1 + 1 / (2 * r)) * g.estimate - (1 / (2 * r)) * old_denoised
             x = (sig[i + 1] / sig[i]) * x - math.expm1(-h) * denoised_d
         x = g.carry(x)
@@ -203,15 +222,17 @@ def sample_consistency(model, x, sigmas, extra_args=None, callback=None, disable
 @_documented(cfg_pp=False)
 @torch.no_grad()
 def sample_consistency_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None,
-                              *, teacher, w, guidance_steps=1, form="interpolate", renoise="next",
-                              renoise_sampler=None, teacher_extra_args=None, direction="student"):
+                              *, teacher=None, w=None, guidance_steps=None, form="interpolate", renoise="next",
+                              renoise_sampler=None, teacher_extra_args=None, direction="student",
+                              renoise_generator=None):
     """Multistep consistency sampling with the Distillation++ refinement (paper Sec. 3.1, Remarks).
 
     x_{i+1} = x0h + sigma_{i+1} * n', with n' independent of the renoise noise. form='eps' is
     the authors' choice for LCM / DMD2 students (its w is about sigma_i / sigma_r larger in effect).
     """
     run = prepare(model, x, sigmas, extra_args, noise_sampler)
-    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction)
+    guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction,
+                 renoise_generator)
     return _consistency_loop(run, guide, callback, disable)
 
 

@@ -65,10 +65,14 @@ class Run:
     def start(self) -> torch.Tensor:
         return self.x_in.to(self.dtype)
 
-    def call(self, model: Callable, x: torch.Tensor, sigma: float, extra_args: dict) -> torch.Tensor:
-        """model(x, sigma * s_in, **extra_args) in the model's dtype; the result in the step dtype."""
+    def call(self, model: Callable, x: torch.Tensor, sigma: float, extra_args: dict, who: str = "model (the student)",
+             where: str | None = None, error=validation.StudentOutputError) -> torch.Tensor:
+        """model(x, sigma * s_in, **extra_args) in the model's dtype; the result, checked (a tensor of
+        x's shape, finite), in the step dtype."""
         s_in = x.new_full((x.shape[0],), sigma)
-        return model(x.to(self.x_in.dtype), s_in, **extra_args).to(self.dtype)
+        out = model(x.to(self.x_in.dtype), s_in, **extra_args)
+        validation.check_denoiser_output(out, x, who, f"at sigma={sigma:.4g}" if where is None else where, error)
+        return out.to(self.dtype)
 
     def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         return self.call(self.model, x, sigma, self.extra_args)

@@ -6,9 +6,31 @@ Each message names the argument, says what was passed and what is expected.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+import numbers
+from collections.abc import Callable, Sequence
 
 import torch
+
+
+def is_bool(value) -> bool:
+    """Python, numpy or 0-d tensor booleans: refused where a number is expected (True is not a weight)."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and value.dtype == torch.bool
+    return isinstance(value, bool) or type(value).__name__ == "bool_"
+
+
+def is_real(value) -> bool:
+    """A real scalar: a Python or numpy number, or a 0-d real tensor; not a bool."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and not value.is_complex() and value.dtype != torch.bool
+    return isinstance(value, numbers.Real) and not is_bool(value)
+
+
+def is_integer(value) -> bool:
+    """An integer scalar: a Python or numpy int, or a 0-d integer tensor; not a bool."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
+    return isinstance(value, numbers.Integral) and not is_bool(value)
 
 
 def check_callable(name: str, value) -> None:
@@ -50,34 +72,11 @@ def check_options(name: str, value, allowed: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
-def step_weights(w, guided: Iterable[int], n_steps: int) -> list[float]:
-    """Expands `w` (a float, or one value per step) to one float per step, 0 off the guided steps."""
-    guided = sorted(set(guided))
-    if isinstance(w, (int, float)) and not isinstance(w, bool):
-        per_step = [float(w)] * n_steps
-    elif isinstance(w, torch.Tensor) and w.ndim == 0:
-        per_step = [float(w)] * n_steps
-    elif isinstance(w, (Sequence, torch.Tensor)) and not isinstance(w, (str, bytes)):
-        per_step = [float(v) for v in w]
-        if guided and len(per_step) <= guided[-1]:
-            raise ValueError(
-                f"w has {len(per_step)} values but step {guided[-1]} is guided; "
-                f"give one value per step (at least {guided[-1] + 1})"
-            )
-    else:
-        raise TypeError(f"w must be a float or a sequence of floats (one per step), got {type(w).__name__}")
-    for i in guided:
-        if not math.isfinite(per_step[i]) or per_step[i] < 0:
-            raise ValueError(f"w must be finite and >= 0, got {per_step[i]} for step {i}")
-    chosen = set(guided)
-    return [per_step[i] if i in chosen else 0.0 for i in range(n_steps)]
-
-
 def check_renoise(renoise) -> None:
     if isinstance(renoise, str):
         check_options("renoise", renoise, ("next", "current", "random"))
-    elif isinstance(renoise, (int, float)) and not isinstance(renoise, bool):
-        if not (math.isfinite(renoise) and renoise > 0):
+    elif is_real(renoise):
+        if not (math.isfinite(float(renoise)) and float(renoise) > 0):
             raise ValueError(f"a fixed renoise level must be a finite sigma > 0, got {renoise}")
     else:
         raise TypeError(f"renoise must be 'next', 'current', 'random' or a sigma > 0, got {renoise!r}")
@@ -88,6 +87,38 @@ def check_extra_args(name: str, value) -> None:
         raise TypeError(f"{name} must be a dict of keyword arguments or None, got {type(value).__name__}")
 
 
+def check_generator(name: str, value) -> None:
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(value).__name__}")
+
+
 def check_optional_callable(name: str, value: Callable | None) -> None:
     if value is not None and not callable(value):
         raise TypeError(f"{name} must be a callable (sigma, sigma_next) -> noise, or None; got {type(value).__name__}")
+
+
+class DenoiserOutputError(ValueError):
+    """A denoiser returned something other than a finite tensor of the latent's shape."""
+
+
+class StudentOutputError(DenoiserOutputError):
+    """The student (the sampled model) returned a bad estimate."""
+
+
+class TeacherOutputError(DenoiserOutputError):
+    """The teacher returned a bad estimate."""
+
+
+def check_denoiser_output(out, x: torch.Tensor, who: str, where: str, error: type[DenoiserOutputError]) -> None:
+    """Refuses an estimate that is not a tensor of x's shape, or that holds NaN/inf, naming the model
+    and where it was called, instead of sampling on with it (a (1,1,1,1) output would broadcast)."""
+    if not isinstance(out, torch.Tensor):
+        hint = " (a tuple: return its denoised tensor, e.g. wrap it as lambda x, s, **k: model(x, s, **k)[0])" \
+            if isinstance(out, tuple) else ""
+        raise error(f"{who} returned a {type(out).__name__} {where}; expected a tensor of the latent's "
+                    f"shape {tuple(x.shape)}{hint}")
+    if out.shape != x.shape:
+        raise error(f"{who} returned shape {tuple(out.shape)} {where}; expected the latent's shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(out).all()):
+        raise error(f"{who} returned non-finite values (NaN/inf) {where}; check its dtype (fp16 overflow?), "
+                    "its inputs and its conditioning")

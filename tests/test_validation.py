@@ -103,9 +103,8 @@ def test_teacher_guided_validates_up_front():
                                        history="teacher")
 
 
-def test_w_list_with_no_guided_step_is_fine():
-    student, teacher = call(w=[0.3, 0.1], guidance_steps=0)
-    assert teacher.calls == 0
+def test_w_list_positive_outside_explicit_guidance_steps_is_an_error():
+    with pytest.raises(ValueError, match=r"w\[0\]=0.3 but step 0 is not among guidance_steps=0"):
+        call(w=[0.3, 0.1], guidance_steps=0)
     student, teacher = call(w=0.3, guidance_steps=[torch.tensor(1)])
     assert teacher.calls == 1
-

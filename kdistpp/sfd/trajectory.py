@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..refine import check_teacher_output
+from ..validation import TeacherOutputError, check_denoiser_output
 from ..schedules import karras_ramp
 
 
@@ -66,8 +66,9 @@ def dpmpp_3m_trajectory(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args
     states, history, gaps = [x], [], []  # history: denoised estimates, newest last; gaps: their lambda steps
     steps = len(sig) - 1
     for i in range(steps):
-        denoised = model(state.to(x.dtype), state.new_full((x.shape[0],), sig[i]).to(x.dtype), **extra_args).to(dtype)
-        check_teacher_output(denoised, x, "teacher", f"at sigma {sig[i]:.4g}")
+        denoised = model(state.to(x.dtype), state.new_full((x.shape[0],), sig[i]).to(x.dtype), **extra_args)
+        check_denoiser_output(denoised, x, "teacher", f"at sigma {sig[i]:.4g}", TeacherOutputError)
+        denoised = denoised.to(dtype)
         h = math.log(sig[i] / sig[i + 1])
         order = min(3, len(history) + 1, steps - i)
         state = multistep_update(state, denoised, history, gaps, h, order)

@@ -1,0 +1,121 @@
+"""teacher_guided finds its guided steps by sigma: the same schedule from another library matches,
+a sampler that never evaluates a guided sigma warns, and the count of refined evaluations does not
+depend on rounding."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from k_diffusion import sampling as K
+
+import kdistpp
+from conftest import DEVICE, ElementwiseDenoiser
+
+SIGMA_MIN, SIGMA_MAX = 0.0292, 14.6146
+
+
+def latent(seed=0, shape=(2, 3, 4)):
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * SIGMA_MAX).to(DEVICE)
+
+
+def own_noise(seed, shape=(2, 3, 4)):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return lambda sigma, sigma_next: torch.randn(shape, generator=g, device=DEVICE)
+
+
+@contextlib.contextmanager
+def no_guidance_warnings():
+    """A context in which any GuidanceWarning fails the test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kdistpp.GuidanceWarning)
+        yield
+
+
+def test_k_diffusions_own_karras_schedule_is_guided_like_kdistpps():
+    ours = kdistpp.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX)
+    theirs = K.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX)
+    assert not torch.equal(ours, theirs)  # the two libraries round the same formula differently
+    assert torch.allclose(ours, theirs, rtol=1e-5)
+    x, student = latent(1), ElementwiseDenoiser()
+    results = []
+    for schedule in (ours, theirs):
+        teacher = ElementwiseDenoiser(bias=1.0)
+        wrapped = kdistpp.teacher_guided(student, teacher, ours, w=0.3, guidance_steps=2,
+                                         renoise_sampler=own_noise(4))
+        with no_guidance_warnings():
+            results.append(K.sample_euler(wrapped, x, schedule.to(DEVICE), disable=True))
+        assert teacher.calls == 2
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_wrapper_built_for_another_step_count_warns():
+    x, student, teacher = latent(2), ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0)
+    wrapped = kdistpp.teacher_guided(student, teacher, kdistpp.get_sigmas_karras(8, SIGMA_MIN, SIGMA_MAX), w=0.3)
+    with pytest.warns(kdistpp.GuidanceWarning, match="same sigmas"):
+        K.sample_euler(wrapped, x, kdistpp.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX).to(DEVICE), disable=True)
+
+
+def test_a_guided_step_the_sampler_never_evaluates_warns():
+    """Euler with churn evaluates at sigma_hat, never at the guided sigma_0: the refinement cannot fire."""
+    sigmas = kdistpp.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX)
+    x, student, teacher = latent(3), ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0)
+    wrapped = kdistpp.teacher_guided(student, teacher, sigmas, w=0.3)
+    with pytest.warns(kdistpp.GuidanceWarning, match="sigma_0"):
+        K.sample_euler(wrapped, x, sigmas.to(DEVICE), s_churn=1.0, disable=True)
+    assert teacher.calls == 0
+
+
+@pytest.mark.parametrize("sampler", [K.sample_euler, K.sample_heun, K.sample_lms, K.sample_dpmpp_2m,
+                                     K.sample_dpmpp_2s_ancestral, K.sample_dpmpp_sde, K.sample_euler_ancestral])
+def test_matching_runs_do_not_warn_and_a_wrapper_serves_several_runs(sampler):
+    sigmas = kdistpp.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX)
+    x, student, teacher = latent(4), ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0)
+    wrapped = kdistpp.teacher_guided(student, teacher, sigmas, w=0.3, guidance_steps=2, renoise_sampler=own_noise(1))
+    with no_guidance_warnings():
+        sampler(wrapped, x, sigmas.to(DEVICE), disable=True)
+        first = teacher.calls
+        sampler(wrapped, x, sigmas.to(DEVICE), disable=True)
+    assert first >= 2 and teacher.calls == 2 * first
+
+
+@pytest.mark.parametrize("guided", [1, 2, 3])
+def test_2s_ancestral_eta1_refined_evaluations_do_not_depend_on_rounding(guided):
+    """At eta = 1 the 2S midpoint is sqrt(sigma_i * sigma_down) = sigma_{i+1} exactly, so the
+    midpoint of every guided step but the last is also at a guided sigma: 2k - 1 refined
+    evaluations for k guided steps, in float32 and in float64 alike."""
+    counts = []
+    for dtype in (torch.float32, torch.float64):
+        sigmas = kdistpp.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX).to(dtype)
+        x, student, teacher = latent(5).to(dtype), ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0)
+        wrapped = kdistpp.teacher_guided(student, teacher, sigmas, w=0.3, guidance_steps=guided)
+        with no_guidance_warnings():
+            K.sample_dpmpp_2s_ancestral(wrapped, x, sigmas.to(DEVICE), eta=1.0, disable=True)
+        counts.append(teacher.calls)
+    assert counts == [2 * guided - 1] * 2
+
+
+def test_per_sample_sigmas_that_differ_are_refused():
+    sigmas = kdistpp.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX)
+    wrapped = kdistpp.teacher_guided(ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0), sigmas, w=0.3)
+    x = latent(6)
+    with pytest.raises(ValueError, match="per-sample sigmas"):
+        wrapped(x, torch.tensor([float(sigmas[0]), float(sigmas[1])], device=DEVICE))
+    same = torch.full((2,), float(sigmas[0]), device=DEVICE)
+    assert wrapped(x, same).shape == x.shape
+
+
+def test_numpy_arguments_are_accepted():
+    sigmas = kdistpp.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX)
+    x = latent(7)
+    results = []
+    for w, steps in ((0.25, 2), (np.float32(0.25), np.int64(2))):
+        teacher = ElementwiseDenoiser(bias=1.0)
+        wrapped = kdistpp.teacher_guided(ElementwiseDenoiser(), teacher, sigmas, w=w, guidance_steps=steps,
+                                         renoise=np.float64(0.5), renoise_sampler=own_noise(2))
+        results.append(K.sample_euler(wrapped, x, sigmas.to(DEVICE), disable=True))
+        assert teacher.calls == 2
+    torch.testing.assert_close(results[0], results[1])
