@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from conftest import DEVICE
-from kdistpp.sfd import MLPDenoiser, SFDConfig, SFDTrainer, polynomial_sigmas
+from kdistpp.sfd import MLPDenoiser, SFDConfig, SFDTrainer, polynomial_sigmas, sample_sfd, train_dsm
 
 S_DATA = 1.5  # the Gaussian data's std: its exact denoiser and PF-ODE solution are known in closed form
 
@@ -174,9 +174,35 @@ def test_config_bounds(kwargs, ok):
             config(**kwargs)
 
 
-def test_sfd_v_default_timestamps_use_the_first_step_count():
-    assert len(config(num_steps=(3, 5)).timestamps()) == 3
+def test_timestamps_are_only_given_for_trained_step_counts():
+    with pytest.raises(ValueError, match=r"SFD-v config trains num_steps in \(3, 5\): pass one"):
+        config(num_steps=(3, 5)).timestamps()
     assert len(config(num_steps=(3, 5)).timestamps(5)) == 5
+    assert len(config(num_steps=4).timestamps()) == 4
+    for cfg, n in [(config(num_steps=(3, 5)), 4), (config(num_steps=4), 5), (config(num_steps=4), True)]:
+        with pytest.raises(ValueError, match="not a timestamp count this config trains"):
+            cfg.timestamps(n)
+
+
+@pytest.mark.parametrize("num_steps,n", [((3, 4, 5, 6), 9), ((3, 4, 5, 6), None), (4, 3)])
+def test_sampling_a_student_at_an_untrained_step_count_is_refused_before_any_call(num_steps, n):
+    calls = []
+
+    def student(x, sigma, **extra):
+        calls.append(extra)
+        return x
+
+    with pytest.raises(ValueError, match="num_steps"):
+        sample_sfd(student, torch.zeros(2, 3), config(num_steps=num_steps), num_steps=n, disable=True)
+    assert calls == []
+
+
+def test_train_dsm_shows_progress(capsys):
+    net = MLPDenoiser(2, hidden=8, depth=1)
+    train_dsm(net, torch.randn(16, 2), 3, batch_size=4)
+    assert "DSM" in capsys.readouterr().err
+    train_dsm(net, torch.randn(16, 2), 3, batch_size=4, progress=False)
+    assert "DSM" not in capsys.readouterr().err
 
 
 def test_drawn_noise_has_the_sigma_max_scale():

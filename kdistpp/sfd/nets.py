@@ -74,11 +74,12 @@ class MLPDenoiser(nn.Module):
 
 
 def train_dsm(model: nn.Module, data: torch.Tensor, iterations: int, batch_size: int = 256, lr: float = 2e-3,
-              p_mean: float = -1.2, p_std: float = 1.2, seed: int = 0, progress: bool = False,
+              p_mean: float = -1.2, p_std: float = 1.2, seed: int = 0, progress: bool = True,
               labels: torch.Tensor | None = None, label_dropout: float = 0.0) -> list[float]:
     """Denoising score matching with EDM's log-normal sigmas and loss weight (Karras et al. 2022, Eq. 8).
 
-    Cosine-decayed Adam; returns the loss per iteration. With `labels` (one per row of data) the
+    Cosine-decayed Adam; returns the loss per iteration; a tqdm bar shows progress (progress=False
+    hides it). With `labels` (one per row of data) the
     model is trained class-conditionally, each label replaced by -1 (no class) with probability
     `label_dropout`, so one network gives both branches of classifier-free guidance.
     """

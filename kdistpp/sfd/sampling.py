@@ -26,11 +26,9 @@ class AnalyticFirstStep:
 def sfd_denoiser(student, config: SFDConfig, num_steps: int | None = None):
     """The student as the samplers should call it: AFS at the first timestamp if trained with it, and
     SFD-v's `num_steps` conditioning bound in."""
-    n = num_steps or config.step_choices[0]
+    n = config.trained_steps(num_steps)
     model = student
     if config.step_conditioned:
-        if n not in range(2, 64):
-            raise ValueError(f"num_steps must be a timestamp count >= 2, got {n!r}")
 
         def model(x, sigma, **extra_args):
             steps = torch.full((x.shape[0],), n, dtype=torch.long, device=x.device)
@@ -40,14 +38,13 @@ def sfd_denoiser(student, config: SFDConfig, num_steps: int | None = None):
 
 @torch.no_grad()
 def sample_sfd(student, x, config: SFDConfig, num_steps: int | None = None, extra_args=None, callback=None,
-               disable=None, *, teacher=None, w=0.0, **distpp):
+               disable=None, *, teacher=None, w=None, **distpp):
     """Euler through the student's timestamps, ending at sigma_min as trained (SFD Sec. 4; NFE = N - 1,
-    N - 2 with AFS). `x` is unit noise times config.sigma_max. With a `teacher` and w > 0 the first
-    step is refined by Distillation++ (Park et al. 2024, eq. 9; further keywords as in
+    N - 2 with AFS). `x` is unit noise times config.sigma_max. `num_steps` must be a count the
+    student was trained for (required for SFD-v). With a `teacher` and w > 0 the first step is
+    refined by Distillation++ (Park et al. 2024, eq. 9; further keywords as in
     `kdistpp.sample_euler_distpp`), at the cost of one teacher call."""
-    n = num_steps or config.step_choices[0]
+    n = config.trained_steps(num_steps)
     sigmas = config.timestamps(n, device=x.device)
     model = sfd_denoiser(student, config, n)
-    return sample_euler_distpp(model, x, sigmas, extra_args, callback, disable,
-                               teacher=teacher if teacher is not None else model, w=w if teacher is not None else 0.0,
-                               **distpp)
+    return sample_euler_distpp(model, x, sigmas, extra_args, callback, disable, teacher=teacher, w=w, **distpp)

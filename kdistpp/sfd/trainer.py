@@ -8,6 +8,7 @@ and after each step takes one optimizer step on the L1 distance to the teacher's
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import random
 from typing import Callable, Sequence
 
@@ -65,9 +66,22 @@ class SFDConfig:
     def step_conditioned(self) -> bool:
         return not isinstance(self.num_steps, int)
 
+    def trained_steps(self, n: int | None = None) -> int:
+        """n checked against the timestamp counts this config trains: a student sampled at a count it
+        was not trained for walks timestamps it never saw. None means the one count of a plain SFD
+        config; an SFD-v config trains several, so it needs n."""
+        if n is None:
+            if self.step_conditioned:
+                raise ValueError(f"this SFD-v config trains num_steps in {self.step_choices}: pass one of them")
+            return self.num_steps
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or int(n) not in self.step_choices:
+            raise ValueError(f"num_steps={n!r} is not a timestamp count this config trains {self.step_choices}; "
+                             "pick one of them, or train a student for it")
+        return int(n)
+
     def timestamps(self, n: int | None = None, device="cpu") -> torch.Tensor:
         """The student's sampling schedule for N = n timestamps (ends at sigma_min, no zero)."""
-        return polynomial_sigmas(n or self.step_choices[0], self.sigma_min, self.sigma_max, self.rho, device)
+        return polynomial_sigmas(self.trained_steps(n), self.sigma_min, self.sigma_max, self.rho, device)
 
 
 def _distributed() -> tuple[int, int]:
