@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from . import validation
-from .guided_steps import GuidanceWarning
+from .guided_steps import GuidanceWarning, caller_stacklevel
 from .refine import Guidance, plan
 from .steps import Run, default_noise_sampler
 
@@ -82,7 +82,7 @@ class TeacherGuidedDenoiser:
                 f"teacher_guided: the sampler evaluated sigma={value:.6g} without ever evaluating the schedule's "
                 f"sigma_{j}={self._schedule[j]:.6g}, so the guidance built on it did not act as set: pass the sampler "
                 "the same sigmas as teacher_guided, and no churn (s_churn=0) on guided steps", GuidanceWarning,
-                stacklevel=3)
+                stacklevel=caller_stacklevel())
 
     def __call__(self, x, sigma, **extra_args):
         denoised = self.student(x, sigma, **extra_args)

@@ -13,6 +13,8 @@ Every value a caller passes either acts or is refused: a w > 0 that guides no st
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -117,5 +119,16 @@ def step_weights(w, guidance_steps, sigmas: list[float]) -> tuple[float, ...]:
     if any(v > 0 for v in per_step) and not any(v > 0 for v in weights):
         warnings.warn(f"w={w!r} guides no step: guidance_steps={guidance_steps!r} selects none of this schedule's "
                       f"{n_steps} steps (sigmas {[round(s, 4) for s in sigmas]}); the run is the unguided baseline",
-                      GuidanceWarning, stacklevel=4)
+                      GuidanceWarning, stacklevel=caller_stacklevel())
     return weights
+
+
+def caller_stacklevel() -> int:
+    """The warnings stacklevel of the first frame outside kdistpp and torch's no_grad wrapper, so a
+    warning points at the user's call whichever public function led here."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(package)
+                                 or frame.f_code.co_filename.endswith(os.path.join("utils", "_contextlib.py"))):
+        frame, level = frame.f_back, level + 1
+    return level

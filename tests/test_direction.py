@@ -149,9 +149,11 @@ def test_sigma_window_outside_the_schedule_guides_nothing():
     x = (torch.randn(2, 3, 4) * SIG[0]).to(DEVICE)
     teacher = Recorder()
     plain = kdistpp.sample_euler_distpp(Recorder(), x, SIGMAS, teacher=teacher, w=0.0, disable=True)
-    out = kdistpp.sample_euler_distpp(Recorder(), x, SIGMAS, teacher=teacher, w=0.5, disable=True,
-                                      guidance_steps=kdistpp.SigmaWindow(100.0, 200.0))
+    with pytest.warns(kdistpp.GuidanceWarning, match="guides no step") as record:
+        out = kdistpp.sample_euler_distpp(Recorder(), x, SIGMAS, teacher=teacher, w=0.5, disable=True,
+                                          guidance_steps=kdistpp.SigmaWindow(100.0, 200.0))
     assert teacher.calls == 0 and torch.equal(out, plain)
+    assert record[0].filename == __file__  # the warning points at the caller's line
 
 
 def test_random_renoise_level_is_log_uniform_over_the_positive_schedule():
