@@ -6,8 +6,10 @@ the SAMPLER our node's FUNCTION returns, and ComfyUI's model management. Needs C
 requirements: `.ci/run` runs this file in .venv-comfyui; elsewhere it skips with the reason.
 
 Tolerance at w = 0: ComfyUI keeps sigmas as float32 tensors, kdistpp does its scalar step math in
-float64, so the samples agree to float32 rounding (rtol 1e-4 after a few steps through a UNet),
-not bit for bit.
+float64, so the samples agree to float32 rounding, not bit for bit. A random UNet's samples reach a
+few hundred, and a one-ulp change of ComfyUI's own float32 sigmas moves its 2S ancestral sample by
+2e-6 (at the seed compared) to 6e-5 (other seeds) of that scale after four steps; the absolute
+tolerance is 1e-5 of the sample's scale, a seed's change moves it by far more (checked).
 """
 
 from __future__ import annotations
@@ -89,9 +91,10 @@ def test_w0_equals_comfyuis_own_sampler_at_the_same_seed(comfy, node, base):
     calls = Calls(teacher)
     ours = sample(comfy, student, distpp(node, student, teacher, base, 0.0), sig, seed=11)
     calls.remove()
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    atol = 1e-5 * float(theirs.abs().max())  # float32 rounding at the sample's scale (module docstring)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=atol)
     other_seed = sample(comfy, student, comfy.samplers.ksampler(BASES[base]), sig, seed=12)
-    assert (other_seed - theirs).abs().max() > 1e-3  # the comparison can fail
+    assert (other_seed - theirs).abs().max() > 100 * atol  # the comparison can fail
     assert calls.count == len(sig) - 1 + (len(sig) - 2 if base == "dpmpp_2s_ancestral" else 0)  # student calls only
 
 
