@@ -168,6 +168,21 @@ def test_renoise_noise_follows_the_seed_and_draws_nothing_from_the_global_rng(co
     assert (run(8, 0.4)[0] - a).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("seed", [0xFFFFFFFFFFFFFFFF, 0xFFFFFFFFFFFFFFFF - 0x5EED])
+def test_the_top_seeds_renoise_without_overflow(comfy, node, seed):
+    """ComfyUI's seed widget goes up to 2**64 - 1; the renoise stream's seed (the seed plus an offset)
+    wraps into what torch.Generator takes, including the seed whose offset lands on 2**64 - 1
+    (ComfyUI's own CPU noise sampler adds 1 to the seed it is given)."""
+    teacher, student = tiny_sd15(comfy, 0), tiny_sd15(comfy, 5)
+    sig = sigmas(comfy, student)
+    calls = Calls(teacher)
+    out = sample(comfy, student, distpp(node, student, teacher, "euler", 0.4), sig, seed=seed)
+    calls.remove()
+    again = sample(comfy, student, distpp(node, student, teacher, "euler", 0.4), sig, seed=seed)
+    assert calls.count == 1 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, again)
+
+
 @pytest.mark.parametrize("mode", ["img2img", "inpaint"])
 def test_img2img_and_inpaint_with_a_teacher(comfy, node, mode):
     teacher, student = tiny_sd15(comfy, 0), tiny_sd15(comfy, 5)

@@ -10,6 +10,7 @@ import pathlib
 import sys
 
 import pytest
+import torch
 
 import kdistpp
 from kdistpp.integrations import comfyui
@@ -42,3 +43,13 @@ def test_sigma_window_option():
     assert comfyui.guided_steps_option(2, 0.5, 3.0) == kdistpp.SigmaWindow(0.5, 3.0)
     with pytest.raises(ValueError, match="SigmaWindow"):
         comfyui.guided_steps_option(2, 3.0, 0.5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**64 - 1 - comfyui.RENOISE_SEED_OFFSET, 2**64 - 1])
+def test_renoise_seed_stays_in_the_range_torch_generators_take(seed):
+    """ComfyUI's seeds go up to 2**64 - 1; the renoise seed (seed + offset) wraps around, stays
+    distinct from the seed, and seeds a generator."""
+    wrapped = comfyui.renoise_seed(seed)
+    assert 0 <= wrapped < 2**64 and wrapped != seed
+    assert wrapped == (seed + comfyui.RENOISE_SEED_OFFSET) % 2**64
+    torch.Generator().manual_seed(wrapped)

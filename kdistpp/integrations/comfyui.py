@@ -22,6 +22,7 @@ This module imports without ComfyUI; the node only needs it when it runs. Instal
 from __future__ import annotations
 
 import inspect
+from types import SimpleNamespace
 
 import torch
 
@@ -32,6 +33,7 @@ from ..registry import BY_NAME, REGISTRY
 RENOISE = ("next", "current", "random")
 CATEGORY = "sampling/custom_sampling/samplers"
 RENOISE_SEED_OFFSET = 0x5EED  # the renoise generator's seed = ComfyUI's seed + this; its own stream
+SEED_RANGE = 2**64  # ComfyUI's seeds are 0 ... 2**64 - 1; torch.Generator.manual_seed takes those (and negatives)
 
 
 def comfy_modules():
@@ -44,7 +46,8 @@ def comfy_modules():
     except ImportError as err:
         raise RuntimeError("the kdistpp Distillation++ node runs inside ComfyUI (comfy.samplers was not found); "
                            "install it into ComfyUI's custom_nodes as docs/comfyui.md describes") from err
-    return samplers, management, k_sampling, model_sampling
+    return SimpleNamespace(samplers=samplers, management=management, k_sampling=k_sampling,
+                           model_sampling=model_sampling)
 
 
 class ComfyTeacher:
@@ -55,8 +58,8 @@ class ComfyTeacher:
     """
 
     def __init__(self, teacher_patcher, positive, negative, cfg: float, student, sigmas, extra_args: dict):
-        self.samplers, self.management, _, _ = comfy_modules()
-        self.guider = self.samplers.CFGGuider(teacher_patcher)
+        self.comfy = comfy_modules()
+        self.guider = self.comfy.samplers.CFGGuider(teacher_patcher)
         self.guider.set_conds(positive, negative)
         self.guider.set_cfg(cfg)
         self.student, self.sigmas = student, sigmas
@@ -78,12 +81,12 @@ class ComfyTeacher:
         latent = inner.process_latent_out(latent) if torch.count_nonzero(latent) > 0 else latent
         current = getattr(inner, "current_patcher", None)
         try:
-            self.guider.sample(self.student.noise, latent, self.samplers.KSAMPLER(one_call), self.sigmas,
+            self.guider.sample(self.student.noise, latent, self.comfy.samplers.KSAMPLER(one_call), self.sigmas,
                                denoise_mask=self.mask, disable_pbar=True, seed=self.seed)
         finally:
             # A LoRA student is a clone of its teacher: one BaseModel, whose weights the teacher's load
             # re-patched and whose current patcher the teacher's cleanup cleared. Give both back.
-            self.management.load_models_gpu([student_guider.model_patcher])
+            self.comfy.management.load_models_gpu([student_guider.model_patcher])
             if current is not None:
                 inner.current_patcher = current
         self.calls += 1
@@ -95,20 +98,38 @@ def comfy_noise_sampler(k_sampling, x, seed):
     return k_sampling.default_noise_sampler(x, seed=seed)
 
 
+def renoise_seed(seed: int) -> int:
+    """The renoise stream's seed: ComfyUI's seed plus an offset, wrapped into ComfyUI's seed range
+    (which torch.Generator.manual_seed takes), so the top seeds do not overflow."""
+    return (int(seed) + RENOISE_SEED_OFFSET) % SEED_RANGE
+
+
+def renoise_generator(x, seed) -> torch.Generator | None:
+    """The renoise noise's own generator, on the latent's device; None (the global RNG) without a seed."""
+    if seed is None:
+        return None
+    return torch.Generator(device=x.device).manual_seed(renoise_seed(seed))
+
+
+def generator_noise_sampler(x, generator):
+    """Unit noise of x's shape from `generator` (the global RNG when None)."""
+    return lambda sigma, sigma_next: torch.randn(x.shape, dtype=x.dtype, layout=x.layout, device=x.device,
+                                                 generator=generator)
+
+
 def sample_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, *, teacher_model, positive, negative,
                   teacher_cfg, base, w, guidance_steps, form, renoise, direction="student"):
     """The SAMPLER's function, called by ComfyUI's KSAMPLER.sample with the student wrapped as `model`."""
-    _, _, k_sampling, _ = comfy_modules()
+    comfy = comfy_modules()
     extra_args = {} if extra_args is None else extra_args
     seed = extra_args.get("seed")
     teacher = ComfyTeacher(teacher_model, positive, negative, teacher_cfg, model, sigmas, extra_args)
     takes_noise = "noise_sampler" in inspect.signature(BY_NAME[base].fn).parameters
-    noise = {"noise_sampler": comfy_noise_sampler(k_sampling, x, seed)} if takes_noise else {}
-    renoise_seed = None if seed is None else seed + RENOISE_SEED_OFFSET
+    noise = {"noise_sampler": comfy_noise_sampler(comfy.k_sampling, x, seed)} if takes_noise else {}
+    generator = renoise_generator(x, seed)
     return BY_NAME[base].fn(model, x, sigmas, extra_args, callback, disable, teacher=teacher, w=w,
                             guidance_steps=guidance_steps, form=form, renoise=renoise, teacher_extra_args={},
-                            direction=direction, renoise_sampler=comfy_noise_sampler(k_sampling, x, renoise_seed),
-                            **noise)
+                            direction=direction, renoise_sampler=generator_noise_sampler(x, generator), **noise)
 
 
 def same_latent_space(student, teacher) -> None:
@@ -182,13 +203,13 @@ class DistillationPPSampler:
 
     def build(self, student, teacher, teacher_positive, teacher_negative, teacher_cfg, base_sampler, w, guided_steps,
               form, renoise, direction="student", guide_sigma_min=0.0, guide_sigma_max=0.0):
-        samplers, _, _, model_sampling = comfy_modules()
+        comfy = comfy_modules()
         same_latent_space(student, teacher)
-        refuse_flow_models(model_sampling, student=student, teacher=teacher)
+        refuse_flow_models(comfy.model_sampling, student=student, teacher=teacher)
         steps = guided_steps_option(guided_steps, guide_sigma_min, guide_sigma_max)
         options = dict(teacher_model=teacher, positive=teacher_positive, negative=teacher_negative, teacher_cfg=teacher_cfg,
                        base=base_sampler, w=w, guidance_steps=steps, form=form, renoise=renoise, direction=direction)
-        return (samplers.KSAMPLER(sample_distpp, extra_options=options),)
+        return (comfy.samplers.KSAMPLER(sample_distpp, extra_options=options),)
 
 
 NODE_CLASS_MAPPINGS = {"KdistppDistillationPPSampler": DistillationPPSampler}
