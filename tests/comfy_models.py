@@ -47,6 +47,29 @@ def lora_clone(comfy, base, seed: int, strength: float = 1.0):
     return student
 
 
+def tiny_controlnet(comfy, seed: int):
+    """A ControlNet for `tiny_sd15`, built as ComfyUI's ControlNet loader builds one: its `cldm`
+    network (the UNet's config without the output channels, an RGB hint) wrapped in
+    `comfy.controlnet.ControlNet`, whose own ModelPatcher is what sampling loads."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+
+    config = {k: v for k, v in UNET.items() if k != "out_channels"}
+    network = comfy.cldm.cldm.ControlNet(**config, hint_channels=3, dtype=torch.float32, device=torch.device("cpu"),
+                                         operations=comfy.ops.disable_weight_init)
+    fill(network, seed)
+    return comfy.controlnet.ControlNet(network, load_device=comfy.model_management.get_torch_device())
+
+
+def controlled(comfy, control_net, positive, negative, strength: float = 1.0):
+    """Conditioning with the ControlNet applied, by ComfyUI's ControlNetApplyAdvanced node (a grey hint)."""
+    import nodes
+
+    hint = torch.full((1, 64, 64, 3), 0.5)
+    return nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control_net, hint, strength, 0.0, 1.0)
+
+
 def conditioning(seed: int, batch: int = 1):
     g = torch.Generator().manual_seed(seed)
     return [[torch.randn(batch, 7, CONTEXT, generator=g), {}]]

@@ -21,7 +21,7 @@ import sys
 import pytest
 import torch
 
-from comfy_models import conditioning, lora_clone, tiny_sd15
+from comfy_models import conditioning, controlled, lora_clone, tiny_controlnet, tiny_sd15
 from hosts import import_comfy
 
 BASES = {"euler": "euler", "euler_ancestral": "euler_ancestral", "dpmpp_2s_ancestral": "dpmpp_2s_ancestral",
@@ -129,6 +129,45 @@ def test_teacher_is_not_loaded_at_w0_or_with_no_guided_step(comfy, node, monkeyp
     sample(comfy, student, distpp(node, student, teacher, "euler", 0.4, guided_steps=1), sig)
     calls.remove()
     assert calls.count == 1 and calls.batches == [2] and any(m is teacher for m in loaded)
+
+
+def test_models_the_students_sampling_loaded_are_loaded_again_after_each_teacher_call(comfy, node, monkeypatch):
+    """A ControlNet on the student's conditioning (ComfyUI's ControlNetApplyAdvanced) is loaded by the
+    student's sampling; the teacher's load may evict it (here the host has room for one sampling's
+    models, as a small GPU would). After each teacher call the student's patcher is loaded again
+    together with what its sampling loaded, with the memory estimate that sampling used."""
+    management = comfy.model_management
+    teacher, student = tiny_sd15(comfy, 0), tiny_sd15(comfy, 5)
+    control_net = tiny_controlnet(comfy, 2)
+    positive, negative = controlled(comfy, control_net, conditioning(1), conditioning(2))
+    original = management.load_models_gpu
+    student_loads = []  # (models, memory_required, minimum_memory_required) of each load with the student
+
+    def room_for_one_sampling(models, *args, **kwargs):
+        if any(m is teacher for m in models):
+            management.unload_all_models()
+        if any(m is student for m in models):
+            student_loads.append(({id(m) for m in models}, kwargs.get("memory_required"),
+                                  kwargs.get("minimum_memory_required")))
+        return original(models, *args, **kwargs)
+
+    monkeypatch.setattr(management, "load_models_gpu", room_for_one_sampling)
+    seen = []  # at each ControlNet call (one per student call): are the ControlNet and the student loaded
+    hook = control_net.control_model.register_forward_pre_hook(lambda module, args: seen.append(
+        (control_net.control_model_wrapped in management.loaded_models(), student in management.loaded_models())))
+    calls = Calls(teacher)
+    sig = sigmas(comfy, student)
+    try:
+        sample(comfy, student, distpp(node, student, teacher, "euler", 0.5, guided_steps=2), sig,
+               positive=positive, negative=negative)
+    finally:
+        hook.remove()
+        calls.remove()
+    assert calls.count == 2  # two teacher calls, each of which evicted the student's models
+    assert seen == [(True, True)] * (len(sig) - 1)
+    assert len(student_loads) == 3  # the student's sampling, then once after each teacher call
+    assert id(control_net.control_model_wrapped) in student_loads[0][0] and student_loads[0][1] > 0
+    assert student_loads[1] == student_loads[0] and student_loads[2] == student_loads[0]
 
 
 def test_teacher_gets_comfyuis_model_preparation(comfy, node):

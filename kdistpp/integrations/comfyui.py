@@ -7,9 +7,11 @@ model SamplerCustom passes in (with its own conditioning, CFG, patches and memor
 The teacher is sampled through ComfyUI's own path at every guided call: a `CFGGuider` for the
 teacher runs `sample` with a one-call sampler, so its LoRAs, model patches, wrappers, hooks,
 `transformer_options` (with the student's `sample_sigmas`), conditioning (img2img latent, inpaint
-mask) and model loading are ComfyUI's. Afterwards the student's patcher is loaded again: a
-LoRA student is a clone of its teacher and shares its weights, and loading one patches the
-shared weights for it. At w = 0 or with no guided step the teacher is never loaded.
+mask) and model loading are ComfyUI's. Afterwards the student's patcher is loaded again, together
+with the models its sampling loaded (ControlNets, adapters: the teacher's load may have evicted
+them) and the memory estimate ComfyUI's `prepare_sampling` used: a LoRA student is a clone of its
+teacher and shares its weights, and loading one patches the shared weights for it. At w = 0 or
+with no guided step the teacher is never loaded.
 
 Noise follows ComfyUI's seed: ancestral and consistency steps draw from ComfyUI's own
 `default_noise_sampler(x, seed)`, so at w = 0 every base sampler equals ComfyUI's sampler of the
@@ -42,12 +44,13 @@ def comfy_modules():
         import comfy.k_diffusion.sampling as k_sampling
         import comfy.model_management as management
         import comfy.model_sampling as model_sampling
+        import comfy.sampler_helpers as sampler_helpers
         import comfy.samplers as samplers
     except ImportError as err:
         raise RuntimeError("the kdistpp Distillation++ node runs inside ComfyUI (comfy.samplers was not found); "
                            "install it into ComfyUI's custom_nodes as docs/comfyui.md describes") from err
     return SimpleNamespace(samplers=samplers, management=management, k_sampling=k_sampling,
-                           model_sampling=model_sampling)
+                           model_sampling=model_sampling, sampler_helpers=sampler_helpers)
 
 
 class ComfyTeacher:
@@ -67,6 +70,7 @@ class ComfyTeacher:
         mask = extra_args.get("denoise_mask")
         self.mask = mask[:, :1] if mask is not None and mask.ndim == 4 else mask  # as a user mask: one channel
         self.calls = 0
+        self.student_memory = None  # (memory_required, minimum_memory_required) of the student's sampling
 
     def __call__(self, x, sigma, **_student_extra_args):
         result = {}
@@ -85,12 +89,28 @@ class ComfyTeacher:
                                denoise_mask=self.mask, disable_pbar=True, seed=self.seed)
         finally:
             # A LoRA student is a clone of its teacher: one BaseModel, whose weights the teacher's load
-            # re-patched and whose current patcher the teacher's cleanup cleared. Give both back.
-            self.comfy.management.load_models_gpu([student_guider.model_patcher])
+            # re-patched and whose current patcher the teacher's cleanup cleared. Give both back, and
+            # load again what the student's sampling loaded (ControlNets, adapters) that the teacher's
+            # load may have evicted.
+            self.reload_student(student_guider)
             if current is not None:
                 inner.current_patcher = current
         self.calls += 1
         return result["denoised"]
+
+    def reload_student(self, guider) -> None:
+        """Loads the student's patcher with the models its sampling loaded, as ComfyUI's
+        `prepare_sampling` loaded them: the same list and the same memory estimate."""
+        patcher, helpers = guider.model_patcher, self.comfy.sampler_helpers
+        extra = list(getattr(guider, "loaded_models", None) or [])  # CFGGuider.outer_sample keeps them there
+        conds = getattr(guider, "conds", None) or {}
+        if self.student_memory is None:
+            memory, minimum = helpers.estimate_memory(patcher, self.student.noise.shape, conds)
+            _, inference = helpers.get_additional_models(conds, patcher.model_dtype())
+            self.student_memory = memory + inference, minimum + inference
+        memory, minimum = self.student_memory
+        self.comfy.management.load_models_gpu([patcher] + extra, memory_required=memory,
+                                              minimum_memory_required=minimum)
 
 
 def comfy_noise_sampler(k_sampling, x, seed):
