@@ -108,8 +108,10 @@ def test_teacher_guided_passes_each_calls_extra_args_and_keeps_dtype():
     fixed = kdistpp.teacher_guided(student, teacher, SIGMAS, w=0.3, teacher_extra_args={"cond": "t"})
     fixed(x, SIGMAS[:1].to(DEVICE).expand(2), cond="c")
     assert teacher.inputs[1][2] == {"cond": "t"}
-    # unguided sigma: passes through, student output unchanged
-    torch.testing.assert_close(wrapped(x, SIGMAS[2:3].to(DEVICE).expand(2)), student(x, SIGMAS[2:3].to(DEVICE).expand(2)))
+    # unguided sigma: passes through, student output unchanged (and, as sigma_1 was skipped, a warning)
+    with pytest.warns(kdistpp.GuidanceWarning, match="sigma_1"):
+        passed = wrapped(x, SIGMAS[2:3].to(DEVICE).expand(2))
+    torch.testing.assert_close(passed, student(x, SIGMAS[2:3].to(DEVICE).expand(2)))
 
 
 def test_zero_dim_tensor_w_equals_float_w():
