@@ -210,7 +210,7 @@ def make_sampler_function(entry, webui_factory=webui_modules, denoiser_classes=N
         if "noise_sampler" in parameters and options.get("noise_sampler") is None and hasattr(p, "rng"):
             options["noise_sampler"] = webui_noise(p)
         if settings.teacher is None or settings.w == 0:
-            return sampler(model, x, sigmas, extra_args, callback, disable, teacher=model, w=0.0, **options)
+            return sampler(model, x, sigmas, extra_args, callback, disable, **options)  # the plain sampler
         webui = webui_factory()
         teacher = (forge_teacher(webui, model, settings.teacher) if is_forge(webui)
                    else a1111_teacher(webui, model, settings.teacher, denoiser_classes))
