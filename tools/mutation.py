@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # fastest and most sensitive first: -x stops at the first failure
 CORE_TESTS = ["tests/test_direction.py", "tests/test_sampler_options.py", "tests/test_validation.py",
+              "tests/test_model_outputs.py", "tests/test_guidance_settings.py", "tests/test_teacher_guided_schedule.py",
               "tests/test_distpp.py", "tests/test_baselines.py", "tests/test_host_comfyui_samplers.py"]
 SFD_TESTS = ["tests/test_sfd.py", "tests/test_sfd_mechanics.py"]
 SCOPE = {
