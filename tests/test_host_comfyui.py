@@ -75,11 +75,11 @@ def sample(comfy, model, sampler, sig, positive=None, negative=None, cfg=1.0, se
     return out.result[0]["samples"]
 
 
-def distpp(node, student, teacher, base, w, **kw):
+def distpp(node, teacher, base, w, **kw):
     options = dict(teacher_positive=conditioning(1), teacher_negative=conditioning(2), teacher_cfg=3.0,
                    base_sampler=base, w=w, guided_steps=1, form="interpolate", renoise="next")
     options.update(kw)
-    return getattr(node, node.FUNCTION)(student, teacher, **options)[0]
+    return getattr(node, node.FUNCTION)(teacher, **options)[0]
 
 
 @pytest.mark.parametrize("base", BASES)
@@ -89,7 +89,7 @@ def test_w0_equals_comfyuis_own_sampler_at_the_same_seed(comfy, node, base):
     sig = sigmas(comfy, student)
     theirs = sample(comfy, student, comfy.samplers.ksampler(BASES[base]), sig, seed=11)
     calls = Calls(teacher)
-    ours = sample(comfy, student, distpp(node, student, teacher, base, 0.0), sig, seed=11)
+    ours = sample(comfy, student, distpp(node, teacher, base, 0.0), sig, seed=11)
     calls.remove()
     atol = 1e-5 * float(theirs.abs().max())  # float32 rounding at the sample's scale (module docstring)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=atol)
@@ -104,7 +104,7 @@ def test_lora_student_keeps_its_patches_around_every_teacher_call(comfy, node, b
     student = lora_clone(comfy, teacher, 1)
     sig = sigmas(comfy, student)
     calls = Calls(teacher)  # the one UNet module both patchers share
-    guided = sample(comfy, student, distpp(node, student, teacher, base, 0.5, guided_steps=2), sig, cfg=1.0)
+    guided = sample(comfy, student, distpp(node, teacher, base, 0.5, guided_steps=2), sig, cfg=1.0)
     calls.remove()
     # student, teacher (cfg 3: batch 2), student, teacher, student, student
     assert calls.batches == [1, 2, 1, 2, 1, 1]
@@ -123,10 +123,10 @@ def test_teacher_is_not_loaded_at_w0_or_with_no_guided_step(comfy, node, monkeyp
     monkeypatch.setattr(comfy.model_management, "load_models_gpu",
                         lambda models, *a, **k: (loaded.extend(models), original(models, *a, **k))[1])
     calls = Calls(teacher)
-    sample(comfy, student, distpp(node, student, teacher, "euler", 0.0), sig)
-    sample(comfy, student, distpp(node, student, teacher, "euler", 0.4, guided_steps=0), sig)
+    sample(comfy, student, distpp(node, teacher, "euler", 0.0), sig)
+    sample(comfy, student, distpp(node, teacher, "euler", 0.4, guided_steps=0), sig)
     assert calls.count == 0 and all(m is not teacher for m in loaded)
-    sample(comfy, student, distpp(node, student, teacher, "euler", 0.4, guided_steps=1), sig)
+    sample(comfy, student, distpp(node, teacher, "euler", 0.4, guided_steps=1), sig)
     calls.remove()
     assert calls.count == 1 and calls.batches == [2] and any(m is teacher for m in loaded)
 
@@ -158,7 +158,7 @@ def test_models_the_students_sampling_loaded_are_loaded_again_after_each_teacher
     calls = Calls(teacher)
     sig = sigmas(comfy, student)
     try:
-        sample(comfy, student, distpp(node, student, teacher, "euler", 0.5, guided_steps=2), sig,
+        sample(comfy, student, distpp(node, teacher, "euler", 0.5, guided_steps=2), sig,
                positive=positive, negative=negative)
     finally:
         hook.remove()
@@ -184,7 +184,7 @@ def test_teacher_gets_comfyuis_model_preparation(comfy, node):
 
     teacher.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, "kdistpp-test", wrapper)
     sig = sigmas(comfy, student)
-    sample(comfy, student, distpp(node, student, teacher, "euler", 0.4), sig)
+    sample(comfy, student, distpp(node, teacher, "euler", 0.4), sig)
     assert len(seen) == 1  # the teacher's one call went through its wrapper
     assert seen[0] is not None and torch.equal(seen[0].cpu(), sig.cpu())  # with the student's schedule
 
@@ -197,7 +197,7 @@ def test_renoise_noise_follows_the_seed_and_draws_nothing_from_the_global_rng(co
     sig = sigmas(comfy, student)
 
     def run(seed, w):
-        out = sample(comfy, student, distpp(node, student, teacher, "euler_ancestral", w), sig, seed=seed)
+        out = sample(comfy, student, distpp(node, teacher, "euler_ancestral", w), sig, seed=seed)
         return out, torch.rand(4)
 
     (a, after_guided), (b, _) = run(7, 0.4), run(7, 0.4)
@@ -215,9 +215,9 @@ def test_the_top_seeds_renoise_without_overflow(comfy, node, seed):
     teacher, student = tiny_sd15(comfy, 0), tiny_sd15(comfy, 5)
     sig = sigmas(comfy, student)
     calls = Calls(teacher)
-    out = sample(comfy, student, distpp(node, student, teacher, "euler", 0.4), sig, seed=seed)
+    out = sample(comfy, student, distpp(node, teacher, "euler", 0.4), sig, seed=seed)
     calls.remove()
-    again = sample(comfy, student, distpp(node, student, teacher, "euler", 0.4), sig, seed=seed)
+    again = sample(comfy, student, distpp(node, teacher, "euler", 0.4), sig, seed=seed)
     assert calls.count == 1 and torch.isfinite(out).all()
     torch.testing.assert_close(out, again)
 
@@ -232,9 +232,9 @@ def test_img2img_and_inpaint_with_a_teacher(comfy, node, mode):
         mask = torch.zeros(1, 8, 8)
         mask[:, 2:6, 2:6] = 1.0
     calls = Calls(teacher)
-    out = sample(comfy, student, distpp(node, student, teacher, "euler", 0.5), sig, latent=latent, mask=mask)
+    out = sample(comfy, student, distpp(node, teacher, "euler", 0.5), sig, latent=latent, mask=mask)
     calls.remove()
-    plain = sample(comfy, student, distpp(node, student, teacher, "euler", 0.0), sig, latent=latent, mask=mask)
+    plain = sample(comfy, student, distpp(node, teacher, "euler", 0.0), sig, latent=latent, mask=mask)
     assert calls.count == 1 and torch.isfinite(out).all()
     changed = (out - plain).abs() > 1e-4
     if mode == "inpaint":  # the teacher changes the masked region only; the rest is the source latent
@@ -244,25 +244,65 @@ def test_img2img_and_inpaint_with_a_teacher(comfy, node, mode):
         assert changed.any()
 
 
-def test_flow_models_are_refused(comfy, node):
-    import comfy.latent_formats
-    import comfy.model_sampling
+class FlowSampling:
+    """A flow-matching model_sampling (ComfyUI's CONST, as SD3 and Flux use) for a tiny SD1.5 patcher."""
 
+    def __new__(cls, comfy, patcher):
+        class Flow(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
+            pass
+
+        flow = patcher.clone()
+        flow.add_object_patch("model_sampling", Flow(flow.model.model_config))
+        return flow
+
+
+@pytest.mark.parametrize("which", ["sampled", "teacher"])
+def test_flow_models_are_refused_at_sampling_time_before_any_model_call(comfy, node, which):
+    """The node has no student input: the model SamplerCustom samples is checked when it samples,
+    and the error (which ComfyUI shows as SamplerCustom's) names the input to change."""
     teacher, student = tiny_sd15(comfy, 0), tiny_sd15(comfy, 5)
-    flow = student.clone()
+    sig = sigmas(comfy, student)
+    if which == "sampled":
+        student, expected = FlowSampling(comfy, student), "SamplerCustom's `model` input"
+    else:
+        teacher, expected = FlowSampling(comfy, teacher), "`teacher` input"
+    sampler = distpp(node, teacher, "euler", 0.3)  # building it checks nothing
+    calls = [Calls(teacher), Calls(student)]
+    try:
+        with pytest.raises(ValueError, match="flow-matching") as err:
+            sample(comfy, student, sampler, sig)
+    finally:
+        for c in calls:
+            c.remove()
+    assert expected in str(err.value)
+    assert [c.count for c in calls] == [0, 0]
 
-    class Flow(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
-        pass
 
-    flow.add_object_patch("model_sampling", Flow(flow.model.model_config))
-    with pytest.raises(ValueError, match="flow-matching"):
-        distpp(node, flow, teacher, "euler", 0.3)
+def test_a_teacher_from_another_latent_space_is_refused_when_the_student_samples(comfy, node):
+    """Checked against the model SamplerCustom actually samples: one node, sampled by a student of
+    the teacher's latent space (fine) and by one of another (refused before any model call)."""
+    import comfy.latent_formats
+
+    teacher = tiny_sd15(comfy, 0)
+    same, other = tiny_sd15(comfy, 5), tiny_sd15(comfy, 6, latent_format=comfy.latent_formats.SDXL())
+    sig = sigmas(comfy, same)
+    sampler = distpp(node, teacher, "euler", 0.3)
+    assert torch.isfinite(sample(comfy, same, sampler, sig)).all()
+    calls = [Calls(teacher), Calls(other)]
+    try:
+        with pytest.raises(ValueError, match="different latent spaces") as err:
+            sample(comfy, other, sampler, sig)
+    finally:
+        for c in calls:
+            c.remove()
+    assert "`teacher` input" in str(err.value) and "SD15" in str(err.value) and "SDXL" in str(err.value)
+    assert [c.count for c in calls] == [0, 0]
 
 
 def test_guided_steps_past_the_schedule_fail_clearly(comfy, node):
     teacher, student = tiny_sd15(comfy, 0), tiny_sd15(comfy, 5)
     with pytest.raises(ValueError, match="beyond the schedule"):
-        sample(comfy, student, distpp(node, student, teacher, "euler", 0.3, guided_steps=9), sigmas(comfy, student))
+        sample(comfy, student, distpp(node, teacher, "euler", 0.3, guided_steps=9), sigmas(comfy, student))
 
 
 @pytest.mark.parametrize("folder", ["kdistpp", "ComfyUI-kdistpp"])

@@ -1,8 +1,10 @@
 """ComfyUI node: a Distillation++ SAMPLER for SamplerCustom / SamplerCustomAdvanced.
 
-The node takes the student and teacher MODELs, the teacher's positive/negative conditioning and
-CFG, and the Distillation++ settings; it returns a SAMPLER. At sampling time the student is the
-model SamplerCustom passes in (with its own conditioning, CFG, patches and memory management).
+The node takes the teacher MODEL, the teacher's positive/negative conditioning and CFG, and the
+Distillation++ settings; it returns a SAMPLER. The student is the model SamplerCustom samples (with
+its own conditioning, CFG, patches and memory management): when sampling starts, before any model
+call, that model and the teacher are checked (same latent space, no flow-matching model), and an
+error names the input to change.
 
 The teacher is sampled through ComfyUI's own path at every guided call: a `CFGGuider` for the
 teacher runs `sample` with a one-call sampler, so its LoRAs, model patches, wrappers, hooks,
@@ -141,6 +143,7 @@ def sample_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None
                   teacher_cfg, base, w, guidance_steps, form, renoise, direction="student"):
     """The SAMPLER's function, called by ComfyUI's KSAMPLER.sample with the student wrapped as `model`."""
     comfy = comfy_modules()
+    check_models(comfy, sampled_patcher(model), teacher_model)
     extra_args = {} if extra_args is None else extra_args
     seed = extra_args.get("seed")
     teacher = ComfyTeacher(teacher_model, positive, negative, teacher_cfg, model, sigmas, extra_args)
@@ -152,22 +155,43 @@ def sample_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None
                             direction=direction, renoise_sampler=generator_noise_sampler(x, generator), **noise)
 
 
+NODE_NAME = "Distillation++ Sampler (kdistpp)"
+SAMPLED = "the student (SamplerCustom's `model` input, the model it samples)"
+TEACHER = "the teacher (the `teacher` input of the Distillation++ Sampler node)"
+
+
+def sampled_patcher(model):
+    """The ModelPatcher SamplerCustom samples: ComfyUI's KSAMPLER hands the sampler function a
+    KSamplerX0Inpaint whose inner model is the guider (CFGGuider and its subclasses) of that patcher."""
+    return model.inner_model.model_patcher
+
+
 def same_latent_space(student, teacher) -> None:
     s = type(getattr(getattr(student, "model", None), "latent_format", None))
     t = type(getattr(getattr(teacher, "model", None), "latent_format", None))
     if s is not t:
-        raise ValueError(f"student and teacher work in different latent spaces ({s.__name__} vs {t.__name__}): "
-                         "pick a teacher of the student's family (e.g. SDXL base for SDXL-Lightning)")
+        raise ValueError(f"the student and the teacher work in different latent spaces: {SAMPLED} is {s.__name__}, "
+                         f"{TEACHER} is {t.__name__}; connect a teacher of the student's family to the Distillation++ "
+                         "Sampler's `teacher` input (e.g. SDXL base for SDXL-Lightning)")
 
 
-def refuse_flow_models(model_sampling_module, **models) -> None:
-    """Distillation++'s renoising and kdistpp's updates are in VE sigma: a flow model would be sampled wrong."""
+def refuse_flow_models(model_sampling_module, models: dict) -> None:
+    """Distillation++'s renoising and kdistpp's updates are in VE sigma: a flow model would be sampled wrong.
+
+    `models` maps the input a model came from (as the error should name it) to its patcher."""
     for name, patcher in models.items():
         sampling = patcher.get_model_object("model_sampling")
         if isinstance(sampling, model_sampling_module.CONST):
-            raise ValueError(f"the {name} is a flow-matching model ({type(patcher.model).__name__}: SD3, Flux, ...); "
+            raise ValueError(f"{name} is a flow-matching model ({type(patcher.model).__name__}: SD3, Flux, ...); "
                              "kdistpp's Distillation++ samplers work on VE/epsilon/v models (SD 1.x, SDXL and their "
-                             "distilled students) and would sample it wrong, so it is refused")
+                             "distilled students) and would sample it wrong, so it is refused: connect an SD 1.x or "
+                             "SDXL-family model to that input")
+
+
+def check_models(comfy, student, teacher) -> None:
+    """The checks on the model actually sampled and the teacher, before any model call."""
+    refuse_flow_models(comfy.model_sampling, {SAMPLED: student, TEACHER: teacher})
+    same_latent_space(student, teacher)
 
 
 def guided_steps_option(guided_steps: int, sigma_min: float = 0.0, sigma_max: float = 0.0):
@@ -180,14 +204,16 @@ class DistillationPPSampler:
 
     DESCRIPTION = ("Distillation++ (Park et al. 2024): on the first step(s) the distilled student's estimate is "
                    "renoised, denoised by its teacher at the teacher's CFG, and moved a fraction w toward it; the "
-                   "sampler then continues. Feed the SAMPLER to SamplerCustom with the student model. One teacher "
-                   "call per guided step; at w = 0 it is ComfyUI's own sampler of the same name, same seed.")
+                   "sampler then continues. Feed the SAMPLER to SamplerCustom with the student model: the student "
+                   "is the model SamplerCustom samples (checked against the teacher when sampling starts). One "
+                   "teacher call per guided step; at w = 0 it is ComfyUI's own sampler of the same name, same seed.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "student": ("MODEL", {"tooltip": "the distilled model SamplerCustom samples (checked for latent-space match)"}),
-            "teacher": ("MODEL", {"tooltip": "its base model (e.g. SDXL base for SDXL-Lightning / DMD2 / LCM)"}),
+            "teacher": ("MODEL", {"tooltip": "the base model of the student SamplerCustom samples (e.g. SDXL base "
+                                             "for SDXL-Lightning / DMD2 / LCM); checked against it when sampling "
+                                             "starts"}),
             "teacher_positive": ("CONDITIONING", {"tooltip": "the teacher's prompt (encode with the teacher's CLIP)"}),
             "teacher_negative": ("CONDITIONING", {"tooltip": "the teacher's negative prompt"}),
             "teacher_cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1,
@@ -221,11 +247,9 @@ class DistillationPPSampler:
     FUNCTION = "build"
     CATEGORY = CATEGORY
 
-    def build(self, student, teacher, teacher_positive, teacher_negative, teacher_cfg, base_sampler, w, guided_steps,
+    def build(self, teacher, teacher_positive, teacher_negative, teacher_cfg, base_sampler, w, guided_steps,
               form, renoise, direction="student", guide_sigma_min=0.0, guide_sigma_max=0.0):
         comfy = comfy_modules()
-        same_latent_space(student, teacher)
-        refuse_flow_models(comfy.model_sampling, student=student, teacher=teacher)
         steps = guided_steps_option(guided_steps, guide_sigma_min, guide_sigma_max)
         options = dict(teacher_model=teacher, positive=teacher_positive, negative=teacher_negative, teacher_cfg=teacher_cfg,
                        base=base_sampler, w=w, guidance_steps=steps, form=form, renoise=renoise, direction=direction)
@@ -233,4 +257,4 @@ class DistillationPPSampler:
 
 
 NODE_CLASS_MAPPINGS = {"KdistppDistillationPPSampler": DistillationPPSampler}
-NODE_DISPLAY_NAME_MAPPINGS = {"KdistppDistillationPPSampler": "Distillation++ Sampler (kdistpp)"}
+NODE_DISPLAY_NAME_MAPPINGS = {"KdistppDistillationPPSampler": NODE_NAME}
