@@ -92,3 +92,20 @@ def test_example_script_takes_a_device_and_installs_as_the_readme_says():
     assert install in source and install in readme
     out = subprocess.run([sys.executable, example, "--help"], capture_output=True, text=True, check=True)
     assert "--device" in out.stdout
+
+
+def test_readme_names_what_the_skip_reasons_and_the_test_extra_need():
+    import re
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    tests = os.path.join(root, "tests")
+    variables = set()
+    for name in os.listdir(tests):
+        if name.endswith(".py"):
+            with open(os.path.join(tests, name)) as f:
+                variables |= set(re.findall(r"KDISTPP_(?:COMFYUI|A1111|FORGE)", f.read()))
+    assert variables == {"KDISTPP_COMFYUI", "KDISTPP_A1111", "KDISTPP_FORGE"}
+    for needed in (*variables, "../shared/hosts", ".ci/run", "numpy < 2", "k-diffusion"):
+        assert needed in readme, needed
