@@ -137,8 +137,10 @@ def sample_dpmpp_2s_ancestral_distpp(model, x, sigmas, extra_args=None, callback
     (one teacher call per guided step). 'first': the first estimate is refined and moves the
     midpoint; it reaches the output only through the student's Jacobian there, so its effect is
     smaller and model-dependent (0.2-0.3x on the benchmark toy, 0.003x measured on an SDXL-size
-    student; docs/samplers.md). 'both': the authors' two-call variant. A step with sigma_down = 0 has
-    no midpoint: its one evaluation is refined.
+    student; docs/samplers.md). 'both': both evaluations are refined (two teacher calls per guided
+    step) and the midpoint is built from the refined first estimate; this is not the authors' code
+    path, which calls the teacher twice but uses the first result only when sigma_down = 0. A step
+    with sigma_down = 0 has no midpoint: its one evaluation is refined.
     """
     validation.check_options("guided_evaluation", guided_evaluation, ("midpoint", "first", "both"))
     run = prepare(model, x, sigmas, extra_args, noise_sampler, cfg_pp=cfg_pp)
