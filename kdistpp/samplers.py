@@ -136,8 +136,7 @@ def sample_dpmpp_2s_ancestral_distpp(model, x, sigmas, extra_args=None, callback
     student's raw first estimate and the midpoint estimate D_2, which the update reads, is refined
     (one teacher call per guided step). 'first': the first estimate is refined and moves the
     midpoint; it reaches the output only through the student's Jacobian there, so its effect is
-    smaller and model-dependent (0.2-0.3x on the benchmark toy, 0.003x measured on an SDXL-size
-    student; docs/samplers.md). 'both': both evaluations are refined (two teacher calls per guided
+    smaller and model-dependent (0.2-0.3x on the benchmark toy; docs/samplers.md). 'both': both evaluations are refined (two teacher calls per guided
     step) and the midpoint is built from the refined first estimate; this is not the authors' code
     path, which calls the teacher twice but uses the first result only when sigma_down = 0. A step
     with sigma_down = 0 has no midpoint: its one evaluation is refined.

@@ -28,7 +28,9 @@ import torch
 from hosts import SHARED_HOSTS, fill, require, webui_api, webui_argv, webui_data_dir
 
 CONTEXT = 32
-TOKENIZER = SHARED_HOSTS / "forge-dfdcbab" / "backend" / "huggingface" / "runwayml" / "stable-diffusion-v1-5" / "tokenizer"
+# the real SD1 tokenizer files, from the Forge tree (it ships them; A1111 downloads them at first use)
+TOKENIZER = (Path(os.environ.get("KDISTPP_FORGE", SHARED_HOSTS / "forge-dfdcbab")).resolve()
+             / "backend" / "huggingface" / "runwayml" / "stable-diffusion-v1-5" / "tokenizer")
 
 
 def a1111_root() -> Path | None:
