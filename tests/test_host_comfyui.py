@@ -21,6 +21,7 @@ import sys
 import pytest
 import torch
 
+import kdistpp
 from comfy_models import conditioning, controlled, lora_clone, tiny_controlnet, tiny_sd15
 from hosts import import_comfy
 
@@ -124,7 +125,8 @@ def test_teacher_is_not_loaded_at_w0_or_with_no_guided_step(comfy, node, monkeyp
                         lambda models, *a, **k: (loaded.extend(models), original(models, *a, **k))[1])
     calls = Calls(teacher)
     sample(comfy, student, distpp(node, teacher, "euler", 0.0), sig)
-    sample(comfy, student, distpp(node, teacher, "euler", 0.4, guided_steps=0), sig)
+    with pytest.warns(kdistpp.GuidanceWarning, match="guides no step"):  # the core says so; the run is unguided
+        sample(comfy, student, distpp(node, teacher, "euler", 0.4, guided_steps=0), sig)
     assert calls.count == 0 and all(m is not teacher for m in loaded)
     sample(comfy, student, distpp(node, teacher, "euler", 0.4, guided_steps=1), sig)
     calls.remove()
@@ -205,6 +207,37 @@ def test_renoise_noise_follows_the_seed_and_draws_nothing_from_the_global_rng(co
     _, after_plain = run(7, 0.0)
     torch.testing.assert_close(after_guided, after_plain)
     assert (run(8, 0.4)[0] - a).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("base", ["euler", "euler_ancestral"])
+def test_random_renoise_level_comes_from_the_seeded_generator_not_the_global_rng(comfy, node, base):
+    """renoise='random' draws its level (and the renoise noise) from the node's generator seeded from
+    ComfyUI's seed: the global RNG is where sampling found it, and the same seed gives the same image."""
+    teacher, student = tiny_sd15(comfy, 0), tiny_sd15(comfy, 5)
+    sig = sigmas(comfy, student)
+    states = []
+
+    def run(seed):
+        sampler = distpp(node, teacher, base, 0.4, guided_steps=2, renoise="random")
+        inner = sampler.sampler_function
+
+        def recorded(*args, **kwargs):  # the global RNG around the sampler's whole run, teacher calls included
+            before = torch.get_rng_state()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                states.append((before, torch.get_rng_state()))
+
+        sampler.sampler_function = recorded
+        return sample(comfy, student, sampler, sig, seed=seed)
+
+    calls = Calls(teacher)
+    a, b = run(7), run(7)
+    calls.remove()
+    assert calls.count == 4  # two guided steps per run
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(torch.equal(before, after) for before, after in states)
+    assert (run(8) - a).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("seed", [0xFFFFFFFFFFFFFFFF, 0xFFFFFFFFFFFFFFFF - 0x5EED])

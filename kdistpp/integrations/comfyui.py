@@ -17,8 +17,9 @@ with no guided step the teacher is never loaded.
 
 Noise follows ComfyUI's seed: ancestral and consistency steps draw from ComfyUI's own
 `default_noise_sampler(x, seed)`, so at w = 0 every base sampler equals ComfyUI's sampler of the
-same name; the renoise noise has its own generator seeded from the same seed, so guiding does not
-shift the ancestral noise and a teacher A/B at a fixed seed differs by the teacher alone.
+same name; the renoise noise and the renoise='random' level have their own generator seeded from
+the same seed, so guiding shifts neither the ancestral noise nor the global RNG, and a teacher A/B
+at a fixed seed differs by the teacher alone.
 
 This module imports without ComfyUI; the node only needs it when it runs. Install: docs/comfyui.md.
 """
@@ -127,16 +128,11 @@ def renoise_seed(seed: int) -> int:
 
 
 def renoise_generator(x, seed) -> torch.Generator | None:
-    """The renoise noise's own generator, on the latent's device; None (the global RNG) without a seed."""
+    """The renoise stream's own generator, on the latent's device: it draws the renoise noise and the
+    renoise='random' level, so guiding leaves the global RNG alone. None (the global RNG) without a seed."""
     if seed is None:
         return None
     return torch.Generator(device=x.device).manual_seed(renoise_seed(seed))
-
-
-def generator_noise_sampler(x, generator):
-    """Unit noise of x's shape from `generator` (the global RNG when None)."""
-    return lambda sigma, sigma_next: torch.randn(x.shape, dtype=x.dtype, layout=x.layout, device=x.device,
-                                                 generator=generator)
 
 
 def sample_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, *, teacher_model, positive, negative,
@@ -149,10 +145,9 @@ def sample_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None
     teacher = ComfyTeacher(teacher_model, positive, negative, teacher_cfg, model, sigmas, extra_args)
     takes_noise = "noise_sampler" in inspect.signature(BY_NAME[base].fn).parameters
     noise = {"noise_sampler": comfy_noise_sampler(comfy.k_sampling, x, seed)} if takes_noise else {}
-    generator = renoise_generator(x, seed)
     return BY_NAME[base].fn(model, x, sigmas, extra_args, callback, disable, teacher=teacher, w=w,
                             guidance_steps=guidance_steps, form=form, renoise=renoise, teacher_extra_args={},
-                            direction=direction, renoise_sampler=generator_noise_sampler(x, generator), **noise)
+                            direction=direction, renoise_generator=renoise_generator(x, seed), **noise)
 
 
 NODE_NAME = "Distillation++ Sampler (kdistpp)"
