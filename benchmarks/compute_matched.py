@@ -7,7 +7,7 @@ NFE, like SDXL-Lightning's 2/4/8-step checkpoints); the other students do not de
 
 from __future__ import annotations
 
-from common import KINDS, Config, Counted, karras, mean_std, noise, problem, reference, save_figure, score, table, panels, timed
+from common import KINDS, Config, Counted, karras, mean_std, noise, problem, reference, save_figure, sliced_w2, table, panels, timed
 
 ARMS = ("N + guided step", "N steps, control", "N+1 steps", "N+2 steps")
 
@@ -43,7 +43,7 @@ def run(cfg: Config, settings: dict) -> tuple[str, list]:
                     ref = reference(cfg, mixture, seed)
                     for arm in ARMS:
                         out, nfe, seconds = one_arm(kind, mixture, arm, n_steps, form, w, noise(cfg, dim, seed))
-                        results.setdefault((kind.name, dim, n_steps, arm), []).append((score(out, ref, mixture)["sliced_w2"], nfe, seconds))
+                        results.setdefault((kind.name, dim, n_steps, arm), []).append((sliced_w2(out, ref), nfe, seconds))
     path = plot(results, cfg)
     lines = ["## Compute-matched: one teacher step vs one more student step (Table 2 analog)", "",
              f"Sliced W2 to data (mean ± std over {len(cfg.seeds)} seeds, {cfg.n} samples), NFE and median wall time per "

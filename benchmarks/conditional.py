@@ -42,15 +42,15 @@ WINDOWS = ((5.0, SIGMA_MAX), (1.0, 5.0), (0.1, 1.0))  # sigma bands of the 8-ste
 def sized(cfg: Config) -> Config:
     """This section's own sizes: its per-class metrics need fewer samples than the unconditional tables,
     and its sweeps are larger (5 students x 3 forms x w)."""
-    if cfg.n <= 200:  # --tiny, the smoke test
+    if cfg.tiny:  # the smoke test
         return dataclasses.replace(cfg, n=100, seeds=(0, 1))
     if cfg.quick:
-        return dataclasses.replace(cfg, n=500, seeds=(0, 1, 2))
+        return dataclasses.replace(cfg, n=300, seeds=(0, 1))
     return dataclasses.replace(cfg, n=2000)
 
 
 def w_grid(cfg: Config):
-    if cfg.n <= 100:
+    if cfg.tiny:
         return (0.0, 0.3)
     return (0.0, 0.1, 0.3, 1.0) if cfg.quick else (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 

@@ -33,10 +33,10 @@ DISTPP = (("interpolate", 0.1, 1), ("interpolate", 0.3, 1), ("eps", 0.1, 1), ("e
 
 
 def sizes(cfg: Config) -> dict:
-    if cfg.n <= 300:  # tiny: the smoke test
+    if cfg.tiny:  # the smoke test
         return dict(dsm=60, sfd=4, hidden=32, n_eval=200, seeds=(0,), classifier=20)
     if cfg.quick:
-        return dict(dsm=1500, sfd=80, hidden=128, n_eval=1000, seeds=(0, 1), classifier=300)
+        return dict(dsm=800, sfd=40, hidden=128, n_eval=500, seeds=(0, 1), classifier=200)
     return dict(dsm=5000, sfd=300, hidden=256, n_eval=2000, seeds=(0, 1, 2), classifier=600)
 
 

@@ -7,9 +7,12 @@ defaults chosen here are checked on fresh seeds there.
 
 from __future__ import annotations
 
-import torch
+import sys
 
-from common import KINDS, Config, karras, noise, pm, problem, reference, save_figure, score, table, panels, mean_std
+import torch
+from tqdm.auto import tqdm
+
+from common import KINDS, Config, karras, noise, pm, problem, reference, save_figure, sliced_w2, table, panels, mean_std
 
 FORMS = ("interpolate", "guidance", "eps")
 STEPS = 4
@@ -19,11 +22,17 @@ def w_grid(cfg: Config):
     return (0.0, 0.05, 0.1, 0.3, 0.5, 1.0) if cfg.quick else (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
 
-def sweep(cfg: Config):
+def sweep_size(cfg: Config) -> int:
+    """Sampler runs in one sweep."""
+    return len(cfg.dims) * len(KINDS) * len(cfg.seeds) * len(FORMS) * len(w_grid(cfg))
+
+
+def sweep(cfg: Config, progress: bool = True):
     """results[(kind, dim, form, w)] = list of sliced W2 over seeds."""
     seeds = tuple(100 + s for s in cfg.seeds)
     results = {}
     sigmas = karras(STEPS)
+    bar = tqdm(total=sweep_size(cfg), desc="forms sweep", unit="run", file=sys.stdout, disable=not progress)
     for dim in cfg.dims:
         mixture = problem(dim)
         for kind in KINDS.values():
@@ -34,7 +43,9 @@ def sweep(cfg: Config):
                     for w in w_grid(cfg):
                         x = noise(cfg, dim, seed)
                         out = kind.sample(student, mixture, x, sigmas, w=w, form=form)
-                        results.setdefault((kind.name, dim, form, w), []).append(score(out, ref, mixture)["sliced_w2"])
+                        results.setdefault((kind.name, dim, form, w), []).append(sliced_w2(out, ref))
+                        bar.update()
+    bar.close()
     return results
 
 

@@ -5,7 +5,7 @@ the forms sweep picked; 4-step students, one guided step unless stated.
 
 from __future__ import annotations
 
-from common import KINDS, Config, karras, noise, pm, problem, reference, score, table
+from common import KINDS, Config, karras, noise, pm, problem, reference, sliced_w2, table
 
 STEPS = 4
 LEVELS = ("next", "current", "random", 1.0, 10.0)
@@ -25,11 +25,11 @@ def run(cfg: Config, settings: dict) -> str:
                 ref = reference(cfg, mixture, seed)
                 for level in LEVELS:
                     out = kind.sample(student, mixture, noise(cfg, dim, seed), sigmas, w=w, form=form, renoise=level)
-                    by_level.setdefault(level, []).append(score(out, ref, mixture)["sliced_w2"])
+                    by_level.setdefault(level, []).append(sliced_w2(out, ref))
                 for steps in STEP_CHOICES:
                     out = kind.sample(student, mixture, noise(cfg, dim, seed), sigmas, w=w, form=form, guidance_steps=steps)
-                    by_step.setdefault(str(steps), []).append(score(out, ref, mixture)["sliced_w2"])
-                base = score(kind.sample(student, mixture, noise(cfg, dim, seed), sigmas), ref, mixture)["sliced_w2"]
+                    by_step.setdefault(str(steps), []).append(sliced_w2(out, ref))
+                base = sliced_w2(kind.sample(student, mixture, noise(cfg, dim, seed), sigmas), ref)
                 by_level.setdefault("student (no guidance)", []).append(base)
             level_rows.append([kind.label, dim, f"{form}, {w:g}"] + [pm(by_level[k]) for k in ("student (no guidance)",) + LEVELS])
             step_rows.append([kind.label, dim, f"{form}, {w:g}"] + [pm(v) for v in by_step.values()])

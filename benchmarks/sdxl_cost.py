@@ -4,8 +4,10 @@ repeat: one student step (cfg 1), one teacher step (CFG, cond and uncond in one 
 whole runs of 4 student steps + 1 Distillation++ teacher step against 5 plain student steps.
 
 On CUDA: fp16, 1024x1024 images (128x128 latents), student and teacher as two resident UNets.
-Without a GPU: fp32 at smaller latents, one UNet serving as both (the same compute); the seconds
-are this CPU's, the ratios are the point. `--tiny` shrinks the UNet itself (the smoke test).
+On a CPU: fp32 at smaller latents, one UNet serving as both (the same compute); the seconds
+are this CPU's, the ratios are the point. `tiny=True` (run.py's --quick and --tiny, unless
+--real-sdxl) builds a tiny UNet of the same architecture instead: it checks the code path in
+seconds and little memory, and its timings say nothing about the real size.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def setting(device: torch.device, tiny: bool, quick: bool) -> dict:
         return dict(unet=TINY_UNET, pooled=16, latent=16, dtype=torch.float32, repeats=2)
     if device.type == "cuda":
         return dict(unet=SDXL_UNET, pooled=POOLED_DIM, latent=128, dtype=torch.float16, repeats=5 if quick else 10)
-    return dict(unet=SDXL_UNET, pooled=POOLED_DIM, latent=16 if quick else 32, dtype=torch.float32, repeats=1 if quick else 3)
+    return dict(unet=SDXL_UNET, pooled=POOLED_DIM, latent=16 if quick else 32, dtype=torch.float32, repeats=2 if quick else 3)
 
 
 def build(s: dict, device: torch.device):
@@ -111,14 +113,19 @@ def run(device: torch.device, tiny: bool = False, quick: bool = False) -> str:
     header = ["arm", "median s", "range s", "ratio"] + (["peak GiB"] if peaks else [])
     where = (f"{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "CPU") + \
         f", {str(s['dtype']).replace('torch.', '')}, {s['latent']}x{s['latent']} latents ({s['latent'] * 8} px), " \
-        f"UNet with {n_params / 1e9:.3f} B parameters{' (tiny config, smoke test only)' if tiny else ''}"
+        f"UNet with " + (f"{n_params / 1e9:.3f} B" if n_params > 1e8 else f"{n_params / 1e6:.2f} M") + " parameters"
+    size = ("**Tiny UNet** (the SDXL architecture with narrow blocks), not the real size: this setting checks the "
+            "code path only, and its seconds and ratios say nothing about a real-size step. The full run, or "
+            "`--real-sdxl` with `--quick`, times the real-size UNet." if tiny else
+            "Real-size SDXL UNet (random weights, the published config).")
     note = ("" if device.type == "cuda" else
-            "No GPU was lent to this run, so the UNet runs in fp32 on the CPU at smaller latents than the paper's "
-            "1024x1024; one UNet serves as both student and teacher (identical compute). Seconds are this CPU's; "
-            "the ratios show what the teacher's doubled batch costs relative to a student step. On CUDA the same "
-            "command uses fp16 at 128x128 latents.")
+            "Measured on the CPU: the UNet runs in fp32 at smaller latents than the paper's 1024x1024; one UNet "
+            "serves as both student and teacher (identical compute). Seconds are this CPU's; the ratios show what "
+            "the teacher's doubled batch costs relative to a student step. On CUDA the same command uses fp16 at "
+            "128x128 latents.")
     return "\n".join([
         "## Real-size cost: SDXL UNet (Table 2 wall time)", "",
+        size, "",
         f"{where}; {s['repeats']} interleaved repeats after one warm-up. Ratios: single steps against one student "
         "step, whole runs against 5 student steps. Both runs make 5 UNet calls; the Distillation++ run's teacher "
         f"call carries the batch of 2 that CFG needs. Paper: {PAPER}; it credits the parity to running student and "

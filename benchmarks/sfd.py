@@ -1,4 +1,4 @@
-"""SFD experiments (issue 4): a trained MLP teacher on a 2-D mixture and on sklearn's 8x8 digits,
+"""SFD experiments: a trained MLP teacher on a 2-D mixture and on sklearn's 8x8 digits,
 SFD students at NFE 2-5, one SFD-v student for all of them, and Distillation++ on top.
 
 Every number comes from networks trained in this run: the teacher by denoising score matching,
@@ -23,10 +23,10 @@ DISTPP = (("interpolate", 0.1), ("interpolate", 0.3), ("eps", 0.1))  # (form, w)
 
 
 def sizes(cfg: Config) -> dict:
-    if cfg.n <= 300:  # tiny: the smoke test
+    if cfg.tiny:  # the smoke test
         return dict(dsm=60, sfd=4, sfd_v=8, hidden=32, n_eval=200, eval_seeds=(0,), nfes=(2, 3), classifier=20)
     if cfg.quick:
-        return dict(dsm=700, sfd=60, sfd_v=120, hidden=64, n_eval=1000, eval_seeds=(0, 1), nfes=NFES, classifier=200)
+        return dict(dsm=500, sfd=40, sfd_v=80, hidden=64, n_eval=500, eval_seeds=(0, 1), nfes=NFES, classifier=200)
     return dict(dsm=3000, sfd=300, sfd_v=600, hidden=128, n_eval=4000, eval_seeds=(0, 1, 2, 3, 4), nfes=NFES, classifier=600)
 
 
@@ -230,7 +230,7 @@ def run(cfg: Config) -> str:
     digits_data = digits_dataset(s["classifier"])
     digits, _ = experiment(digits_data, s)
     path = plot_digits(digits)
-    lines = ["## SFD: trajectory-distilled students, and Distillation++ on top (issue 4)", "",
+    lines = ["## SFD: trajectory-distilled students, and Distillation++ on top", "",
              f"Teacher: an EDM-preconditioned MLP (depth 3) trained here by denoising score matching ({s['dsm']} iterations). "
              f"Students: copies of it distilled by SFD (sigma {SIGMA_MIN}..{SIGMA_MAX}, rho 7, K = 4, L1, {s['sfd']} trajectory "
              f"batches of 128, Adam lr 1e-3 / 10 after half; the authors' 5e-5 is for large U-Nets), one per NFE; SFD-v: "
