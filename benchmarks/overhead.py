@@ -1,4 +1,4 @@
-"""Overhead of kdistpp, measured side by side in one run (issue 3, item 5).
+"""Overhead of kdistpp, measured side by side in one run.
 
 Run through `benchmarks/run.py --only overhead`.
 
@@ -142,13 +142,13 @@ def measure(device: torch.device, repeats: int, steps: int):
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{platform.processor() or platform.machine()} CPU, {threads} thread{'s' if threads > 1 else ''}"
 
 
-def section(device: torch.device, repeats: int, steps: int, command: str) -> str:
+def section(device: torch.device, repeats: int, steps: int) -> str:
     rows, memory, latent = measure(device, repeats, steps)
     lines = [
-        f"Command: `{command}`",
         f"Device: {describe(device)}; torch {torch.__version__}; latent 4x4x64x64 float32.", "",
         "Ratio = time(first) / time(second), median over interleaved repeats, with the 10th-90th percentile.", "",
         "| comparison | ratio (median) | p10 | p90 | second's median time (s) |", "|---|---|---|---|---|",
