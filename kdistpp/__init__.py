@@ -1,6 +1,7 @@
 """kdistpp: Distillation++ (inference-time distillation) samplers in k-diffusion convention.
 
-Denoisers follow k-diffusion: D(x, sigma, **extra_args) -> x0 estimate, x = x0 + sigma * noise.
+Denoisers follow k-diffusion: D(x, sigma, **extra_args) -> x0 estimate, x = x0 + sigma * noise;
+rectified-flow models (x = (1 - s) x0 + s noise: Flux, SD3, Wan...) run with parametrization='flow'.
 A guided step renoises the student's estimate, has the teacher denoise it and moves the estimate
 toward the teacher's; the solver then continues as usual.
 
@@ -11,7 +12,9 @@ direction, ...; help() on each lists them):
     SAMPLERS and REGISTRY hold them by name.
 Wrapper for any other k-diffusion-convention sampler:
     teacher_guided(student, teacher, sigmas, w=...) -> TeacherGuidedDenoiser
-Schedules: get_sigmas_karras, get_sigmas_exponential; SigmaWindow picks guided steps by sigma.
+Schedules: get_sigmas_karras, get_sigmas_exponential, get_sigmas_flow (shifted flow schedules);
+    SigmaWindow picks guided steps by sigma.
+Parametrizations: VE, RectifiedFlow; kdistpp.flow maps flow states, sigmas and denoisers to VE.
 Denoisers: CFGDenoiser (cond and uncond in one batched call; keeps the unconditional estimate
     that cfg_pp=True reads).
 The refinement: Guidance, FORMS, DIRECTIONS; ancestral_step.
@@ -26,10 +29,12 @@ Loaded on first access (`import kdistpp` does not import them):
 Command line: python -m kdistpp demo (python -m kdistpp --help lists its options).
 """
 
-from . import metrics, toys
+from . import flow, metrics, toys
 from .cfg import CFGDenoiser
 from .guided_denoiser import TeacherGuidedDenoiser, teacher_guided
+from .flow import get_sigmas_flow
 from .guided_steps import GuidanceWarning, SigmaWindow
+from .parametrization import VE, RectifiedFlow
 from .refine import DIRECTIONS, FORMS, Guidance
 from .validation import DenoiserOutputError, StudentOutputError, TeacherOutputError
 from .registry import REGISTRY, SAMPLERS
@@ -54,13 +59,16 @@ __all__ = [
     "Guidance",
     "GuidanceWarning",
     "REGISTRY",
+    "RectifiedFlow",
     "SAMPLERS",
     "SigmaWindow",
     "StudentOutputError",
     "TeacherGuidedDenoiser",
     "TeacherOutputError",
+    "VE",
     "ancestral_step",
     "get_sigmas_exponential",
+    "get_sigmas_flow",
     "get_sigmas_karras",
     "sample_consistency",
     "sample_consistency_distpp",

@@ -14,6 +14,7 @@ import torch
 
 from . import validation
 from .guided_steps import GuidanceWarning, caller_stacklevel
+from .parametrization import resolve
 from .refine import Guidance, plan
 from .steps import Run, default_noise_sampler
 
@@ -105,13 +106,14 @@ class TeacherGuidedDenoiser:
 
 
 def teacher_guided(student, teacher, sigmas, *, w, guidance_steps=None, form="interpolate", renoise="next",
-                   renoise_sampler=None, teacher_extra_args=None, renoise_generator=None) -> TeacherGuidedDenoiser:
+                   renoise_sampler=None, teacher_extra_args=None, renoise_generator=None,
+                   parametrization="ve") -> TeacherGuidedDenoiser:
     """Wraps a student so that any k-diffusion-convention sampler becomes a Distillation++ sampler.
 
     Pass the same `sigmas` to the sampler. The refinement is paper eq. 9 (or eq. 10 / eps-mixing
     via `form`), applied to every evaluation at the sigma of a guided step; `w`, `guidance_steps`,
-    `renoise*` mean what they mean for the samplers; `teacher_extra_args` defaults to the
-    extra_args of each call.
+    `renoise*` and `parametrization` mean what they mean for the samplers; `teacher_extra_args`
+    defaults to the extra_args of each call.
 
     A wrapped denoiser can only replace the estimate, so this is direction='refined': the sampler's
     noise direction is recomputed from x0h, which scales the shift a guided step makes. On an
@@ -126,7 +128,9 @@ def teacher_guided(student, teacher, sigmas, *, w, guidance_steps=None, form="in
     validation.check_callable("student", student)
     validation.check_callable("teacher", teacher)
     values = validation.check_sigmas(sigmas)
-    template = Run(student, torch.empty(0), sigmas, values, {}, default_noise_sampler(torch.empty(0)))
+    param = resolve(parametrization)
+    param.check_sigmas(values)
+    template = Run(student, torch.empty(0), sigmas, values, {}, default_noise_sampler(torch.empty(0)), param)
     guidance = plan(template, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args,
                     "refined", renoise_generator, resolve_extra_args=False)
     return TeacherGuidedDenoiser(student, guidance, sigmas)

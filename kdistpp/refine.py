@@ -16,6 +16,7 @@ import torch
 
 from . import validation
 from .guided_steps import step_weights
+from .parametrization import VE, Parametrization
 from .steps import Run, default_noise_sampler
 from .validation import TeacherOutputError
 
@@ -41,10 +42,15 @@ class Refinement:
     denoised: torch.Tensor
     shift: torch.Tensor | None = None
     info: dict | None = None
+    param: Parametrization = VE()
 
-    def carry(self, x: torch.Tensor) -> torch.Tensor:
-        """The state after the solver's update, moved by the refinement's shift."""
-        return x if self.shift is None else x + self.shift
+    def carry(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The state at `sigma` after the solver's update, moved by the refinement's shift: x0h - x0s
+        in VE coordinates, (1 - s)(x0h - x0s) in flow coordinates (the same move of the VE state)."""
+        if self.shift is None:
+            return x
+        weight = self.param.clean_weight(sigma)
+        return x + self.shift if weight == 1.0 else x + weight * self.shift
 
 
 @dataclass(frozen=True)
@@ -94,14 +100,14 @@ class Guidance:
         refined, info = self._refined_estimate(i, x, sigma, denoised, w, extra_args)
         if self.direction == "refined":
             return Refinement(refined, refined, None, info)
-        return Refinement(denoised, refined, refined - denoised, info)
+        return Refinement(denoised, refined, refined - denoised, info, self.run.param)
 
     def _refined_estimate(self, i, x, sigma, denoised, w, extra_args):
         if self.form == "guidance":
             x_t, sigma_t = x, sigma
         else:
             sigma_t = self.renoise_level(i, sigma)
-            x_t = torch.add(denoised, self._renoise_noise(i), alpha=sigma_t)
+            x_t = self.run.param.noise_scaling(sigma_t, self._renoise_noise(i), denoised)
         teacher_args = self.teacher_extra_args if self.teacher_extra_args is not None else extra_args or {}
         name = getattr(self.teacher, "__name__", type(self.teacher).__name__)
         where = f"at step {i} (step sigma={sigma:.4g}, teacher called at sigma_r={sigma_t:.4g})"
@@ -110,8 +116,12 @@ class Guidance:
         # The teacher may keep a reference to its input (hooks, caches): the renoised point is not
         # reused as the result's buffer.
         if self.form == "eps":
-            # x0h = x0s - w * (sigma / sigma_r * (x_r - x0T) - (x - x0s))
-            residual = torch.sub(x_t, teacher_denoised).mul_(sigma / sigma_t).sub_(x).add_(denoised)
+            # eps = (x - a x0) / sigma with a the state's weight on x0 (1 in VE, 1 - s in flow);
+            # eps_h = eps_s + w (eps_T - eps_s), x0h = x0s - w sigma_ve (eps_T - eps_s)
+            param = self.run.param
+            k = param.ve_sigma(sigma) / sigma
+            residual = torch.sub(x_t, teacher_denoised, alpha=param.clean_weight(sigma_t)).mul_(k * sigma / sigma_t)
+            residual = residual.sub_(torch.sub(x, denoised, alpha=param.clean_weight(sigma)).mul_(k))
             refined = residual.mul_(-w).add_(denoised)
         else:
             refined = torch.lerp(denoised, teacher_denoised, w)  # exact at w = 0 and w = 1
@@ -167,6 +177,9 @@ def plan(
     if teacher is None and any(v > 0 for v in weights):
         raise TypeError("teacher is None but w asks for guidance: pass teacher=<the teacher denoiser>, "
                         "or leave w at 0 for the plain sampler")
+    if form == "eps" and any(v > 0 and math.isinf(run.param.ve_sigma(s)) for v, s in zip(weights, run.sigmas)):
+        raise ValueError("form='eps' cannot refine a step at s = 1 (sigma = infinity: the noise estimate fixes no x0); "
+                         "guide from the next step on (guidance_steps=[1]), or use form='interpolate'")
     if form != "guidance" and renoise == "next":
         last = [i for i, v in enumerate(weights) if v != 0.0 and run.sigmas[i + 1] == 0.0]
         if last:

@@ -16,7 +16,7 @@ from tqdm.auto import trange
 
 from . import validation
 from .refine import plan, unguided
-from .steps import ancestral_step, cfg_pp_state, log_sigma_gap, prepare
+from .steps import cfg_pp_state, log_sigma_gap, prepare
 
 _DISTPP_PARAMETERS = """
     Distillation++ keyword-only parameters (docs/samplers.md has each update with the math):
@@ -44,6 +44,10 @@ _DISTPP_PARAMETERS = """
             x0h - x0s, so w means what it meant in the paper's runs. 'refined': x0h replaces the
             estimate everywhere (k-diffusion's reading of eq. 9; on Euler the shift is scaled by
             1 - sigma_{i+1}/sigma_i).
+        parametrization: 've' (default, k-diffusion's x = x0 + sigma n) or 'flow' (rectified flow,
+            x = (1 - s) x0 + s n, sigmas s in [0, 1] as the host gives them: Flux, SD3, Wan...).
+            With 'flow' the ancestral steps are ComfyUI's *_RF ones and the renoise is
+            (1 - s_r) x0s + s_r n; docs/samplers.md has the derivation.
     The callback's 'denoised' is the refined estimate; guided steps add 'student_denoised' and
     'teacher_denoised'. A guided step costs one teacher call; unguided steps cost nothing extra.
     The student's and teacher's outputs are checked (a tensor of the latent's shape, finite):
@@ -68,13 +72,13 @@ def _documented(cfg_pp: bool = True):
 def sample_euler_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
                         s_tmax=float("inf"), s_noise=1.0, *, teacher=None, w=None, guidance_steps=None, form="interpolate",
                         renoise="next", renoise_sampler=None, teacher_extra_args=None, cfg_pp=False,
-                        direction="student", renoise_generator=None):
+                        direction="student", renoise_generator=None, parametrization="ve"):
     """Euler steps (Karras et al. 2022, Algorithm 2) with the Distillation++ refinement (eq. 9).
 
     x_{i+1} = x0h + sigma_{i+1} * (x_i - x0s) / sigma_hat (direction='student'), or with x0h in
     place of x0s (direction='refined').
     """
-    run = prepare(model, x, sigmas, extra_args, cfg_pp=cfg_pp)
+    run = prepare(model, x, sigmas, extra_args, cfg_pp=cfg_pp, parametrization=parametrization)
     guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction,
                  renoise_generator)
     x, sig = run.start(), run.sigmas
@@ -89,7 +93,7 @@ def sample_euler_distpp(model, x, sigmas, extra_args=None, callback=None, disabl
         run.report(callback, i, x, g, sigma_hat=run.sigmas_in[i] * (gamma + 1))
         # Euler method
         x = cfg_pp_state(run, x, g.estimate, cfg_pp)
-        x = g.carry(x + (x - g.estimate) / sigma_hat * (sig[i + 1] - sigma_hat))
+        x = g.carry(x + (x - g.estimate) / sigma_hat * (sig[i + 1] - sigma_hat), sig[i + 1])
     return run.finish(x)
 
 
@@ -99,27 +103,27 @@ def sample_euler_ancestral_distpp(model, x, sigmas, extra_args=None, callback=No
                                   s_noise=1.0, noise_sampler=None, *, teacher=None, w=None, guidance_steps=None,
                                   form="interpolate", renoise="next", renoise_sampler=None,
                                   teacher_extra_args=None, cfg_pp=False, direction="student",
-                                  renoise_generator=None):
+                                  renoise_generator=None, parametrization="ve"):
     """Ancestral sampling with Euler steps, with the Distillation++ refinement (eq. 9).
 
     x_{i+1} = x0h + sigma_down * (x_i - x0s) / sigma_i + sigma_up * n (direction='student'; x0h in
     place of x0s for 'refined'). The default renoise level sigma_{i+1} is the total noise level
     the ancestral step lands on.
     """
-    run = prepare(model, x, sigmas, extra_args, noise_sampler, cfg_pp=cfg_pp)
+    run = prepare(model, x, sigmas, extra_args, noise_sampler, cfg_pp=cfg_pp, parametrization=parametrization)
     guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction,
                  renoise_generator)
     x, sig = run.start(), run.sigmas
     for i in trange(run.steps, disable=disable):
         denoised = run.denoise(x, sig[i])
         g = guide.refine(i, x, sig[i], denoised)
-        sigma_down, sigma_up = ancestral_step(sig[i], sig[i + 1], eta)
+        sigma_down, sigma_up, scale = run.param.ancestral_step(sig[i], sig[i + 1], eta)
         run.report(callback, i, x, g)
         # Euler method
         x = cfg_pp_state(run, x, g.estimate, cfg_pp)
-        x = g.carry(x + (x - g.estimate) / sig[i] * (sigma_down - sig[i]))
+        x = g.carry(x + (x - g.estimate) / sig[i] * (sigma_down - sig[i]), sigma_down)
         if sig[i + 1] > 0:
-            x = x + run.noise(i) * s_noise * sigma_up
+            x = scale * x + run.noise(i) * s_noise * sigma_up
     return run.finish(x)
 
 
@@ -129,7 +133,7 @@ def sample_dpmpp_2s_ancestral_distpp(model, x, sigmas, extra_args=None, callback
                                      s_noise=1.0, noise_sampler=None, *, teacher=None, w=None, guidance_steps=None,
                                      form="interpolate", renoise="next", renoise_sampler=None,
                                      teacher_extra_args=None, cfg_pp=False, direction="student",
-                                     guided_evaluation="midpoint", renoise_generator=None):
+                                     guided_evaluation="midpoint", renoise_generator=None, parametrization="ve"):
     """Ancestral DPM-Solver++(2S) (Lu et al. 2022) with the Distillation++ refinement (paper eq. 12).
 
     guided_evaluation='midpoint' (default, the authors' choice): the midpoint is built from the
@@ -142,31 +146,33 @@ def sample_dpmpp_2s_ancestral_distpp(model, x, sigmas, extra_args=None, callback
     with sigma_down = 0 has no midpoint: its one evaluation is refined.
     """
     validation.check_options("guided_evaluation", guided_evaluation, ("midpoint", "first", "both"))
-    run = prepare(model, x, sigmas, extra_args, noise_sampler, cfg_pp=cfg_pp)
+    run = prepare(model, x, sigmas, extra_args, noise_sampler, cfg_pp=cfg_pp, parametrization=parametrization)
     guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction,
                  renoise_generator)
     x, sig = run.start(), run.sigmas
     for i in trange(run.steps, disable=disable):
-        sigma_down, sigma_up = ancestral_step(sig[i], sig[i + 1], eta)
+        sigma_down, sigma_up, scale = run.param.ancestral_step(sig[i], sig[i + 1], eta)
         denoised = run.denoise(x, sig[i])
         g = guide.refine(i, x, sig[i], denoised, active=sigma_down == 0 or guided_evaluation != "midpoint")
         run.report(callback, i, x, g)
         if sigma_down == 0:
             # Euler method
             x_hat = cfg_pp_state(run, x, g.estimate, cfg_pp)
-            x = g.carry(x_hat + (x_hat - g.estimate) / sig[i] * (sigma_down - sig[i]))
+            x = g.carry(x_hat + (x_hat - g.estimate) / sig[i] * (sigma_down - sig[i]), sigma_down)
         else:
             # DPM-Solver++(2S)
             h = log_sigma_gap(sig[i], sigma_down)
-            sigma_s = sig[i] * math.exp(-h / 2)
-            x_2 = g.carry((sigma_s / sig[i]) * cfg_pp_state(run, x, g.estimate, cfg_pp) - math.expm1(-h / 2) * g.estimate)
+            sigma_s, h_s = run.param.midpoint(sig[i], sigma_down)
+            x_2 = g.carry((sigma_s / sig[i]) * cfg_pp_state(run, x, g.estimate, cfg_pp) - math.expm1(-h_s) * g.estimate,
+                          sigma_s)
             denoised_2 = run.denoise(x_2, sigma_s)
             g_2 = guide.refine(i, x_2, sigma_s, denoised_2, active=guided_evaluation != "first")
             # CFG++ renoises along the midpoint's unconditional estimate here, as ComfyUI's 2S a CFG++ does
-            x = g_2.carry((sigma_down / sig[i]) * cfg_pp_state(run, x, g.estimate, cfg_pp) - math.expm1(-h) * g_2.estimate)
+            x = g_2.carry((sigma_down / sig[i]) * cfg_pp_state(run, x, g.estimate, cfg_pp) - math.expm1(-h) * g_2.estimate,
+                          sigma_down)
         # Noise addition
         if sig[i + 1] > 0:
-            x = x + run.noise(i) * s_noise * sigma_up
+            x = scale * x + run.noise(i) * s_noise * sigma_up
     return run.finish(x)
 
 
@@ -175,7 +181,7 @@ def sample_dpmpp_2s_ancestral_distpp(model, x, sigmas, extra_args=None, callback
 def sample_dpmpp_2m_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, *, teacher=None, w=None,
                            guidance_steps=None, form="interpolate", renoise="next", renoise_sampler=None,
                            teacher_extra_args=None, cfg_pp=False, direction="student", history="student",
-                           renoise_generator=None):
+                           renoise_generator=None, parametrization="ve"):
     """DPM-Solver++(2M) (Lu et al. 2022) with the Distillation++ refinement (eq. 9).
 
     direction='student' (default, the authors' 2M++): the unguided update from the student's raw
@@ -186,7 +192,7 @@ def sample_dpmpp_2m_distpp(model, x, sigmas, extra_args=None, callback=None, dis
     unconditional estimate, as in CFG++ and ComfyUI's dpmpp_2m_cfg_pp.
     """
     validation.check_options("history", history, ("student", "refined"))
-    run = prepare(model, x, sigmas, extra_args, cfg_pp=cfg_pp)
+    run = prepare(model, x, sigmas, extra_args, cfg_pp=cfg_pp, parametrization=parametrization)
     guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction,
                  renoise_generator)
     x, sig = run.start(), run.sigmas
@@ -206,17 +212,18 @@ def sample_dpmpp_2m_distpp(model, x, sigmas, extra_args=None, callback=None, dis
             r = h_last / h
             denoised_d = (1 + 1 / (2 * r)) * g.estimate - (1 / (2 * r)) * old_denoised
             x = (sig[i + 1] / sig[i]) * x - math.expm1(-h) * denoised_d
-        x = g.carry(x)
+        x = g.carry(x, sig[i + 1])
         old_denoised = run.uncond() if cfg_pp else denoised if history == "student" else g.denoised
     return run.finish(x)
 
 
 @torch.no_grad()
-def sample_consistency(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None):
+def sample_consistency(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, *,
+                       parametrization="ve"):
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1; LCM, DMD2): denoise, then
     renoise the estimate to sigma_{i+1} with fresh noise. Returns the last estimate when the
-    schedule ends at 0."""
-    run = prepare(model, x, sigmas, extra_args, noise_sampler)
+    schedule ends at 0. parametrization='flow' renoises as (1 - s) x0 + s n (flow models' LCM)."""
+    run = prepare(model, x, sigmas, extra_args, noise_sampler, parametrization=parametrization)
     return _consistency_loop(run, unguided(run), callback, disable)
 
 
@@ -225,13 +232,13 @@ def sample_consistency(model, x, sigmas, extra_args=None, callback=None, disable
 def sample_consistency_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None,
                               *, teacher=None, w=None, guidance_steps=None, form="interpolate", renoise="next",
                               renoise_sampler=None, teacher_extra_args=None, direction="student",
-                              renoise_generator=None):
+                              renoise_generator=None, parametrization="ve"):
     """Multistep consistency sampling with the Distillation++ refinement (paper Sec. 3.1, Remarks).
 
     x_{i+1} = x0h + sigma_{i+1} * n', with n' independent of the renoise noise. form='eps' is
     the authors' choice for LCM / DMD2 students (its w is about sigma_i / sigma_r larger in effect).
     """
-    run = prepare(model, x, sigmas, extra_args, noise_sampler)
+    run = prepare(model, x, sigmas, extra_args, noise_sampler, parametrization=parametrization)
     guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction,
                  renoise_generator)
     return _consistency_loop(run, guide, callback, disable)
@@ -244,7 +251,7 @@ def _consistency_loop(run, guide, callback, disable):
         g = guide.refine(i, x, sig[i], denoised)
         run.report(callback, i, x, g)
         # Denoise, then renoise to the next level with fresh noise (both directions give x0h)
-        x = g.carry(g.estimate)
+        x = g.carry(g.estimate, 0.0)
         if sig[i + 1] > 0:
-            x = x + run.noise(i) * sig[i + 1]
+            x = run.param.noise_scaling(sig[i + 1], run.noise(i), x)
     return run.finish(x)

@@ -13,24 +13,15 @@ from dataclasses import dataclass
 import torch
 
 from . import validation
+from .parametrization import VE, Parametrization, ancestral_step, resolve
+
+__all__ = ["Run", "ancestral_step", "append_dims", "cfg_pp_state", "default_noise_sampler", "log_sigma_gap", "prepare",
+           "step_dtype", "supports_uncond"]
 
 
 def append_dims(x: torch.Tensor, ndim: int) -> torch.Tensor:
     """Appends trailing singleton dimensions so that x broadcasts against an ndim-D latent."""
     return x[(...,) + (None,) * (ndim - x.ndim)]
-
-
-def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
-    """Splits a step to sigma_to into a deterministic part to sigma_down and fresh noise sigma_up.
-
-    sigma_up**2 = eta**2 * sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2 (capped at
-    sigma_to) is the DDPM posterior variance for eta = 1, and sigma_down**2 + sigma_up**2 = sigma_to**2.
-    """
-    if not eta:
-        return sigma_to, 0.0
-    sigma_up = min(sigma_to, eta * math.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2))
-    sigma_down = math.sqrt(sigma_to**2 - sigma_up**2)
-    return sigma_down, sigma_up
 
 
 def step_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -53,6 +44,7 @@ class Run:
     sigmas: list[float]
     extra_args: dict
     noise_sampler: Callable
+    param: Parametrization = VE()  # how the model's state is built from x0 and noise
 
     @property
     def dtype(self) -> torch.dtype:
@@ -100,11 +92,15 @@ class Run:
         return x.to(self.x_in.dtype)
 
 
-def prepare(model, x, sigmas, extra_args=None, noise_sampler=None, cfg_pp: bool = False) -> Run:
+def prepare(model, x, sigmas, extra_args=None, noise_sampler=None, cfg_pp: bool = False, parametrization="ve") -> Run:
     """Validates a sampler's shared arguments and binds them into a Run."""
     validation.check_callable("model", model)
     validation.check_latent(x)
     values = validation.check_sigmas(sigmas)
+    param = resolve(parametrization)
+    param.check_sigmas(values)
+    if cfg_pp and not isinstance(param, VE):
+        raise ValueError("cfg_pp=True is defined for VE models here; pass parametrization='ve' or cfg_pp=False")
     validation.check_extra_args("extra_args", extra_args)
     validation.check_optional_callable("noise_sampler", noise_sampler)
     if cfg_pp and not supports_uncond(model):
@@ -114,7 +110,7 @@ def prepare(model, x, sigmas, extra_args=None, noise_sampler=None, cfg_pp: bool 
         )
     if noise_sampler is None:
         noise_sampler = default_noise_sampler(x)
-    return Run(model, x, sigmas, values, {} if extra_args is None else extra_args, noise_sampler)
+    return Run(model, x, sigmas, values, {} if extra_args is None else extra_args, noise_sampler, param)
 
 
 def default_noise_sampler(x: torch.Tensor) -> Callable:

@@ -85,3 +85,41 @@ def test_cfg_pp_differs_from_plain_when_uncond_differs(name):
     ours = kdistpp.SAMPLERS[name](ComfyStyleCFG(4.0), x, SIGMAS, teacher=ElementwiseDenoiser(), w=0.0, cfg_pp=True,
                                   disable=True, **noise())
     assert (ours - theirs).abs().max() > 1e-3
+
+
+class FlowModel:
+    """A flow model as ComfyUI's samplers see it: the denoiser, with its CONST model_sampling where
+    sample_euler_ancestral / sample_dpmpp_2s_ancestral / sample_lcm look for it."""
+
+    def __init__(self, comfy):
+        self.model, sampling = ElementwiseDenoiser(bias=0.3), comfy.model_sampling.CONST()
+        self.inner_model = type("Wrapped", (), {"inner_model": type("Inner", (), {"model_sampling": sampling})()})()
+
+    def __call__(self, x, sigma, **_):
+        return self.model(x, sigma)
+
+
+FLOW_BASES = {"euler": ("sample_euler", {}), "euler_ancestral": ("sample_euler_ancestral", {"eta": 1.0}),
+              "dpmpp_2s_ancestral": ("sample_dpmpp_2s_ancestral", {"eta": 1.0}), "dpmpp_2m": ("sample_dpmpp_2m", {}),
+              "consistency": ("sample_lcm", {})}
+
+
+@pytest.mark.parametrize("name", FLOW_BASES)
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_samplers_equal_comfyuis_on_a_const_model_at_w0(name, shift):
+    """ComfyUI runs its *_RF ancestral variants and noise_scaling for CONST (flow) models; kdistpp's
+    parametrization='flow' samplers must give the same sample, from a schedule starting at s = 1."""
+    comfy = import_comfy()
+    fn_name, kw = FLOW_BASES[name]
+    shape = (2, 4, 5, 5)
+    sigmas = kdistpp.get_sigmas_flow(5, shift=shift)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    noisy = name in ("euler_ancestral", "dpmpp_2s_ancestral", "consistency")
+    noise = lambda: {"noise_sampler": replayed_noise(4, shape)} if noisy else {}  # noqa: E731
+    theirs = getattr(comfy.k_diffusion.sampling, fn_name)(FlowModel(comfy), x, sigmas.to(DEVICE), disable=True, **kw,
+                                                          **noise())
+    ours = kdistpp.SAMPLERS[name](FlowModel(comfy), x, sigmas, disable=True, parametrization="flow", **kw, **noise())
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    if noisy:  # the VE update on the same model is a different sample: the comparison can fail
+        ve = kdistpp.SAMPLERS[name](FlowModel(comfy), x, sigmas, disable=True, **kw, **noise())
+        assert (ve - theirs).abs().max() > 1e-3

@@ -1,0 +1,133 @@
+"""How a model's state is built from a clean latent and noise: VE (k-diffusion's) or rectified flow.
+
+The samplers run in the model's own coordinates and ask the parametrization only the few things in
+which the two differ, as ComfyUI's `model_sampling` classes do:
+
+    state at sigma          VE: x = x0 + sigma n           flow: x = (1 - s) x0 + s n
+    x0's weight in it       VE: 1                          flow: 1 - s
+    ancestral step          VE: k-diffusion's sigma_up     flow: ComfyUI's *_RF down-step rule
+    2S midpoint             VE: sqrt(sigma_i sigma_down)   flow: the same in log-SNR, 0.9999 at s = 1
+
+The deterministic updates need nothing more: with r = sigma_next / sigma, Euler's
+x + (x - x0) / sigma * (sigma_next - sigma) = r x + (1 - r) x0 is VE Euler in VE coordinates and
+flow Euler (DDIM) in flow coordinates, and DPM-Solver++'s (sigma_next / sigma) x - expm1(-h) x0 is
+the same form. A flow model is a VE model in y = x / (1 - s), sigma = s / (1 - s) (kdistpp.flow),
+which is why the refinement keeps its meaning: the derivations are in docs/samplers.md. Running
+in flow coordinates keeps s = 1 (sigma = infinity), where most flow schedules start, finite.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """Splits a step to sigma_to into a deterministic part to sigma_down and fresh noise sigma_up.
+
+    sigma_up**2 = eta**2 * sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2 (capped at
+    sigma_to) is the DDPM posterior variance for eta = 1, and sigma_down**2 + sigma_up**2 = sigma_to**2.
+    """
+    if not eta:
+        return sigma_to, 0.0
+    sigma_up = min(sigma_to, eta * math.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2))
+    sigma_down = math.sqrt(sigma_to**2 - sigma_up**2)
+    return sigma_down, sigma_up
+
+
+class Parametrization:
+    """The base: k-diffusion's variance-exploding convention, x = x0 + sigma * n. Subclasses override
+    the methods in which their state differs."""
+
+    name = "ve"
+
+    def noise_scaling(self, sigma: float, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The state at sigma for a clean latent x0 and unit noise (the refinement's renoise, eq. 9)."""
+        return x0 + noise * sigma
+
+    def clean_weight(self, sigma: float) -> float:
+        """How much a change of x0 moves the state at sigma."""
+        return 1.0
+
+    def ancestral_step(self, sigma: float, sigma_next: float, eta: float) -> tuple[float, float, float]:
+        """(sigma_down, noise coefficient, scale): x_next = scale * x_down + coefficient * n."""
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        return sigma_down, sigma_up, 1.0
+
+    def midpoint(self, sigma: float, sigma_down: float) -> tuple[float, float]:
+        """DPM-Solver++(2S)'s midpoint sigma_s and the log-sigma gap h_s = log(sigma / sigma_s) to it."""
+        h = math.log(sigma / sigma_down)
+        return sigma * math.exp(-h / 2), h / 2
+
+    def ve_sigma(self, sigma: float) -> float:
+        """The VE sigma of this sigma (the eps form's scale)."""
+        return sigma
+
+    def check_sigmas(self, values: list[float]) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class VE(Parametrization):
+    """k-diffusion's variance-exploding convention: x = x0 + sigma * n (SD 1.x/SDXL eps and v models
+    through their k-diffusion wrappers, and every VE/EDM model)."""
+
+
+class RectifiedFlow(Parametrization):
+    """Rectified flow / flow matching: x = (1 - s) x0 + s n, s in [0, 1] (SD3/3.5, Flux, Qwen-Image, Wan,
+    Z-Image; ComfyUI's CONST, diffusers' FlowMatchEulerDiscreteScheduler sigmas)."""
+
+    name = "flow"
+
+    def noise_scaling(self, sigma, noise, x0):
+        return torch.add(x0 * (1.0 - sigma), noise, alpha=sigma)
+
+    def clean_weight(self, sigma):
+        return 1.0 - sigma
+
+    def ancestral_step(self, sigma, sigma_next, eta):
+        """ComfyUI's rectified-flow ancestral step (sample_euler_ancestral_RF): the down step is
+        s_d = s' (1 + (s'/s - 1) eta), then x' = (1 - s') / (1 - s_d) * x_d + c n with
+        c = sqrt(s'^2 - s_d^2 (1 - s')^2 / (1 - s_d)^2). In VE terms it is an ancestral step to
+        sigma_d = s_d / (1 - s_d) with sigma_up^2 = sigma'^2 - sigma_d^2: only the rule picking the
+        down step differs from k-diffusion's."""
+        if sigma_next == 0 or not eta:
+            return sigma_next, 0.0, 1.0
+        sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
+        alpha_next, alpha_down = 1 - sigma_next, 1 - sigma_down
+        coefficient = math.sqrt(max(sigma_next**2 - sigma_down**2 * alpha_next**2 / alpha_down**2, 0.0))
+        return sigma_down, coefficient, alpha_next / alpha_down
+
+    def midpoint(self, sigma, sigma_down):
+        """The midpoint in lambda = log((1 - s) / s) (= -log of the VE sigma), as ComfyUI's
+        sample_dpmpp_2s_ancestral_RF takes it, including its s_s = 0.9999 at s = 1 (lambda = -inf)."""
+        if sigma == 1.0:
+            sigma_s = 0.9999
+        else:
+            lam = (math.log((1 - sigma) / sigma) + math.log((1 - sigma_down) / sigma_down)) / 2
+            sigma_s = 1 / (math.exp(lam) + 1)
+        return sigma_s, math.log(sigma / sigma_s)
+
+    def ve_sigma(self, sigma):
+        return math.inf if sigma >= 1 else sigma / (1 - sigma)
+
+    def check_sigmas(self, values):
+        if values and values[0] > 1:
+            raise ValueError(f"sigmas of a rectified-flow model lie in [0, 1], got {values[0]} first; pass the "
+                             "host's flow sigmas (s), not VE sigmas (convert with kdistpp.flow.flow_sigma)")
+
+
+PARAMETRIZATIONS = {"ve": VE(), "flow": RectifiedFlow()}
+
+
+def resolve(parametrization) -> Parametrization:
+    """'ve' or 'flow' (or a parametrization object) as the object the samplers use."""
+    if isinstance(parametrization, Parametrization):
+        return parametrization
+    if isinstance(parametrization, str) and parametrization in PARAMETRIZATIONS:
+        return PARAMETRIZATIONS[parametrization]
+    raise ValueError(f"parametrization must be 've' (k-diffusion's x0 + sigma n) or 'flow' ((1 - s) x0 + s n), "
+                     f"got {parametrization!r}")

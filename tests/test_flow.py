@@ -1,0 +1,254 @@
+"""Rectified-flow models (parametrization='flow'): each sampler against a flow-native reference
+written here from the flow formulas, the refinement written with (1 - s) x0 + s n, the run of the
+converted VE model, s = 1 handled exactly, and the flow schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import kdistpp
+from conftest import DEVICE, ElementwiseDenoiser
+from kdistpp import flow
+
+SHAPE = (2, 3, 4)
+
+
+def schedule(n, shift, start=1.0):
+    """A shifted flow schedule from `start` down, ending at 0, in float64."""
+    t = torch.linspace(start, 0, n + 1, dtype=torch.float64)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def noise_list(seed, count):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(SHAPE, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(count)]
+
+
+def replay(noises):
+    it = iter(noises)
+    return lambda sigma, sigma_next: next(it)
+
+
+def call(model, x, s):
+    return model(x, torch.full((x.shape[0],), s, dtype=x.dtype, device=x.device))
+
+
+# Flow-native references: state x = (1 - s) x0 + s n throughout, written from the formulas.
+
+def ref_euler(model, x, s, noises=None, eta=None):
+    for i in range(len(s) - 1):
+        x0 = call(model, x, s[i])
+        x = (s[i + 1] / s[i]) * x + (1 - s[i + 1] / s[i]) * x0  # DDIM / flow Euler
+    return x
+
+
+def rf_down(s, s_next, eta):
+    s_down = s_next * (1 + (s_next / s - 1) * eta)
+    c = math.sqrt(s_next**2 - s_down**2 * (1 - s_next) ** 2 / (1 - s_down) ** 2)
+    return s_down, c
+
+
+def ref_euler_ancestral(model, x, s, noises, eta):
+    for i in range(len(s) - 1):
+        x0 = call(model, x, s[i])
+        if s[i + 1] == 0:
+            x = x0
+            continue
+        s_down, c = rf_down(s[i], s[i + 1], eta)
+        x = (s_down / s[i]) * x + (1 - s_down / s[i]) * x0
+        x = (1 - s[i + 1]) / (1 - s_down) * x + c * noises[i]
+    return x
+
+
+def ref_dpmpp_2s_ancestral(model, x, s, noises, eta):
+    for i in range(len(s) - 1):
+        x0 = call(model, x, s[i])
+        if s[i + 1] == 0:
+            x = x0
+            continue
+        s_down, c = rf_down(s[i], s[i + 1], eta)
+        lam = lambda v: math.log((1 - v) / v)  # noqa: E731
+        s_mid = 0.9999 if s[i] == 1 else 1 / (1 + math.exp((lam(s[i]) + lam(s_down)) / 2))
+        u = (s_mid / s[i]) * x + (1 - s_mid / s[i]) * x0
+        x0_mid = call(model, u, s_mid)
+        x = (s_down / s[i]) * x + (1 - s_down / s[i]) * x0_mid
+        x = (1 - s[i + 1]) / (1 - s_down) * x + c * noises[i]
+    return x
+
+
+def ref_dpmpp_2m(model, x, s, noises=None, eta=None):
+    """DPM-Solver++(2M) with its step ratio in t = -log s, as ComfyUI runs it on flow models."""
+    previous = None
+    for i in range(len(s) - 1):
+        x0 = call(model, x, s[i])
+        if s[i + 1] == 0:
+            x = x0
+        else:
+            h = math.log(s[i] / s[i + 1])
+            d = x0
+            if previous is not None:
+                r = math.log(s[i - 1] / s[i]) / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * previous
+            x = (s[i + 1] / s[i]) * x + (1 - s[i + 1] / s[i]) * d
+        previous = x0
+    return x
+
+
+def ref_consistency(model, x, s, noises, eta=None):
+    for i in range(len(s) - 1):
+        x = call(model, x, s[i])
+        if s[i + 1] > 0:
+            x = (1 - s[i + 1]) * x + s[i + 1] * noises[i]
+    return x
+
+
+REFERENCES = {"euler": ref_euler, "euler_ancestral": ref_euler_ancestral, "dpmpp_2s_ancestral": ref_dpmpp_2s_ancestral,
+              "dpmpp_2m": ref_dpmpp_2m, "consistency": ref_consistency}
+NOISY = {"euler_ancestral", "dpmpp_2s_ancestral", "consistency"}
+
+
+@pytest.mark.parametrize("name", REFERENCES)
+@given(n=st.integers(1, 6), shift=st.floats(1.0, 8.0), start=st.sampled_from([1.0, 0.97, 0.6]),
+       eta=st.sampled_from([1.0, 0.6]), seed=st.integers(0, 99))
+def test_each_sampler_on_a_flow_model_equals_its_flow_native_reference(name, n, shift, start, eta, seed):
+    s = schedule(n, shift, start)
+    x = noise_list(seed + 1000, 1)[0] * float(s[0])
+    model = ElementwiseDenoiser(bias=0.3)
+    noises = noise_list(seed, n)
+    kw = {"noise_sampler": replay(noises)} if name in NOISY else {}
+    if "ancestral" in name:
+        kw["eta"] = eta
+    ours = kdistpp.SAMPLERS[name](model, x, s, disable=True, parametrization="flow", **kw)
+    expected = REFERENCES[name](model, x, [float(v) for v in s], noises, eta)
+    assert bool(torch.isfinite(ours).all())
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", REFERENCES)
+@pytest.mark.parametrize("form", ["interpolate", "guidance"])
+@given(w=st.floats(0.05, 1.0), shift=st.floats(1.0, 6.0), seed=st.integers(0, 99))
+def test_a_guided_flow_step_renoises_with_the_flow_state_and_moves_by_one_minus_s_next(name, form, w, shift, seed):
+    """Eq. 9 in flow terms: the teacher sees x_r = (1 - s_r) x0s + s_r n at s_r = s_1, and the state
+    after the step moves by (1 - s_1) w (x0T - x0s) from the unguided step (direction 'student')."""
+    s = schedule(3, shift)[:2]  # one step 1 -> s_1 > 0
+    x = noise_list(seed + 500, 1)[0]
+    student, teacher = ElementwiseDenoiser(bias=0.3), ElementwiseDenoiser(bias=-0.7, scale=1.4)
+    noises = noise_list(seed, 1)
+    kw = {"noise_sampler": replay(noises)} if name in NOISY else {}
+    seen = []
+    base = kdistpp.SAMPLERS[name](student, x, s, disable=True, parametrization="flow",
+                                  **({"noise_sampler": replay(noises)} if name in NOISY else {}))
+    guided = kdistpp.SAMPLERS[name](student, x, s, disable=True, parametrization="flow", teacher=teacher, w=w,
+                                    form=form, renoise_generator=torch.Generator(device=DEVICE).manual_seed(seed),
+                                    callback=lambda d: seen.append(d), **kw)
+    refined = 1 if name == "dpmpp_2s_ancestral" else 0  # 2S a refines its midpoint evaluation
+    point, level = teacher.inputs[0][0], teacher.inputs[0][1]
+    x0t = teacher(point, level)
+    x0s = student(*student.inputs[len(student.inputs) // 2 + refined][:2])  # the guided run's evaluations
+    if refined == 0:
+        torch.testing.assert_close(seen[0]["student_denoised"], x0s)
+    s1 = float(s[1])
+    torch.testing.assert_close(guided - base, (1 - s1) * w * (x0t - x0s), rtol=1e-9, atol=1e-9)
+    level = float(level[0])
+    if form == "interpolate":
+        n = torch.randn(SHAPE, generator=torch.Generator(device=DEVICE).manual_seed(seed), dtype=x.dtype, device=DEVICE)
+        assert level == pytest.approx(s1)
+        torch.testing.assert_close(point, (1 - s1) * x0s + s1 * n, rtol=1e-12, atol=1e-12)
+    else:
+        assert level == pytest.approx(float(s[0]) if refined == 0 else float(student.inputs[-1][1][0]))
+
+
+@pytest.mark.parametrize("name", ["euler", "consistency"])
+@pytest.mark.parametrize("form", kdistpp.FORMS)
+@given(n=st.integers(3, 5), shift=st.floats(1.0, 6.0), w=st.floats(0.0, 0.8), seed=st.integers(0, 99))
+def test_the_flow_run_is_the_ve_run_of_the_converted_model(name, form, n, shift, w, seed):
+    """A flow model is a VE model in y = x / (1 - s), sigma = s / (1 - s): Euler (DDIM) and the
+    consistency sampler, guided or not, give the same sample in either coordinate."""
+    s = schedule(n, shift, start=0.95)
+    sigma = torch.tensor([flow.ve_sigma(float(v)) for v in s], dtype=torch.float64)
+    x = noise_list(seed + 7, 1)[0] * float(s[0])
+    student, teacher = ElementwiseDenoiser(bias=0.3), ElementwiseDenoiser(bias=-0.7, scale=1.4)
+    kw = dict(teacher=teacher, w=w, form=form, guidance_steps=[0, 1], renoise="next")
+    runs = []
+    for coordinates in ("flow", "ve"):
+        noises = noise_list(seed, n)
+        extra = {"noise_sampler": replay(noises)} if name == "consistency" else {}
+        gen = torch.Generator(device=DEVICE).manual_seed(seed + 1)
+        if coordinates == "flow":
+            runs.append(kdistpp.SAMPLERS[name](student, x, s, disable=True, parametrization="flow",
+                                               renoise_generator=gen, **kw, **extra))
+        else:
+            ve_teacher = flow.VEDenoiser(teacher)
+            out = kdistpp.SAMPLERS[name](flow.VEDenoiser(student), flow.to_ve(x, float(s[0])), sigma, disable=True,
+                                         renoise_generator=gen, **{**kw, "teacher": ve_teacher}, **extra)
+            runs.append(flow.to_flow(out, 0.0))
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-8, atol=1e-8)
+
+
+def test_a_schedule_starting_at_s_1_is_exact_and_the_eps_form_cannot_guide_there():
+    s = schedule(4, 3.0)
+    assert float(s[0]) == 1.0
+    x = noise_list(1, 1)[0]
+    student, teacher = ElementwiseDenoiser(bias=0.3), ElementwiseDenoiser(bias=-0.7)
+    for name in kdistpp.SAMPLERS:
+        out = kdistpp.SAMPLERS[name](student, x, s, disable=True, parametrization="flow", teacher=teacher, w=0.3)
+        assert bool(torch.isfinite(out).all()), name
+    with pytest.raises(ValueError, match="s = 1"):
+        kdistpp.sample_consistency_distpp(student, x, s, teacher=teacher, w=0.01, form="eps", parametrization="flow")
+    out = kdistpp.sample_consistency_distpp(student, x, s, teacher=teacher, w=0.01, form="eps", guidance_steps=[1],
+                                            parametrization="flow", disable=True)
+    assert bool(torch.isfinite(out).all())
+
+
+def test_flow_arguments_are_checked():
+    x = noise_list(1, 1)[0]
+    with pytest.raises(ValueError, match="lie in \\[0, 1\\]"):
+        kdistpp.sample_euler_distpp(ElementwiseDenoiser(), x, kdistpp.get_sigmas_karras(4, 0.1, 14.6), parametrization="flow")
+    with pytest.raises(ValueError, match="parametrization must be"):
+        kdistpp.sample_euler_distpp(ElementwiseDenoiser(), x, schedule(2, 1.0), parametrization="rf")
+    with pytest.raises(ValueError, match="cfg_pp"):
+        kdistpp.sample_euler_distpp(kdistpp.CFGDenoiser(ElementwiseDenoiser()), x, schedule(2, 1.0), cfg_pp=True,
+                                    parametrization="flow")
+    wrapped = kdistpp.teacher_guided(ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0), schedule(4, 3.0).float(),
+                                     w=0.2, parametrization="flow")
+    assert isinstance(wrapped.guidance.run.param, kdistpp.RectifiedFlow)
+
+
+@given(s=st.floats(0.0, 0.999999))
+def test_sigma_maps_are_inverse_and_exact_at_the_ends(s):
+    assert flow.flow_sigma(flow.ve_sigma(s)) == pytest.approx(s, rel=1e-12, abs=1e-15)
+    assert flow.ve_sigma(1.0) == math.inf and flow.flow_sigma(math.inf) == 1.0
+    t = torch.tensor([1.0, s, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(flow.flow_sigma(flow.ve_sigma(t)), t)
+    assert math.isinf(float(flow.ve_sigma(t)[0]))
+
+
+def test_state_maps_and_the_ve_denoiser():
+    x = noise_list(2, 1)[0]
+    torch.testing.assert_close(flow.to_flow(flow.to_ve(x, 0.75), 3.0), x)
+    with pytest.raises(ValueError, match="s = 1"):
+        flow.to_ve(x, 1.0)
+    model = ElementwiseDenoiser()
+    sigma = torch.full((2,), 3.0, dtype=torch.float64, device=DEVICE)
+    torch.testing.assert_close(flow.VEDenoiser(model)(x, sigma), call(model, x / 4.0, 0.75))
+    with pytest.raises(ValueError, match="infinity"):
+        flow.VEDenoiser(model)(x, torch.full((2,), math.inf, device=DEVICE))
+
+
+def test_flow_schedules():
+    t = torch.linspace(1, 0, 5, dtype=torch.float64)[:-1]
+    torch.testing.assert_close(kdistpp.get_sigmas_flow(4, shift=3.0).double(),
+                               torch.cat([3 * t / (1 + 2 * t), torch.zeros(1, dtype=torch.float64)]))
+    torch.testing.assert_close(kdistpp.get_sigmas_flow(4).double(), torch.linspace(1, 0, 5, dtype=torch.float64))
+    assert flow.flux_mu(256) == pytest.approx(0.5) and flow.flux_mu(4096) == pytest.approx(1.15)
+    mu = flow.flux_mu(4096)
+    expected = [math.exp(mu) / (math.exp(mu) + (1 / v - 1)) for v in t.tolist()] + [0.0]
+    torch.testing.assert_close(kdistpp.get_sigmas_flow(4, mu=mu).double(), torch.tensor(expected, dtype=torch.float64))
+    assert flow.flux_time_shift(0.0, 0.3) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="shift"):
+        flow.time_snr_shift(0.0, 0.5)
