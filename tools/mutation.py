@@ -39,6 +39,7 @@ SCOPE = {
     "kdistpp/refine.py": CORE_TESTS, "kdistpp/samplers.py": CORE_TESTS, "kdistpp/steps.py": CORE_TESTS,
     "kdistpp/guided_steps.py": CORE_TESTS, "kdistpp/guided_denoiser.py": CORE_TESTS, "kdistpp/cfg.py": CORE_TESTS,
     "kdistpp/validation.py": CORE_TESTS, "kdistpp/sfd/trajectory.py": SFD_TESTS, "kdistpp/sfd/trainer.py": SFD_TESTS,
+    "kdistpp/parametrization.py": ["tests/test_flow.py", *CORE_TESTS], "kdistpp/flow.py": ["tests/test_flow.py"],
 }
 SWAPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Lt: ast.LtE, ast.LtE: ast.Lt,
          ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.And: ast.Or, ast.Or: ast.And,
