@@ -1,4 +1,5 @@
-"""Tiny random-weight SD1.5-family models built by ComfyUI itself, for tests in the real host.
+"""Tiny random-weight models built by ComfyUI itself, for tests in the real host: SD1.5-family UNets
+and rectified-flow (CONST) transformers, Flux and SD3, from `comfy.supported_models`.
 
 ComfyUI's layers skip weight initialisation, so the weights are filled here from a seed. A LoRA
 student is `base.clone()` plus `add_patches`, exactly what ComfyUI's LoraLoader does.
@@ -28,6 +29,41 @@ def tiny_sd15(comfy, seed: int, latent_format=None):
     fill(model.diffusion_model, seed)
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+
+
+# The smallest configs ComfyUI's own classes accept: one double and one single block of width 32 (Flux,
+# RoPE axes summing to the head width); one joint block of width 64 (SD3: MMDiT's width is 64 * depth).
+FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 8, "context_in_dim": CONTEXT,
+        "hidden_size": 32, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+        "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+        "txt_ids_dims": []}
+SD3 = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 1, "input_size": None, "adm_in_channels": 8,
+       "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": CONTEXT, "out_features": 64}},
+       "num_patches": 64, "pos_embed_max_size": 8, "pos_embed_scaling_factor": None, "x_block_self_attn_layers": []}
+POOLED = 8  # both take a pooled text vector (`pooled_output` in the conditioning) of this width
+FLOW_LATENT = (1, 16, 8, 8)
+
+
+def tiny_flow(comfy, family: str, seed: int):
+    """A ModelPatcher around ComfyUI's Flux or SD3 BaseModel (CONST model sampling: ModelSamplingFlux,
+    ModelSamplingDiscreteFlow with shift 3) with a tiny transformer and seeded weights (CPU, float32)."""
+    supported, unet = {"flux": (comfy.supported_models.Flux, FLUX), "sd3": (comfy.supported_models.SD3, SD3)}[family]
+    config = supported({**unet, "dtype": torch.float32})
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device=torch.device("cpu"))
+    fill(model.diffusion_model, seed)
+    if family == "sd3":  # a checkpoint's buffer, left uninitialised by ComfyUI
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            model.diffusion_model.pos_embed.copy_(0.1 * torch.randn(model.diffusion_model.pos_embed.shape, generator=g))
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+
+
+def flow_conditioning(seed: int, batch: int = 1):
+    """Conditioning for `tiny_flow`: text tokens and the pooled vector Flux and SD3 take."""
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(batch, 7, CONTEXT, generator=g), {"pooled_output": torch.randn(batch, POOLED, generator=g)}]]
 
 
 def lora_clone(comfy, base, seed: int, strength: float = 1.0):

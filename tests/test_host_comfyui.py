@@ -1,4 +1,5 @@
-"""The Distillation++ node inside real ComfyUI (the pinned 0.8.0 tree), on tiny random SD1.5 models.
+"""The Distillation++ node inside real ComfyUI (the pinned 0.8.0 tree), on tiny random SD1.5 models
+and tiny rectified-flow (CONST) Flux and SD3 models.
 
 Everything runs through ComfyUI's own code: models built by `comfy.supported_models`, LoRA students
 by `comfy.sd.load_lora_for_models` (LoraLoader's path), sampling by the `SamplerCustom` node with
@@ -22,7 +23,8 @@ import pytest
 import torch
 
 import kdistpp
-from comfy_models import conditioning, controlled, lora_clone, tiny_controlnet, tiny_sd15
+from comfy_models import (FLOW_LATENT, conditioning, controlled, flow_conditioning, lora_clone, tiny_controlnet,
+                          tiny_flow, tiny_sd15)
 from hosts import import_comfy
 
 BASES = {"euler": "euler", "euler_ancestral": "euler_ancestral", "dpmpp_2s_ancestral": "dpmpp_2s_ancestral",
@@ -290,24 +292,27 @@ class FlowSampling:
 
 
 @pytest.mark.parametrize("which", ["sampled", "teacher"])
-def test_flow_models_are_refused_at_sampling_time_before_any_model_call(comfy, node, which):
+def test_a_flow_and_a_ve_model_together_are_refused_at_sampling_time_before_any_model_call(comfy, node, which):
     """The node has no student input: the model SamplerCustom samples is checked when it samples,
-    and the error (which ComfyUI shows as SamplerCustom's) names the input to change."""
+    and the error (which ComfyUI shows as SamplerCustom's) names the input to change. Here the two
+    share a latent space and differ in their model sampling alone (one CONST)."""
+    from kdistpp.integrations.comfyui import SAMPLED, TEACHER
+
     teacher, student = tiny_sd15(comfy, 0), tiny_sd15(comfy, 5)
     sig = sigmas(comfy, student)
     if which == "sampled":
-        student, expected = FlowSampling(comfy, student), "SamplerCustom's `model` input"
+        student, flow, ve = FlowSampling(comfy, student), SAMPLED, TEACHER
     else:
-        teacher, expected = FlowSampling(comfy, teacher), "`teacher` input"
+        teacher, flow, ve = FlowSampling(comfy, teacher), TEACHER, SAMPLED
     sampler = distpp(node, teacher, "euler", 0.3)  # building it checks nothing
     calls = [Calls(teacher), Calls(student)]
     try:
-        with pytest.raises(ValueError, match="flow-matching") as err:
+        with pytest.raises(ValueError, match="parametrized differently") as err:
             sample(comfy, student, sampler, sig)
     finally:
         for c in calls:
             c.remove()
-    assert expected in str(err.value)
+    assert f"{flow} is a rectified-flow model" in str(err.value) and f"{ve} is a VE" in str(err.value)
     assert [c.count for c in calls] == [0, 0]
 
 
@@ -330,6 +335,124 @@ def test_a_teacher_from_another_latent_space_is_refused_when_the_student_samples
             c.remove()
     assert "`teacher` input" in str(err.value) and "SD15" in str(err.value) and "SDXL" in str(err.value)
     assert [c.count for c in calls] == [0, 0]
+
+
+FLOW_FAMILIES = ["flux", "sd3"]
+
+
+class Inputs:
+    """Counts the forward calls of any diffusion model (at the model) and keeps its inputs x, t."""
+
+    def __init__(self, patcher):
+        self.calls = []
+        self.handle = patcher.model.diffusion_model.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.calls.append((args[0].detach().clone(), args[1].detach().clone()))
+
+    def remove(self):
+        self.handle.remove()
+
+
+def flow_sample(comfy, model, sampler, sig, seed=3):
+    return sample(comfy, model, sampler, sig, positive=flow_conditioning(1), negative=flow_conditioning(2), seed=seed,
+                  latent=torch.zeros(FLOW_LATENT))
+
+
+def flow_distpp(node, teacher, base, w, **kw):
+    return distpp(node, teacher, base, w, teacher_positive=flow_conditioning(3), teacher_negative=flow_conditioning(4),
+                  **kw)
+
+
+def flow_sigmas(comfy, patcher, steps=4):
+    """ComfyUI's `simple` schedule in the model's own flow sigmas s: it starts at s = 1 (pure noise)."""
+    import comfy_extras.nodes_custom_sampler as ncs
+
+    sig = ncs.BasicScheduler.execute(patcher, "simple", steps, 1.0).result[0]
+    assert float(sig[0]) == 1.0 and float(sig[-1]) == 0.0
+    return sig
+
+
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("family", FLOW_FAMILIES)
+def test_flow_models_at_w0_equal_comfyuis_own_sampler_at_the_same_seed(comfy, node, family, base):
+    """A rectified-flow (CONST) student, Flux or SD3 from ComfyUI's own classes: the node samples it
+    with parametrization='flow' and gives ComfyUI's image, whose samplers take their *_RF variants."""
+    teacher, student = tiny_flow(comfy, family, 0), tiny_flow(comfy, family, 1)
+    assert isinstance(student.get_model_object("model_sampling"), comfy.model_sampling.CONST)
+    sig = flow_sigmas(comfy, student)
+    theirs = flow_sample(comfy, student, comfy.samplers.ksampler(BASES[base]), sig, seed=11)
+    calls = Inputs(teacher)
+    ours = flow_sample(comfy, student, flow_distpp(node, teacher, base, 0.0), sig, seed=11)
+    calls.remove()
+    atol = 1e-5 * float(theirs.abs().max())  # float32 rounding at the sample's scale (module docstring)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=atol)
+    other_seed = flow_sample(comfy, student, comfy.samplers.ksampler(BASES[base]), sig, seed=12)
+    assert (other_seed - theirs).abs().max() > 100 * atol  # the comparison can fail
+    assert calls.calls == []
+
+
+@pytest.mark.parametrize("family", FLOW_FAMILIES)
+def test_a_flow_teacher_is_handed_the_flow_renoised_student_estimate(comfy, node, family):
+    """With the teacher on, the teacher is called once (counted at its model) at s_r = the next sigma,
+    on x_r = (1 - s_r) x0s + s_r n built from the student's estimate x0s: regressed on x0s it has
+    slope 1 - s_r and a residual of scale s_r (a VE renoise x0s + sigma n would give slope 1)."""
+    teacher, student = tiny_flow(comfy, family, 0), tiny_flow(comfy, family, 1).clone()
+    estimates = []
+
+    def record(args):  # the student's CFG'd estimate at each of its calls, as SamplerCustom gets it
+        estimates.append((float(args["sigma"].flatten()[0]), args["denoised"].detach().clone()))
+        return args["denoised"]
+
+    student.set_model_sampler_post_cfg_function(record)
+    sig = flow_sigmas(comfy, student)
+    inputs = Inputs(teacher)
+    try:
+        out = flow_sample(comfy, student, flow_distpp(node, teacher, "euler", 0.3, renoise="next"), sig)
+    finally:
+        inputs.remove()
+    assert torch.isfinite(out).all()
+    assert len(inputs.calls) == 1  # one guided step, one batched (cond + uncond) teacher call
+    x_r, t = inputs.calls[0]
+    s_r = float(sig[1])
+    assert torch.allclose(t.double(), teacher.get_model_object("model_sampling").timestep(sig[1:2]).double())
+    assert estimates[0][0] == 1.0
+    x0s = estimates[0][1].double().flatten()
+    x_r = x_r[0].double().flatten()
+    assert torch.equal(inputs.calls[0][0][0], inputs.calls[0][0][1])  # cond and uncond rows: one point
+    a, b = x0s - x0s.mean(), x_r - x_r.mean()
+    slope = float((a * b).sum() / (a * a).sum())
+    residual = x_r - (1 - s_r) * x0s
+    assert abs(slope - (1 - s_r)) < 0.05 * s_r, (slope, 1 - s_r)
+    assert abs(float(residual.std()) / s_r - 1) < 0.1  # unit noise scaled by s_r
+    assert abs(float(residual.mean())) < 0.1 * s_r
+
+
+@pytest.mark.parametrize("which", ["sampled", "teacher"])
+@pytest.mark.parametrize("family", FLOW_FAMILIES)
+def test_an_sd15_teacher_for_a_flow_student_and_the_reverse_are_refused(comfy, node, family, which):
+    """Student and teacher must share the parametrization: refused when sampling starts, before
+    any model call, with an error naming which input is the flow model and which is not."""
+    from kdistpp.integrations.comfyui import SAMPLED, TEACHER
+
+    sd15, flow = tiny_sd15(comfy, 0), tiny_flow(comfy, family, 1)
+    if which == "sampled":  # a flow student with an SD1.5 teacher
+        student, teacher, flow_input, ve_input = flow, sd15, SAMPLED, TEACHER
+        run = lambda sampler: flow_sample(comfy, student, sampler, flow_sigmas(comfy, student))  # noqa: E731
+    else:
+        student, teacher, flow_input, ve_input = sd15, flow, TEACHER, SAMPLED
+        run = lambda sampler: sample(comfy, student, sampler, sigmas(comfy, student))  # noqa: E731
+    sampler = distpp(node, teacher, "euler", 0.3)  # building it checks nothing
+    calls = [Inputs(teacher), Inputs(student)]
+    try:
+        with pytest.raises(ValueError, match="parametrized differently") as err:
+            run(sampler)
+    finally:
+        for c in calls:
+            c.remove()
+    assert f"{flow_input} is a rectified-flow model" in str(err.value)
+    assert f"{ve_input} is a VE" in str(err.value)
+    assert [len(c.calls) for c in calls] == [0, 0]
 
 
 def test_guided_steps_past_the_schedule_fail_clearly(comfy, node):

@@ -3,8 +3,10 @@
 The node takes the teacher MODEL, the teacher's positive/negative conditioning and CFG, and the
 Distillation++ settings; it returns a SAMPLER. The student is the model SamplerCustom samples (with
 its own conditioning, CFG, patches and memory management): when sampling starts, before any model
-call, that model and the teacher are checked (same latent space, no flow-matching model), and an
-error names the input to change.
+call, that model and the teacher are checked (same latent space, same parametrization), and an
+error names the input to change. Rectified-flow models (ComfyUI's CONST model sampling: SD3/3.5,
+Flux, ...) are sampled with kdistpp's parametrization='flow' in ComfyUI's own flow sigmas, the
+others with 've', as ComfyUI's own samplers pick their *_RF variants.
 
 The teacher is sampled through ComfyUI's own path at every guided call: a `CFGGuider` for the
 teacher runs `sample` with a one-call sampler, so its LoRAs, model patches, wrappers, hooks,
@@ -139,7 +141,7 @@ def sample_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None
                   teacher_cfg, base, w, guidance_steps, form, renoise, direction="student"):
     """The SAMPLER's function, called by ComfyUI's KSAMPLER.sample with the student wrapped as `model`."""
     comfy = comfy_modules()
-    check_models(comfy, sampled_patcher(model), teacher_model)
+    parametrization = check_models(comfy, sampled_patcher(model), teacher_model)
     extra_args = {} if extra_args is None else extra_args
     seed = extra_args.get("seed")
     teacher = ComfyTeacher(teacher_model, positive, negative, teacher_cfg, model, sigmas, extra_args)
@@ -147,7 +149,8 @@ def sample_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None
     noise = {"noise_sampler": comfy_noise_sampler(comfy.k_sampling, x, seed)} if takes_noise else {}
     return BY_NAME[base].fn(model, x, sigmas, extra_args, callback, disable, teacher=teacher, w=w,
                             guidance_steps=guidance_steps, form=form, renoise=renoise, teacher_extra_args={},
-                            direction=direction, renoise_generator=renoise_generator(x, seed), **noise)
+                            direction=direction, renoise_generator=renoise_generator(x, seed),
+                            parametrization=parametrization, **noise)
 
 
 NODE_NAME = "Distillation++ Sampler (kdistpp)"
@@ -170,23 +173,37 @@ def same_latent_space(student, teacher) -> None:
                          "Sampler's `teacher` input (e.g. SDXL base for SDXL-Lightning)")
 
 
-def refuse_flow_models(model_sampling_module, models: dict) -> None:
-    """Distillation++'s renoising and kdistpp's updates are in VE sigma: a flow model would be sampled wrong.
-
-    `models` maps the input a model came from (as the error should name it) to its patcher."""
-    for name, patcher in models.items():
-        sampling = patcher.get_model_object("model_sampling")
-        if isinstance(sampling, model_sampling_module.CONST):
-            raise ValueError(f"{name} is a flow-matching model ({type(patcher.model).__name__}: SD3, Flux, ...); "
-                             "kdistpp's Distillation++ samplers work on VE/epsilon/v models (SD 1.x, SDXL and their "
-                             "distilled students) and would sample it wrong, so it is refused: connect an SD 1.x or "
-                             "SDXL-family model to that input")
+def parametrization_of(model_sampling_module, patcher) -> str:
+    """'flow' for a rectified-flow model (ComfyUI's CONST model sampling: SD3/3.5, Flux, ...), else 've'
+    (ComfyUI's eps/v/EDM models, which its samplers, like kdistpp's default, run in VE sigma)."""
+    sampling = patcher.get_model_object("model_sampling")
+    return "flow" if isinstance(sampling, model_sampling_module.CONST) else "ve"
 
 
-def check_models(comfy, student, teacher) -> None:
-    """The checks on the model actually sampled and the teacher, before any model call."""
-    refuse_flow_models(comfy.model_sampling, {SAMPLED: student, TEACHER: teacher})
+PARAMETRIZATION_NAMES = {"flow": "a rectified-flow model (CONST model sampling: SD3, Flux, ...)",
+                         "ve": "a VE/epsilon/v model (SD 1.x, SDXL, ...)"}
+
+
+def same_parametrization(model_sampling_module, student, teacher) -> str:
+    """The parametrization both models share, or a ValueError naming the inputs: the refinement
+    renoises the student's estimate at the teacher's sigma, which means one thing in both only when
+    both build their state from x0 and noise the same way."""
+    s, t = parametrization_of(model_sampling_module, student), parametrization_of(model_sampling_module, teacher)
+    if s != t:
+        raise ValueError(f"the student and the teacher are parametrized differently: {SAMPLED} is "
+                         f"{PARAMETRIZATION_NAMES[s]} ({type(student.model).__name__}), {TEACHER} is "
+                         f"{PARAMETRIZATION_NAMES[t]} ({type(teacher.model).__name__}); connect a teacher of the "
+                         "student's family to the Distillation++ Sampler's `teacher` input (e.g. Flux dev for a "
+                         "Flux schnell-style student, SDXL base for SDXL-Lightning)")
+    return s
+
+
+def check_models(comfy, student, teacher) -> str:
+    """The checks on the model actually sampled and the teacher, before any model call; returns the
+    parametrization ('ve' or 'flow') to sample them with."""
+    parametrization = same_parametrization(comfy.model_sampling, student, teacher)
     same_latent_space(student, teacher)
+    return parametrization
 
 
 def guided_steps_option(guided_steps: int, sigma_min: float = 0.0, sigma_max: float = 0.0):
