@@ -105,3 +105,36 @@ def test_img2img_and_inpaint(forge, inpaint, recorder):
     calls = recorder()
     guided = generate(forge, "Euler a Distillation++", route="img2img", teacher="teacher", w=0.5, **request)[0]
     assert calls.events.count("teacher unet") == 1 and not same_image(guided, base)
+
+
+@pytest.mark.parametrize("role", ["student", "teacher"])
+def test_flow_models_are_refused_before_any_model_call(forge, role, monkeypatch):
+    """Forge's own flow predictors (Flux: PredictionFlux, 'const'), wrapped as Forge wraps them: the
+    extension refuses them clearly instead of sampling them with VE steps."""
+    import torch
+    from backend.modules.k_prediction import PredictionFlux
+    from k_diffusion.external import ForgeScheduleLinker
+
+    from kdistpp.integrations import webui
+
+    calls = []
+
+    class StudentCFG:
+        inner_model = ForgeScheduleLinker(PredictionFlux()) if role == "student" else None
+        step = 0
+
+        def __call__(self, x, sigma, **extra):
+            calls.append(sigma)
+            return x
+
+    if role == "teacher":
+        engine = webui.load_forge_teacher(forge, "teacher")
+        monkeypatch.setattr(engine.forge_objects.unet.model, "predictor", PredictionFlux())
+        StudentCFG.inner_model = type("Wrap", (), {"inner_model": type("E", (), {"forge_objects": type(
+            "F", (), {"unet": engine.forge_objects.unet})()})()})()
+        monkeypatch.setattr(webui.settings, "teacher", "teacher")
+        monkeypatch.setattr(webui.settings, "w", 0.5)
+    sample = webui.make_sampler_function(REGISTRY[0], webui_factory=lambda: forge)
+    with pytest.raises(ValueError, match=f"the {'model' if role == 'student' else 'teacher'} is a flow-matching model"):
+        sample(StudentCFG(), torch.zeros(1, 4, 8, 8), torch.tensor([1.0, 0.5, 0.0]), disable=True)
+    assert calls == []

@@ -163,6 +163,7 @@ def a1111_teacher(webui, student_cfg, title: str, denoiser_classes):
         if getattr(webui.shared.opts, "sd_checkpoints_keep_in_cpu", True):
             webui.sd_models.send_model_to_cpu(model)
 
+    refuse_flow_model("teacher", wrap)
     return TeacherCall(teacher_cfg_denoiser(student_cfg, wrap), student_cfg,
                        lambda x: webui.sd_models.send_model_to_device(model), leave)
 
@@ -177,10 +178,28 @@ def forge_teacher(webui, student_cfg, title: str):
     engine = load_forge_teacher(webui, title)
     wrap = k_diffusion.external.ForgeScheduleLinker(engine.forge_objects.unet.model.predictor)
     wrap.inner_model = engine
+    refuse_flow_model("teacher", wrap)
     student_unet = student_cfg.inner_model.inner_model.forge_objects.unet
     return TeacherCall(teacher_cfg_denoiser(student_cfg, wrap), student_cfg,
                        lambda x: sampling_prepare(engine.forge_objects.unet, x),
                        lambda x: sampling_prepare(student_unet, x))
+
+
+def is_flow_model(model_wrap) -> bool:
+    """A rectified-flow model as the webui wraps it: Forge's 'const' prediction (Flux, SD3, Chroma),
+    A1111 1.10.1's SD3Denoiser."""
+    prediction = getattr(getattr(model_wrap, "predictor", None), "prediction_type", None)
+    return prediction == "const" or type(model_wrap).__name__ == "SD3Denoiser"
+
+
+def refuse_flow_model(which: str, model_wrap) -> None:
+    """The webui's flow models are refused before any model call: the host's own samplers switch to
+    rectified-flow steps for them per sampler (Forge: Euler a and DPM2 a only), which this extension
+    does not follow yet, and a VE step would sample them wrong."""
+    if is_flow_model(model_wrap):
+        raise ValueError(f"the {which} is a flow-matching model (Flux, SD3, Chroma): the Distillation++ samplers do "
+                         "not run flow models in A1111/Forge yet and would sample it wrong; pick the webui's own "
+                         "sampler for it (kdistpp runs flow models in ComfyUI and from Python)")
 
 
 def is_forge(webui) -> bool:
@@ -205,6 +224,7 @@ def make_sampler_function(entry, webui_factory=webui_modules, denoiser_classes=N
     sampler = entry.fn
 
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        refuse_flow_model("model", getattr(model, "inner_model", None))
         extra_args = extra_args or {}
         p = getattr(model, "p", None)
         if "noise_sampler" in parameters and options.get("noise_sampler") is None and hasattr(p, "rng"):
