@@ -201,3 +201,25 @@ def test_the_teacher_follows_the_prompt_schedule_of_the_step_it_guides(webui):
     assert len(seen["teacher"]) == 1 and len(seen["student"]) == 4
     assert torch.equal(seen["teacher"][0], seen["student"][2])
     assert not torch.equal(seen["student"][0], seen["student"][2])  # the schedule did change the prompt
+
+
+def test_an_sd3_student_is_refused_before_any_model_call(webui):
+    """A1111 1.10.1 wraps SD3 (a rectified-flow model) in its SD3Denoiser: the extension refuses it
+    instead of sampling it with VE steps."""
+    from modules.models.sd3.sd3_model import SD3Denoiser
+
+    from kdistpp.integrations import webui as extension
+
+    calls = []
+
+    class StudentCFG:
+        inner_model = SD3Denoiser(None, torch.linspace(1.0, 0.01, 10))
+
+        def __call__(self, x, sigma, **extra):
+            calls.append(sigma)
+            return x
+
+    sample = extension.make_sampler_function(REGISTRY[0])
+    with pytest.raises(ValueError, match="the model is a flow-matching model"):
+        sample(StudentCFG(), torch.zeros(1, 4, 8, 8), torch.tensor([1.0, 0.5, 0.0]), disable=True)
+    assert calls == []
