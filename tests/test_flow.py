@@ -209,6 +209,8 @@ def test_flow_arguments_are_checked():
     x = noise_list(1, 1)[0]
     with pytest.raises(ValueError, match="lie in \\[0, 1\\]"):
         kdistpp.sample_euler_distpp(ElementwiseDenoiser(), x, kdistpp.get_sigmas_karras(4, 0.1, 14.6), parametrization="flow")
+    with pytest.raises(ValueError, match="lie in \\[0, 1\\], got 1.5"):
+        kdistpp.sample_euler_distpp(ElementwiseDenoiser(), x, torch.tensor([1.5, 0.5, 0.0]), parametrization="flow")
     with pytest.raises(ValueError, match="parametrization must be"):
         kdistpp.sample_euler_distpp(ElementwiseDenoiser(), x, schedule(2, 1.0), parametrization="rf")
     with pytest.raises(ValueError, match="cfg_pp"):
@@ -252,3 +254,18 @@ def test_flow_schedules():
     assert flow.flux_time_shift(0.0, 0.3) == pytest.approx(0.3)
     with pytest.raises(ValueError, match="shift"):
         flow.time_snr_shift(0.0, 0.5)
+
+
+@pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2s_ancestral"])
+def test_eta_zero_flow_ancestral_steps_add_no_noise(name):
+    """At eta = 0 the RF down step is s' itself and no noise enters: Euler a is flow Euler, and 2S a
+    is deterministic (a noise sampler of sevens would show)."""
+    s = schedule(4, 3.0)
+    x = noise_list(3, 1)[0]
+    model = ElementwiseDenoiser(bias=0.3)
+    sevens = lambda sigma, sigma_next: torch.full(SHAPE, 7.0, dtype=torch.float64, device=DEVICE)  # noqa: E731
+    out = kdistpp.SAMPLERS[name](model, x, s, eta=0.0, noise_sampler=sevens, disable=True, parametrization="flow")
+    expected = REFERENCES[name](model, x, [float(v) for v in s], [torch.zeros_like(x)] * 4, 1e-300)
+    if name == "euler_ancestral":
+        torch.testing.assert_close(out, ref_euler(model, x, [float(v) for v in s]), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
