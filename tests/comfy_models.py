@@ -68,11 +68,12 @@ def flow_conditioning(seed: int, batch: int = 1):
 
 def lora_clone(comfy, base, seed: int, strength: float = 1.0):
     """A LoRA student the way LoraLoader makes one (`comfy.sd.load_lora_for_models`): a clone of
-    `base` whose attention projections carry a rank-2 kohya-format LoRA."""
+    `base` whose attention projections carry a rank-2 kohya-format LoRA (SD1.5's `attn1`/`attn2`,
+    SD3's joint blocks' `attn`, Flux's double blocks' `img_attn`/`txt_attn`)."""
     g = torch.Generator().manual_seed(seed)
     lora = {}
     for name, p in base.model.diffusion_model.named_parameters():
-        if p.ndim == 2 and name.endswith(".weight") and ".attn" in name:
+        if p.ndim == 2 and name.endswith(".weight") and (".attn" in name or "_attn." in name):
             key = "lora_unet_" + name[: -len(".weight")].replace(".", "_")
             lora[f"{key}.lora_up.weight"] = torch.randn(p.shape[0], 2, generator=g) * 0.5
             lora[f"{key}.lora_down.weight"] = torch.randn(2, p.shape[1], generator=g) * 0.5

@@ -455,6 +455,169 @@ def test_an_sd15_teacher_for_a_flow_student_and_the_reverse_are_refused(comfy, n
     assert [len(c.calls) for c in calls] == [0, 0]
 
 
+class Forwards:
+    """Each forward call of a diffusion model (at the model): its inputs, output, the guidance it got
+    and the checksum of one of its weights (`weight`, a parameter name), as the call saw them."""
+
+    def __init__(self, patcher, weight=None):
+        self.calls, self.weight = [], weight
+        module = patcher.model.diffusion_model
+        self.handles = [module.register_forward_pre_hook(self.before, with_kwargs=True),
+                        module.register_forward_hook(self.after)]
+
+    def before(self, module, args, kwargs):
+        guidance = kwargs.get("guidance")
+        weight = module.get_parameter(self.weight) if self.weight else None
+        inputs = {k: v.detach().clone() for k, v in kwargs.items()
+                  if k in ("context", "y", "guidance") and v is not None}
+        self.calls.append({"x": args[0].detach().clone(), "t": args[1].detach().clone(), "inputs": inputs,
+                           "guidance": None if guidance is None else guidance.detach().clone(),
+                           "checksum": None if weight is None else float(weight.double().sum())})
+
+    def after(self, module, args, output):
+        self.calls[-1]["output"] = output.detach().clone()
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("family", FLOW_FAMILIES)
+def test_a_flow_lora_student_keeps_its_patches_around_every_teacher_call(comfy, node, family):
+    """A LoRA student on a Flux or SD3 base with that base as its teacher (LoraLoader's clone +
+    add_patches): one transformer, patched for every student call and unpatched for every teacher
+    call, whose output is the base's own on the same inputs."""
+    teacher = tiny_flow(comfy, family, 0)
+    student = lora_clone(comfy, teacher, 1)
+    weight = min(student.patches)[len("diffusion_model."):]
+    sig = flow_sigmas(comfy, student)
+    calls = Forwards(teacher, weight)  # the one transformer both patchers share
+    try:
+        guided = flow_sample(comfy, student, flow_distpp(node, teacher, "euler", 0.5, guided_steps=2), sig)
+    finally:
+        calls.remove()
+    assert torch.isfinite(guided).all()
+    # student, teacher (cfg 3: batch 2), student, teacher, student, student
+    assert [c["x"].shape[0] for c in calls.calls] == [1, 2, 1, 2, 1, 1]
+    lora, base_sum = calls.calls[0]["checksum"], calls.calls[1]["checksum"]
+    assert lora != pytest.approx(base_sum)  # the LoRA changes the weights the student samples with
+    assert [c["checksum"] for c in calls.calls] == pytest.approx([lora, base_sum, lora, base_sum, lora, lora])
+    base = tiny_flow(comfy, family, 0).model.diffusion_model  # the same seed: the base's weights, never patched
+    for i in (1, 3):
+        call = calls.calls[i]
+        with torch.no_grad():
+            expected = base(call["x"], call["t"], **call["inputs"])
+        torch.testing.assert_close(call["output"], expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the LoRA's output on the teacher's inputs differs: the comparison can fail
+        patched = lora_clone(comfy, tiny_flow(comfy, family, 0), 1)
+        patched.patch_model()
+        lora_out = patched.model.diffusion_model(calls.calls[1]["x"], calls.calls[1]["t"], **calls.calls[1]["inputs"])
+        patched.unpatch_model()
+    assert (lora_out - calls.calls[1]["output"]).abs().max() > 1e-3
+
+
+def test_flux_guidance_on_the_teachers_conditioning_reaches_the_teacher(comfy, node):
+    """Flux's distilled guidance: FluxGuidance (comfy_extras.nodes_flux) on the teacher's conditioning
+    sets what the teacher's transformer receives; the student receives its own conditioning's."""
+    from comfy_extras.nodes_flux import FluxGuidance
+
+    teacher, student = tiny_flow(comfy, "flux", 0), tiny_flow(comfy, "flux", 1)
+    guidance = lambda cond, value: FluxGuidance.execute(cond, value).result[0]  # noqa: E731
+    sig = flow_sigmas(comfy, student)
+    sampler = distpp(node, teacher, "euler", 0.3, teacher_positive=guidance(flow_conditioning(3), 4.5),
+                     teacher_negative=guidance(flow_conditioning(4), 4.5))
+    t_calls, s_calls = Forwards(teacher), Forwards(student)
+    try:
+        out = sample(comfy, student, sampler, sig, positive=guidance(flow_conditioning(1), 1.25),
+                     negative=flow_conditioning(2), latent=torch.zeros(FLOW_LATENT))
+    finally:
+        t_calls.remove()
+        s_calls.remove()
+    assert torch.isfinite(out).all()
+    assert len(t_calls.calls) == 1 and len(s_calls.calls) == len(sig) - 1
+    assert t_calls.calls[0]["guidance"].tolist() == [4.5, 4.5]  # cond and uncond rows of its one call
+    assert all(c["guidance"].tolist() == [1.25] for c in s_calls.calls)  # the student's cfg 1: cond only
+
+
+def shifted(comfy, family, patcher):
+    """ComfyUI's ModelSamplingSD3 / ModelSamplingFlux node on the patcher: another shift."""
+    import comfy_extras.nodes_model_advanced as advanced
+
+    if family == "sd3":
+        return advanced.ModelSamplingSD3().patch(patcher, 6.0)[0]
+    return advanced.ModelSamplingFlux().patch(patcher, 2.0, 1.0, 512, 512)[0]
+
+
+@pytest.mark.parametrize("which", ["student", "teacher"])
+@pytest.mark.parametrize("family", FLOW_FAMILIES)
+def test_a_shifted_flow_student_or_teacher(comfy, node, family, which):
+    """ModelSamplingSD3 / ModelSamplingFlux on the student or the teacher. A shifted student: its
+    schedule is the shifted one and at w = 0 the node gives ComfyUI's image. Either way the teacher is
+    evaluated at the student's s: the shift changes the schedule, not the map from s to the timestep."""
+    teacher, student = tiny_flow(comfy, family, 0), tiny_flow(comfy, family, 1)
+    plain_sig = flow_sigmas(comfy, student)
+    if which == "student":
+        student = shifted(comfy, family, student)
+    else:
+        teacher = shifted(comfy, family, teacher)
+    sig = flow_latent_sigmas(comfy, student, 1.0)  # Flux's shifted table starts a float32 ulp below s = 1
+    assert float(sig[0]) == pytest.approx(1.0, abs=1e-6)
+    assert (sig - plain_sig).abs().max() > 0.01 if which == "student" else torch.equal(sig, plain_sig)
+    if which == "student":
+        for base in ("euler", "euler_ancestral"):
+            theirs = flow_sample(comfy, student, comfy.samplers.ksampler(base), sig, seed=11)
+            ours = flow_sample(comfy, student, flow_distpp(node, teacher, base, 0.0), sig, seed=11)
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * float(theirs.abs().max()))
+    calls = Forwards(teacher)
+    try:
+        out = flow_sample(comfy, student, flow_distpp(node, teacher, "euler", 0.3), sig)
+    finally:
+        calls.remove()
+    assert torch.isfinite(out).all() and len(calls.calls) == 1
+    multiplier = 1000.0 if family == "sd3" else 1.0  # SD3: t = 1000 s; Flux: t = s, whatever the shift
+    expected = teacher.get_model_object("model_sampling").timestep(sig[1:2]).double()
+    assert torch.allclose(calls.calls[0]["t"].double(), expected.expand(2))
+    assert torch.allclose(expected, sig[1:2].double() * multiplier, rtol=1e-6)
+
+
+def flow_latent_sigmas(comfy, patcher, denoise):
+    import comfy_extras.nodes_custom_sampler as ncs
+
+    return ncs.BasicScheduler.execute(patcher, "simple", 4, denoise).result[0]
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+@pytest.mark.parametrize("family", FLOW_FAMILIES)
+def test_flow_img2img_and_inpaint_with_a_teacher(comfy, node, family, mode):
+    """denoise 0.6 from a source latent, and a noise mask, with a flow student and teacher."""
+    teacher, student = tiny_flow(comfy, family, 0), tiny_flow(comfy, family, 1)
+    sig = flow_latent_sigmas(comfy, student, 0.6)
+    assert float(sig[0]) < 1.0
+    latent = torch.randn(FLOW_LATENT, generator=torch.Generator().manual_seed(4))
+    mask = None
+    if mode == "inpaint":
+        mask = torch.zeros(1, 8, 8)
+        mask[:, 2:6, 2:6] = 1.0
+
+    def run(w):
+        return sample(comfy, student, flow_distpp(node, teacher, "euler", w), sig, positive=flow_conditioning(1),
+                      negative=flow_conditioning(2), latent=latent, mask=mask)
+
+    calls = Forwards(teacher)
+    try:
+        out = run(0.5)
+    finally:
+        calls.remove()
+    plain = run(0.0)
+    assert len(calls.calls) == 1 and torch.isfinite(out).all()
+    changed = (out - plain).abs() > 1e-4
+    if mode == "inpaint":  # the teacher changes the masked region only; the rest is the source latent
+        assert changed[..., 2:6, 2:6].any() and not changed[..., :2, :].any()
+        torch.testing.assert_close(out[..., :2, :], latent[..., :2, :], rtol=1e-4, atol=1e-4)
+    else:
+        assert changed.any()
+
+
 def test_guided_steps_past_the_schedule_fail_clearly(comfy, node):
     teacher, student = tiny_sd15(comfy, 0), tiny_sd15(comfy, 5)
     with pytest.raises(ValueError, match="beyond the schedule"):
