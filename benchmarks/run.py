@@ -32,6 +32,7 @@ import compute_matched  # noqa: E402
 import conditional  # noqa: E402
 import digits_cfg  # noqa: E402
 import displacement  # noqa: E402
+import flow  # noqa: E402
 import forms  # noqa: E402
 import overhead  # noqa: E402
 import picture  # noqa: E402
@@ -40,8 +41,8 @@ import renoise  # noqa: E402
 import sdxl_cost  # noqa: E402
 import sfd  # noqa: E402
 
-ORDER = ("displacement", "forms", "quality", "compute_matched", "renoise", "conditional", "digits_cfg", "picture",
-         "overhead", "sdxl", "sfd")
+ORDER = ("displacement", "forms", "quality", "compute_matched", "renoise", "conditional", "digits_cfg", "flow",
+         "picture", "overhead", "sdxl", "sfd")
 TUNED = ("quality", "compute_matched", "renoise", "picture")  # the sections that read the forms sweep's picks
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
@@ -138,6 +139,10 @@ def sizes(name: str, cfg: common.Config, args) -> str:
         c = conditional.sized(cfg)
         return (f"{c.n} samples, {seed_list(c.seeds)}, tuning {seed_list(conditional.tuning_seeds(c))}, {dims(c)}, "
                 f"w in {list(conditional.w_grid(c))}")
+    if name == "flow":
+        c = flow.sized(cfg)
+        return (f"{c.n} samples, {seed_list(c.seeds)}, tuning {seed_list(conditional.tuning_seeds(c))}, {dims(c)}, "
+                f"{len(flow.guided_settings(c))} guided settings, shift {flow.SHIFT:g}")
     if name == "digits_cfg":
         s = digits_cfg.sizes(cfg)
         return (f"teacher: {s['dsm']} DSM iterations, hidden {s['hidden']}; students: {s['sfd']} SFD batches; "
@@ -317,6 +322,8 @@ def main(argv=None) -> str:
         section("conditional", lambda: conditional.run(cfg))
     if "digits_cfg" in wanted:
         section("digits_cfg", lambda: digits_cfg.run(cfg))
+    if "flow" in wanted:
+        section("flow", lambda: flow.run(cfg))
     if "picture" in wanted:
         section("picture", lambda: picture.run(cfg, settings))
     if "overhead" in wanted:

@@ -11,10 +11,10 @@ import pytest
 
 ROOT = pathlib.Path(__file__).parent.parent
 HEADINGS = ("## Headline", "## One guided step", "## Forms and w", "## Quality", "## Compute-matched", "## Renoise",
-            "## Conditional generation", "## Digits with a CFG teacher", "## The 2-D picture", "## Overhead",
-            "## Real-size cost", "## SFD")
+            "## Conditional generation", "## Digits with a CFG teacher", "## Flow-matching students",
+            "## The 2-D picture", "## Overhead", "## Real-size cost", "## SFD")
 SECTIONS = ("headline", "displacement", "forms", "quality", "compute_matched", "renoise", "conditional", "digits_cfg",
-            "picture", "overhead", "sdxl", "sfd")
+            "flow", "picture", "overhead", "sdxl", "sfd")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -66,6 +66,13 @@ def test_tiny_run_writes_every_section_under_its_label(tiny):
     assert "**Tiny UNet**" in by_heading["## Real-size cost: SDXL UNet (Table 2 wall time)"]
     assert "tiny SDXL-architecture UNet" in labels["sdxl"]["sizes"]
     assert ", 1 thread," in labels["quality"]["device"]
+    # the flow section: flow students from s = 1, its controls, and where it does not help said in words
+    flow = next(v for k, v in by_heading.items() if k.startswith("## Flow-matching students"))
+    assert labels["flow"]["sizes"].startswith("100 samples, seeds 0, 1, tuning seeds 100, 101, dimensions 2, ")
+    for phrase in ("converged teacher", "teacher, same NFE", "student, +2 steps", "control: eps, step 1",
+                   "| consistency |"):
+        assert phrase in flow, phrase
+    assert "**Where Distillation++ does not help.**" in flow or "helped every student and sampler" in flow
     # no words about how the project was made
     for phrase in ("issue", "lent to", "No GPU"):
         assert phrase not in text, phrase
