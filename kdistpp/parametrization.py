@@ -93,9 +93,7 @@ class RectifiedFlow(Parametrization):
         s_d = s' (1 + (s'/s - 1) eta), then x' = (1 - s') / (1 - s_d) * x_d + c n with
         c = sqrt(s'^2 - s_d^2 (1 - s')^2 / (1 - s_d)^2). In VE terms it is an ancestral step to
         sigma_d = s_d / (1 - s_d) with sigma_up^2 = sigma'^2 - sigma_d^2: only the rule picking the
-        down step differs from k-diffusion's."""
-        if sigma_next == 0 or not eta:
-            return sigma_next, 0.0, 1.0
+        down step differs from k-diffusion's. At eta = 0 or s' = 0 it is the deterministic step to s'."""
         sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
         alpha_next, alpha_down = 1 - sigma_next, 1 - sigma_down
         coefficient = math.sqrt(max(sigma_next**2 - sigma_down**2 * alpha_next**2 / alpha_down**2, 0.0))

@@ -171,7 +171,7 @@ def plan(
     validation.check_generator("renoise_generator", renoise_generator)
     validation.check_extra_args("teacher_extra_args", teacher_extra_args)
     weights = step_weights(w, guidance_steps, run.sigmas)
-    if max(weights, default=0.0) > torch.finfo(run.dtype).max:
+    if max(weights) > torch.finfo(run.dtype).max:
         raise ValueError(f"w={max(weights)} is beyond {run.dtype}'s range, in which the steps are computed; "
                          "the paper's weights are below 1: use a smaller w")
     if teacher is None and any(v > 0 for v in weights):
