@@ -95,9 +95,9 @@ class RectifiedFlow(Parametrization):
         sigma_d = s_d / (1 - s_d) with sigma_up^2 = sigma'^2 - sigma_d^2: only the rule picking the
         down step differs from k-diffusion's. At eta = 0 or s' = 0 it is the deterministic step to s'."""
         sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
-        alpha_next, alpha_down = 1 - sigma_next, 1 - sigma_down
-        coefficient = math.sqrt(max(sigma_next**2 - sigma_down**2 * alpha_next**2 / alpha_down**2, 0.0))
-        return sigma_down, coefficient, alpha_next / alpha_down
+        scale = (1 - sigma_next) / (1 - sigma_down)  # exactly 1 at eta = 0: then no noise at all
+        coefficient = math.sqrt(max(sigma_next**2 - (sigma_down * scale) ** 2, 0.0))
+        return sigma_down, coefficient, scale
 
     def midpoint(self, sigma, sigma_down):
         """The midpoint in lambda = log((1 - s) / s) (= -log of the VE sigma), as ComfyUI's
