@@ -1,5 +1,5 @@
 """Tiny random-weight models built by ComfyUI itself, for tests in the real host: SD1.5-family UNets
-and rectified-flow (CONST) transformers, Flux and SD3, from `comfy.supported_models`.
+and rectified-flow (CONST) transformers, Flux, SD3 and Wan 2.1 T2V, from `comfy.supported_models`.
 
 ComfyUI's layers skip weight initialisation, so the weights are filled here from a seed. A LoRA
 student is `base.clone()` plus `add_patches`, exactly what ComfyUI's LoraLoader does.
@@ -40,14 +40,21 @@ FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_di
 SD3 = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 1, "input_size": None, "adm_in_channels": 8,
        "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": CONTEXT, "out_features": 64}},
        "num_patches": 64, "pos_embed_max_size": 8, "pos_embed_scaling_factor": None, "x_block_self_attn_layers": []}
-POOLED = 8  # both take a pooled text vector (`pooled_output` in the conditioning) of this width
+# Wan 2.1 text-to-video (the architecture of Wan 2.2 A14B's two experts as well): one block of width 32,
+# two heads (RoPE axes 8 + 4 + 4 = the head width); video latents are 5-D: (batch, 16, frames, h, w).
+WAN = {"image_model": "wan2.1", "model_type": "t2v", "in_dim": 16, "out_dim": 16, "dim": 32, "ffn_dim": 64,
+       "freq_dim": 32, "text_dim": CONTEXT, "num_heads": 2, "num_layers": 1}
+WAN_LATENT = (1, 16, 2, 8, 8)
+POOLED = 8  # Flux and SD3 take a pooled text vector (`pooled_output` in the conditioning) of this width
 FLOW_LATENT = (1, 16, 8, 8)
 
 
 def tiny_flow(comfy, family: str, seed: int):
-    """A ModelPatcher around ComfyUI's Flux or SD3 BaseModel (CONST model sampling: ModelSamplingFlux,
-    ModelSamplingDiscreteFlow with shift 3) with a tiny transformer and seeded weights (CPU, float32)."""
-    supported, unet = {"flux": (comfy.supported_models.Flux, FLUX), "sd3": (comfy.supported_models.SD3, SD3)}[family]
+    """A ModelPatcher around ComfyUI's Flux, SD3 or Wan 2.1 T2V BaseModel (CONST model sampling:
+    ModelSamplingFlux, ModelSamplingDiscreteFlow with shift 3 / 8) with a tiny transformer and
+    seeded weights (CPU, float32)."""
+    supported, unet = {"flux": (comfy.supported_models.Flux, FLUX), "sd3": (comfy.supported_models.SD3, SD3),
+                       "wan21": (comfy.supported_models.WAN21_T2V, WAN)}[family]
     config = supported({**unet, "dtype": torch.float32})
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device=torch.device("cpu"))

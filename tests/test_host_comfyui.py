@@ -23,8 +23,8 @@ import pytest
 import torch
 
 import kdistpp
-from comfy_models import (FLOW_LATENT, conditioning, controlled, flow_conditioning, lora_clone, tiny_controlnet,
-                          tiny_flow, tiny_sd15)
+from comfy_models import (FLOW_LATENT, WAN_LATENT, conditioning, controlled, flow_conditioning, lora_clone,
+                          tiny_controlnet, tiny_flow, tiny_sd15)
 from hosts import import_comfy
 
 BASES = {"euler": "euler", "euler_ancestral": "euler_ancestral", "dpmpp_2s_ancestral": "dpmpp_2s_ancestral",
@@ -616,6 +616,78 @@ def test_flow_img2img_and_inpaint_with_a_teacher(comfy, node, family, mode):
         torch.testing.assert_close(out[..., :2, :], latent[..., :2, :], rtol=1e-4, atol=1e-4)
     else:
         assert changed.any()
+
+
+def wan_sample(comfy, model, sampler, sig, seed=3, latent=None, add_noise=True):
+    """SamplerCustom on a Wan video latent (5-D), as the Wan workflows run it (cfg 1 here: one call)."""
+    import comfy_extras.nodes_custom_sampler as ncs
+
+    image = {"samples": torch.zeros(WAN_LATENT) if latent is None else latent}
+    out = ncs.SamplerCustom.execute(model, add_noise, seed, 1.0, conditioning(1), conditioning(2), sampler, sig, image)
+    return out.result[0]["samples"]
+
+
+def wan_distpp(node, teacher, base, w, **kw):
+    return distpp(node, teacher, base, w, teacher_positive=conditioning(3), teacher_negative=conditioning(4), **kw)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_wan21_video_at_w0_equals_comfyuis_own_sampler_at_the_same_seed(comfy, node, base):
+    """Wan 2.1 text-to-video (comfy.supported_models.WAN21_T2V, 5-D latents, shift 8): w = 0 gives
+    ComfyUI's own sampler's video at the same seed, the teacher untouched."""
+    teacher, student = tiny_flow(comfy, "wan21", 0), tiny_flow(comfy, "wan21", 1)
+    assert isinstance(student.get_model_object("model_sampling"), comfy.model_sampling.CONST)
+    sig = flow_sigmas(comfy, student)
+    theirs = wan_sample(comfy, student, comfy.samplers.ksampler(BASES[base]), sig, seed=11)
+    assert theirs.shape == WAN_LATENT
+    calls = Forwards(teacher)
+    ours = wan_sample(comfy, student, wan_distpp(node, teacher, base, 0.0), sig, seed=11)
+    calls.remove()
+    atol = 1e-5 * float(theirs.abs().max())
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=atol)
+    other_seed = wan_sample(comfy, student, comfy.samplers.ksampler(BASES[base]), sig, seed=12)
+    assert (other_seed - theirs).abs().max() > 100 * atol  # the comparison can fail
+    assert calls.calls == []
+
+
+def test_wan22_two_experts_each_guided_by_its_own_teacher(comfy, node):
+    """Wan 2.2 A14B's split: SplitSigmas cuts one schedule; the high-noise expert samples the first part
+    (SamplerCustom, add_noise on) and the low-noise expert the rest (add_noise off), each SamplerCustom
+    with its own Distillation++ node and teacher. Each teacher is called only at its own part's sigmas."""
+    import comfy_extras.nodes_custom_sampler as ncs
+
+    high_teacher, low_teacher = tiny_flow(comfy, "wan21", 0), tiny_flow(comfy, "wan21", 2)
+    high, low = tiny_flow(comfy, "wan21", 1), tiny_flow(comfy, "wan21", 3)
+    sig = ncs.BasicScheduler.execute(high, "simple", 6, 1.0).result[0]
+    high_sig, low_sig = ncs.SplitSigmas.execute(sig, 3).result
+    models = {"high teacher": high_teacher, "low teacher": low_teacher, "high": high, "low": low}
+
+    def run(w):
+        calls = {name: Forwards(m) for name, m in models.items()}
+        try:
+            first = wan_sample(comfy, high, wan_distpp(node, high_teacher, "euler", w, guided_steps=2), high_sig)
+            video = wan_sample(comfy, low, wan_distpp(node, low_teacher, "euler", w, guided_steps=2), low_sig,
+                               latent=first, add_noise=False)
+        finally:
+            for c in calls.values():
+                c.remove()
+        return video, {name: [c["t"].double() for c in c_.calls] for name, c_ in calls.items()}
+
+    video, t = run(0.3)
+    plain, t_plain = run(0.0)
+    assert torch.isfinite(video).all() and video.shape == WAN_LATENT
+    assert (video - plain).abs().max() > 1e-4
+    timestep = lambda m, s: m.get_model_object("model_sampling").timestep(s).double()  # noqa: E731
+    assert [float(x[0]) for x in t["high"]] == pytest.approx([float(timestep(high, s)) for s in high_sig[:-1]])
+    assert [float(x[0]) for x in t["low"]] == pytest.approx([float(timestep(low, s)) for s in low_sig[:-1]])
+    # renoise 'next': each guided step's teacher at its own part's next sigma (two per part), cond + uncond
+    assert [x.tolist() for x in t["high teacher"]] == [[pytest.approx(float(timestep(high_teacher, s)))] * 2
+                                                       for s in high_sig[1:3]]
+    assert [x.tolist() for x in t["low teacher"]] == [[pytest.approx(float(timestep(low_teacher, s)))] * 2
+                                                      for s in low_sig[1:3]]
+    assert all(float(x.min()) >= float(timestep(high, high_sig[-1])) for x in t["high teacher"])
+    assert all(float(x.max()) <= float(timestep(low, low_sig[0])) for x in t["low teacher"])
+    assert t_plain["high teacher"] == [] and t_plain["low teacher"] == []
 
 
 def test_guided_steps_past_the_schedule_fail_clearly(comfy, node):
