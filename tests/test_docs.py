@@ -73,3 +73,13 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
         exec(code, namespace)  # noqa: S102 - the documentation's own examples
         ran += 1
     assert ran > 0
+
+
+# Words about how the project was made, not about the software: user docs must not carry them.
+PROCESS_WORDS = re.compile(r"\bissues? \d|\bthe review\b|\bwas lent\b|\bsessions?\b|\bagainst fakes\b|\bCEO\b", re.I)
+
+
+@pytest.mark.parametrize("path", [*FILES, *sorted((REPO / "docs" / "bench").glob("*.md"))], ids=relative)
+def test_docs_describe_the_software_not_its_making(path):
+    found = [(n, line.strip()) for n, line in enumerate(path.read_text().splitlines(), 1) if PROCESS_WORDS.search(line)]
+    assert not found, f"{relative(path)}: {found}"
