@@ -4,10 +4,11 @@
     trainer.fit()
     x = sample_sfd(student, torch.randn(1, 4, 64, 64) * trainer.config.sigma_max, trainer.config)
 
-See docs/sfd.md.
+A flow (rectified-flow) teacher: `FlowAsVE`, `sample_sfd_flow` (kdistpp.sfd.flow). See docs/sfd.md.
 """
 
 from .conditioning import StepEmbedding, sinusoidal_embedding
+from .flow import FlowAsVE, flow_timestamps, sample_sfd_flow, sfd_flow_denoiser
 from .nets import MLPDenoiser, train_dsm
 from .sampling import AnalyticFirstStep, sample_sfd, sfd_denoiser
 from .trainer import SFDConfig, SFDTrainer
@@ -15,6 +16,7 @@ from .trajectory import analytic_denoised, dpmpp_3m_trajectory, euler_step, mult
 
 __all__ = [
     "AnalyticFirstStep",
+    "FlowAsVE",
     "MLPDenoiser",
     "SFDConfig",
     "SFDTrainer",
@@ -22,11 +24,14 @@ __all__ = [
     "analytic_denoised",
     "dpmpp_3m_trajectory",
     "euler_step",
+    "flow_timestamps",
     "multistep_update",
     "nested_grid",
     "polynomial_sigmas",
     "sample_sfd",
+    "sample_sfd_flow",
     "sfd_denoiser",
+    "sfd_flow_denoiser",
     "sinusoidal_embedding",
     "train_dsm",
 ]
