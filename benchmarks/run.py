@@ -40,9 +40,10 @@ import quality  # noqa: E402
 import renoise  # noqa: E402
 import sdxl_cost  # noqa: E402
 import sfd  # noqa: E402
+import sfd_flow  # noqa: E402
 
 ORDER = ("displacement", "forms", "quality", "compute_matched", "renoise", "conditional", "digits_cfg", "flow",
-         "picture", "overhead", "sdxl", "sfd")
+         "picture", "overhead", "sdxl", "sfd", "sfd_flow")
 TUNED = ("quality", "compute_matched", "renoise", "picture")  # the sections that read the forms sweep's picks
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
@@ -151,6 +152,10 @@ def sizes(name: str, cfg: common.Config, args) -> str:
         s = sfd.sizes(cfg)
         return (f"teachers: {s['dsm']} DSM iterations, hidden {s['hidden']} (digits {2 * s['hidden']}); students: {s['sfd']} SFD / {s['sfd_v']} "
                 f"SFD-v batches; {s['n_eval']} samples, {seed_list(s['eval_seeds'])}, NFE {list(s['nfes'])}")
+    if name == "sfd_flow":
+        s = sfd_flow.sizes(cfg)
+        return (f"teacher: {s['dsm']} DSM iterations, hidden {2 * s['hidden']}; students: {s['sfd']} SFD batches; "
+                f"{s['n_eval']} samples, {seed_list(s['eval_seeds'])}, NFE {list(s['nfes'])}")
     if name == "overhead":
         repeats, steps = overhead_sizes(args)
         return f"{repeats} interleaved repeats, {steps}-step samplers"
@@ -332,6 +337,8 @@ def main(argv=None) -> str:
         section("sdxl", lambda: sdxl_cost.run(device, tiny=sdxl_tiny(args), quick=args.quick))
     if "sfd" in wanted:
         section("sfd", lambda: sfd.run(cfg))
+    if "sfd_flow" in wanted:
+        section("sfd_flow", lambda: sfd_flow.run(cfg))
     torch.set_num_threads(threads)
     print(f"[this invocation] {time.perf_counter() - started:.0f} s; {shown_path(os.path.join(common.DOCS, 'benchmarks.md'))}",
           flush=True)

@@ -12,9 +12,9 @@ import pytest
 ROOT = pathlib.Path(__file__).parent.parent
 HEADINGS = ("## Headline", "## One guided step", "## Forms and w", "## Quality", "## Compute-matched", "## Renoise",
             "## Conditional generation", "## Digits with a CFG teacher", "## Flow-matching students",
-            "## The 2-D picture", "## Overhead", "## Real-size cost", "## SFD")
+            "## The 2-D picture", "## Overhead", "## Real-size cost", "## SFD: trajectory", "## SFD on a flow teacher")
 SECTIONS = ("headline", "displacement", "forms", "quality", "compute_matched", "renoise", "conditional", "digits_cfg",
-            "flow", "picture", "overhead", "sdxl", "sfd")
+            "flow", "picture", "overhead", "sdxl", "sfd", "sfd_flow")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -73,6 +73,12 @@ def test_tiny_run_writes_every_section_under_its_label(tiny):
                    "| consistency |"):
         assert phrase in flow, phrase
     assert "**Where Distillation++ does not help.**" in flow or "helped every student and sampler" in flow
+    # SFD on a flow teacher: flow students against the teacher at the same NFE, and a plain verdict
+    sfd_flow = next(v for k, v in by_heading.items() if k.startswith("## SFD on a flow teacher"))
+    assert labels["sfd_flow"]["sizes"].startswith("teacher: 60 DSM iterations, hidden 64; students: 4 SFD batches; ")
+    for phrase in ("| SFD flow student |", "| teacher, flow Euler (DDIM) |", "teacher, converged (3M, 100 steps)",
+                   "SFD + Distillation++ (interpolate, w=0.3, first step)", "**Where it does not help.**"):
+        assert phrase in sfd_flow, phrase
     # no words about how the project was made
     for phrase in ("issue", "lent to", "No GPU"):
         assert phrase not in text, phrase
