@@ -1,5 +1,6 @@
 """Tiny random-weight models built by ComfyUI itself, for tests in the real host: SD1.5-family UNets
-and rectified-flow (CONST) transformers, Flux, SD3 and Wan 2.1 T2V, from `comfy.supported_models`.
+and rectified-flow (CONST) transformers, Flux, SD3, Wan 2.1 T2V, Qwen-Image, Lumina 2 and Z-Image, from
+`comfy.supported_models`.
 
 ComfyUI's layers skip weight initialisation, so the weights are filled here from a seed. A LoRA
 student is `base.clone()` plus `add_patches`, exactly what ComfyUI's LoraLoader does.
@@ -45,16 +46,35 @@ SD3 = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 1, "inpu
 WAN = {"image_model": "wan2.1", "model_type": "t2v", "in_dim": 16, "out_dim": 16, "dim": 32, "ffn_dim": 64,
        "freq_dim": 32, "text_dim": CONTEXT, "num_heads": 2, "num_layers": 1}
 WAN_LATENT = (1, 16, 2, 8, 8)
+# Qwen-Image: one double-stream block of width 32 (two heads of 16 = RoPE axes 4 + 6 + 6), 2x2 patches of
+# its 16-channel Wan 2.1 latent (64 input features); ComfyUI gives it 5-D latents (batch, 16, 1, h, w).
+QWEN_IMAGE = {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 1,
+              "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": CONTEXT,
+              "pooled_projection_dim": 8, "axes_dims_rope": [4, 6, 6]}
+# Lumina 2 (NextDiT): one refiner and one main block of width 32, two heads (RoPE axes 4 + 6 + 6).
+LUMINA2 = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 32, "cap_feat_dim": CONTEXT,
+           "n_layers": 1, "n_refiner_layers": 1, "qk_norm": True, "n_heads": 2, "n_kv_heads": 2, "multiple_of": 16,
+           "ffn_dim_multiplier": 4.0, "axes_dims": [4, 6, 6], "axes_lens": [300, 512, 512], "rope_theta": 10000.0}
+# Z-Image (NextDiT with Z-Image's modulation, timestep scale and pad tokens): its modulation takes a 256-wide
+# timestep embedding, so the width is 256 (eight heads of 32 = RoPE axes 8 + 12 + 12), one block of each kind
+# and a narrow feed-forward (128; the real model's is 8/3 of its width) to keep it quick on CPU.
+Z_IMAGE = {**LUMINA2, "dim": 256, "n_heads": 8, "n_kv_heads": 8, "ffn_dim_multiplier": 0.5,
+           "axes_dims": [8, 12, 12], "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "z_image_modulation": True,
+           "time_scale": 1000.0, "pad_tokens_multiple": 32}
 POOLED = 8  # Flux and SD3 take a pooled text vector (`pooled_output` in the conditioning) of this width
 FLOW_LATENT = (1, 16, 8, 8)
 
 
 def tiny_flow(comfy, family: str, seed: int):
-    """A ModelPatcher around ComfyUI's Flux, SD3 or Wan 2.1 T2V BaseModel (CONST model sampling:
-    ModelSamplingFlux, ModelSamplingDiscreteFlow with shift 3 / 8) with a tiny transformer and
-    seeded weights (CPU, float32)."""
+    """A ModelPatcher around ComfyUI's Flux, SD3, Wan 2.1 T2V, Qwen-Image, Lumina 2 or Z-Image BaseModel
+    (CONST model sampling: ModelSamplingFlux for Flux and Qwen-Image, ModelSamplingDiscreteFlow with
+    shift 3 / 8 / 6 / 3 for SD3, Wan, Lumina 2 and Z-Image) with a tiny transformer and seeded weights
+    (CPU, float32)."""
     supported, unet = {"flux": (comfy.supported_models.Flux, FLUX), "sd3": (comfy.supported_models.SD3, SD3),
-                       "wan21": (comfy.supported_models.WAN21_T2V, WAN)}[family]
+                       "wan21": (comfy.supported_models.WAN21_T2V, WAN),
+                       "qwen_image": (comfy.supported_models.QwenImage, QWEN_IMAGE),
+                       "lumina2": (comfy.supported_models.Lumina2, LUMINA2),
+                       "z_image": (comfy.supported_models.ZImage, Z_IMAGE)}[family]
     config = supported({**unet, "dtype": torch.float32})
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device=torch.device("cpu"))
