@@ -1,6 +1,6 @@
 """Tiny random-weight models built by ComfyUI itself, for tests in the real host: SD1.5-family UNets
-and rectified-flow (CONST) transformers, Flux, SD3, Wan 2.1 T2V, Qwen-Image, Lumina 2 and Z-Image, from
-`comfy.supported_models`.
+and rectified-flow (CONST) transformers, Flux, SD3, Wan 2.1 T2V, Qwen-Image, Lumina 2, Z-Image and
+Chroma, from `comfy.supported_models`.
 
 ComfyUI's layers skip weight initialisation, so the weights are filled here from a seed. A LoRA
 student is `base.clone()` plus `add_patches`, exactly what ComfyUI's LoraLoader does.
@@ -61,20 +61,27 @@ LUMINA2 = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 
 Z_IMAGE = {**LUMINA2, "dim": 256, "n_heads": 8, "n_kv_heads": 8, "ffn_dim_multiplier": 0.5,
            "axes_dims": [8, 12, 12], "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "z_image_modulation": True,
            "time_scale": 1000.0, "pad_tokens_multiple": 32}
+# Chroma (Flux's blocks without their modulation layers: one Approximator MLP gives every block's modulation
+# from the timestep, guidance and a block index; Flux's 2x2-patched 64 features in and out).
+CHROMA = {"image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": CONTEXT, "hidden_size": 32,
+          "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [4, 6, 6],
+          "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 32, "hidden_dim": 32,
+          "n_layers": 1, "txt_ids_dims": [], "vec_in_dim": 8}
 POOLED = 8  # Flux and SD3 take a pooled text vector (`pooled_output` in the conditioning) of this width
 FLOW_LATENT = (1, 16, 8, 8)
 
 
 def tiny_flow(comfy, family: str, seed: int):
-    """A ModelPatcher around ComfyUI's Flux, SD3, Wan 2.1 T2V, Qwen-Image, Lumina 2 or Z-Image BaseModel
-    (CONST model sampling: ModelSamplingFlux for Flux and Qwen-Image, ModelSamplingDiscreteFlow with
-    shift 3 / 8 / 6 / 3 for SD3, Wan, Lumina 2 and Z-Image) with a tiny transformer and seeded weights
-    (CPU, float32)."""
+    """A ModelPatcher around ComfyUI's Flux, SD3, Wan 2.1 T2V, Qwen-Image, Lumina 2, Z-Image or Chroma
+    BaseModel (CONST model sampling: ModelSamplingFlux for Flux, Qwen-Image and Chroma,
+    ModelSamplingDiscreteFlow with shift 3 / 8 / 6 / 3 for SD3, Wan, Lumina 2 and Z-Image) with a tiny
+    transformer and seeded weights (CPU, float32)."""
     supported, unet = {"flux": (comfy.supported_models.Flux, FLUX), "sd3": (comfy.supported_models.SD3, SD3),
                        "wan21": (comfy.supported_models.WAN21_T2V, WAN),
                        "qwen_image": (comfy.supported_models.QwenImage, QWEN_IMAGE),
                        "lumina2": (comfy.supported_models.Lumina2, LUMINA2),
-                       "z_image": (comfy.supported_models.ZImage, Z_IMAGE)}[family]
+                       "z_image": (comfy.supported_models.ZImage, Z_IMAGE),
+                       "chroma": (comfy.supported_models.Chroma, CHROMA)}[family]
     config = supported({**unet, "dtype": torch.float32})
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device=torch.device("cpu"))

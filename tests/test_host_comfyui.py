@@ -1,5 +1,5 @@
 """The Distillation++ node inside real ComfyUI (the pinned 0.8.0 tree), on tiny random SD1.5 models
-and tiny rectified-flow (CONST) Flux, SD3, Wan 2.1, Qwen-Image, Lumina 2 and Z-Image models.
+and tiny rectified-flow (CONST) Flux, SD3, Wan 2.1, Qwen-Image, Lumina 2, Z-Image and Chroma models.
 
 Everything runs through ComfyUI's own code: models built by `comfy.supported_models`, LoRA students
 by `comfy.sd.load_lora_for_models` (LoraLoader's path), sampling by the `SamplerCustom` node with
@@ -339,8 +339,9 @@ def test_a_teacher_from_another_latent_space_is_refused_when_the_student_samples
 
 FLOW_FAMILIES = ["flux", "sd3"]
 # More rectified-flow image families, from ComfyUI's own classes: Qwen-Image (ModelSamplingFlux, shift 1.15;
-# 5-D latents), Lumina 2 and Z-Image (NextDiT, ModelSamplingDiscreteFlow, shift 6 / 3).
-IMAGE_FLOW_FAMILIES = FLOW_FAMILIES + ["qwen_image", "lumina2", "z_image"]
+# 5-D latents), Lumina 2 and Z-Image (NextDiT, ModelSamplingDiscreteFlow, shift 6 / 3), Chroma
+# (ModelSamplingFlux; Flux's blocks modulated by one Approximator MLP).
+IMAGE_FLOW_FAMILIES = FLOW_FAMILIES + ["qwen_image", "lumina2", "z_image", "chroma"]
 
 
 class Inputs:
@@ -379,8 +380,8 @@ def flow_sigmas(comfy, patcher, steps=4):
 @pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("family", IMAGE_FLOW_FAMILIES)
 def test_flow_models_at_w0_equal_comfyuis_own_sampler_at_the_same_seed(comfy, node, family, base):
-    """A rectified-flow (CONST) student, Flux, SD3, Qwen-Image, Lumina 2 or Z-Image from ComfyUI's own
-    classes: the node samples it with parametrization='flow' and gives ComfyUI's image, whose samplers
+    """A rectified-flow (CONST) student, Flux, SD3, Qwen-Image, Lumina 2, Z-Image or Chroma from ComfyUI's
+    own classes: the node samples it with parametrization='flow' and gives ComfyUI's image, whose samplers
     take their *_RF variants."""
     teacher, student = tiny_flow(comfy, family, 0), tiny_flow(comfy, family, 1)
     assert isinstance(student.get_model_object("model_sampling"), comfy.model_sampling.CONST)
