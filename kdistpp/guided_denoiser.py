@@ -24,6 +24,10 @@ from .steps import Run, default_noise_sampler
 SIGMA_RTOL = 1e-4
 
 
+def _tolerance(sigma: torch.Tensor) -> float:
+    return max(SIGMA_RTOL, torch.finfo(sigma.dtype).eps) if sigma.is_floating_point() else SIGMA_RTOL
+
+
 class TeacherGuidedDenoiser:
     """A student denoiser whose evaluations at guided schedule sigmas are refined by the teacher.
 
@@ -52,38 +56,51 @@ class TeacherGuidedDenoiser:
         self._last_sigma = None
         self._visited: set[int] = set()
         self._warned = False
+        for i in guided:
+            twins = [j for j in range(len(self._schedule) - 1) if j != i and self._schedule[j] == self._schedule[i]]
+            if twins:
+                warnings.warn(f"teacher_guided: guided step {i}'s sigma {self._schedule[i]:.6g} also starts step "
+                              f"{twins[0]}; the wrapper knows steps by sigma, so it refines the evaluations of both",
+                              GuidanceWarning, stacklevel=caller_stacklevel())
 
-    def _matches(self, value: float, j: int) -> bool:
-        return abs(value - self._schedule[j]) <= SIGMA_RTOL * self._schedule[j]
+    def _matches(self, value: float, j: int, rtol: float = SIGMA_RTOL) -> bool:
+        return abs(value - self._schedule[j]) <= rtol * self._schedule[j]
 
     def step_of(self, sigma: torch.Tensor) -> int | None:
-        """The guided step whose sigma equals this evaluation's (to SIGMA_RTOL), or None."""
+        """The guided step whose sigma equals this evaluation's, or None. The tolerance is SIGMA_RTOL,
+        or the resolution of the sigma's dtype when coarser (k-diffusion hands an fp16 latent an fp16 sigma)."""
         values = sigma.reshape(-1).detach().cpu().double()
-        value = float(values[0])
-        if values.numel() > 1 and bool((values - value).abs().max() > SIGMA_RTOL * value):
+        value, rtol = float(values[0]), _tolerance(sigma)
+        if values.numel() > 1 and bool((values - value).abs().max() > rtol * value):
             raise ValueError(f"teacher_guided: the sampler passed per-sample sigmas {values.tolist()}; the wrapper "
                              "refines a batch at one schedule sigma: sample these items in separate batches")
         for i, w in enumerate(self.guidance.weights):
-            if w != 0.0 and self._matches(value, i):
+            if w != 0.0 and self._matches(value, i, rtol):
                 return i
         return None
 
-    def _track(self, value: float) -> None:
-        """Warns once per run when the sampler's schedule skips a sigma the guidance depends on."""
-        if self._last_sigma is not None and value > self._last_sigma * (1 + SIGMA_RTOL):
-            self._visited, self._warned = set(), False  # sigma went up: a new run
+    def _track(self, value: float, rtol: float) -> None:
+        """Warns once per run when the sampler's schedule skips a sigma the guidance depends on: seen when
+        it evaluates below that sigma, or when the next run starts (a wrapper cannot see a run end)."""
+        if self._last_sigma is None or value > self._last_sigma * (1 + rtol):  # a new run
+            if self._last_sigma is not None:
+                self._warn_skipped([j for j in self._expected if j not in self._visited], "the previous run")
+            self._visited, self._warned = set(), False
+            if self._expected[:1] == [0] and value > self._schedule[0] * (1 + rtol):  # e.g. churn's sigma_hat
+                self._warn_skipped([0], f"this run, which starts at sigma={value:.6g},")
         self._last_sigma = value
-        self._visited.update(j for j in self._expected if self._matches(value, j))
-        skipped = [j for j in self._expected if j not in self._visited
-                   and value < self._schedule[j] * (1 - SIGMA_RTOL)]
+        self._visited.update(j for j in self._expected if self._matches(value, j, rtol))
+        self._warn_skipped([j for j in self._expected if j not in self._visited
+                            and value < self._schedule[j] * (1 - rtol)], f"the sampler, now at sigma={value:.6g},")
+
+    def _warn_skipped(self, skipped: list[int], who: str) -> None:
         if skipped and not self._warned:
             self._warned = True
             j = skipped[0]
             warnings.warn(
-                f"teacher_guided: the sampler evaluated sigma={value:.6g} without ever evaluating the schedule's "
-                f"sigma_{j}={self._schedule[j]:.6g}, so the guidance built on it did not act as set: pass the sampler "
-                "the same sigmas as teacher_guided, and no churn (s_churn=0) on guided steps", GuidanceWarning,
-                stacklevel=caller_stacklevel())
+                f"teacher_guided: {who} never evaluated the schedule's sigma_{j}={self._schedule[j]:.6g}, so the "
+                "guidance built on it did not act as set: pass the sampler the same sigmas as teacher_guided, and "
+                "no churn (s_churn=0) on guided steps", GuidanceWarning, stacklevel=caller_stacklevel())
 
     def __call__(self, x, sigma, **extra_args):
         denoised = self.student(x, sigma, **extra_args)
@@ -91,7 +108,7 @@ class TeacherGuidedDenoiser:
                                          validation.StudentOutputError)
         i = self.step_of(sigma)
         value = float(sigma.reshape(-1)[0])
-        self._track(value)
+        self._track(value, _tolerance(sigma))
         if i is None:
             return denoised
         run = replace(self.guidance.run, x_in=x, extra_args=extra_args)

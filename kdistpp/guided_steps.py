@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from . import validation
 
 
+WINDOW_RTOL = 1e-6  # float32's relative rounding is 6e-8; schedule sigmas differ by far more
+
+
 class GuidanceWarning(UserWarning):
     """A Distillation++ setting asked for guidance that no step of the run receives."""
 
@@ -43,7 +46,9 @@ class SigmaWindow:
             raise ValueError(f"SigmaWindow needs lo <= hi, got lo={self.lo}, hi={self.hi}; swap them")
 
     def steps(self, sigmas: list[float]) -> list[int]:
-        return [i for i, s in enumerate(sigmas[:-1]) if self.lo <= s <= self.hi]
+        # Inclusive to float32 rounding: a bound typed as 14.6 holds the float32 sigma 14.6000004.
+        lo, hi = self.lo * (1 - WINDOW_RTOL), self.hi * (1 + WINDOW_RTOL)
+        return [i for i, s in enumerate(sigmas[:-1]) if lo <= s <= hi]
 
 
 _STEPS_TYPES = "an int N (the first N steps), a collection of step indices or a SigmaWindow"
@@ -116,6 +121,10 @@ def step_weights(w, guidance_steps, sigmas: list[float]) -> tuple[float, ...]:
                                  f"give one value per step (at least {guided[-1] + 1})")
     chosen = set(guided)
     weights = tuple(per_step[i] if i in chosen else 0.0 for i in range(n_steps))
+    listed_idle = [i for i in guided if not scalar and per_step[i] == 0] if guidance_steps is not None else []
+    if listed_idle:
+        warnings.warn(f"guidance_steps={guidance_steps!r} lists step {listed_idle[0]}, but w[{listed_idle[0]}] is 0: "
+                      "that step is not guided", GuidanceWarning, stacklevel=caller_stacklevel())
     if any(v > 0 for v in per_step) and not any(v > 0 for v in weights):
         warnings.warn(f"w={w!r} guides no step: guidance_steps={guidance_steps!r} selects none of this schedule's "
                       f"{n_steps} steps (sigmas {[round(s, 4) for s in sigmas]}); the run is the unguided baseline",

@@ -67,6 +67,9 @@ class Parametrization:
     def check_sigmas(self, values: list[float]) -> None:
         pass
 
+    def check_renoise_level(self, sigma: float) -> None:
+        """A fixed renoise level must be a sigma of this parametrization."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -111,6 +114,11 @@ class RectifiedFlow(Parametrization):
 
     def ve_sigma(self, sigma):
         return math.inf if sigma >= 1 else sigma / (1 - sigma)
+
+    def check_renoise_level(self, sigma):
+        if sigma >= 1:
+            raise ValueError(f"renoise={sigma} is not a flow sigma: a fixed renoise level of a rectified-flow model "
+                             "lies in (0, 1) (s = 1 is pure noise)")
 
     def check_sigmas(self, values):
         if values and values[0] > 1:

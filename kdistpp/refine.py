@@ -9,13 +9,14 @@ to the new state afterwards, so that a guided step means what it means in the au
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from . import validation
-from .guided_steps import step_weights
+from .guided_steps import GuidanceWarning, caller_stacklevel, step_weights
 from .parametrization import VE, Parametrization
 from .steps import Run, default_noise_sampler
 from .validation import TeacherOutputError
@@ -110,7 +111,9 @@ class Guidance:
             x_t = self.run.param.noise_scaling(sigma_t, self._renoise_noise(i), denoised)
         teacher_args = self.teacher_extra_args if self.teacher_extra_args is not None else extra_args or {}
         name = getattr(self.teacher, "__name__", type(self.teacher).__name__)
-        where = f"at step {i} (step sigma={sigma:.4g}, teacher called at sigma_r={sigma_t:.4g})"
+        step_sigma = self.run.sigmas[i]
+        evaluated = "" if math.isclose(sigma, step_sigma) else f", evaluated at sigma={sigma:.4g}"
+        where = f"at step {i} (step sigma={step_sigma:.4g}{evaluated}, teacher called at sigma_r={sigma_t:.4g})"
         teacher_denoised = self.run.call(self.teacher, x_t, sigma_t, teacher_args, f"teacher {name}", where,
                                          TeacherOutputError)
         # The teacher may keep a reference to its input (hooks, caches): the renoised point is not
@@ -180,6 +183,17 @@ def plan(
     if form == "eps" and any(v > 0 and math.isinf(run.param.ve_sigma(s)) for v, s in zip(weights, run.sigmas)):
         raise ValueError("form='eps' cannot refine a step at s = 1 (sigma = infinity: the noise estimate fixes no x0); "
                          "guide from the next step on (guidance_steps=[1]), or use form='interpolate'")
+    if validation.is_real(renoise):
+        run.param.check_renoise_level(float(renoise))
+    ignored = [name for name, value in (("renoise", renoise != "next"), ("renoise_sampler", renoise_sampler is not None),
+                                        ("renoise_generator", renoise_generator is not None)) if value]
+    if form == "guidance" and ignored and any(v > 0 for v in weights):
+        warnings.warn(f"form='guidance' calls the teacher at the student's own point: {' and '.join(ignored)} "
+                      f"{'have' if len(ignored) > 1 else 'has'} no effect", GuidanceWarning, stacklevel=caller_stacklevel())
+    elif renoise_sampler is not None and renoise_generator is not None and renoise != "random":
+        warnings.warn("renoise_sampler draws the renoise noise, so renoise_generator, which would draw it otherwise "
+                      "and only draws renoise='random''s level, has no effect", GuidanceWarning,
+                      stacklevel=caller_stacklevel())
     if form != "guidance" and renoise == "next":
         last = [i for i, v in enumerate(weights) if v != 0.0 and run.sigmas[i + 1] == 0.0]
         if last:

@@ -148,16 +148,18 @@ KD = {"euler": K.sample_euler, "euler_ancestral": K.sample_euler_ancestral,
 @given(w=st.floats(0.01, 1.0), steps=st.sets(st.integers(0, 3), min_size=1), renoise=st.sampled_from(["next", "current", 2.0]))
 def test_teacher_guided_with_k_diffusion_equals_the_dedicated_sampler(name, form, w, steps, renoise):
     x, student, teacher = latent(5), ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0, scale=2.0)
-    common = dict(w=w, guidance_steps=steps, form=form, renoise=renoise)
+    # form='guidance' does not renoise: renoise settings would only warn that they do nothing
+    common = dict(w=w, guidance_steps=steps, form=form, **({} if form == "guidance" else {"renoise": renoise}))
+    noise = (lambda: {}) if form == "guidance" else (lambda: {"renoise_sampler": generator_noise(11)})
     # eta 0.7: at eta 1 a 2S-a midpoint sits exactly at sigma_{i+1}, where the wrapper (which
     # knows steps only by sigma) also refines it if step i+1 is guided; see the next test.
     eta = {"eta": 0.7} if "ancestral" in name else {}
     # A wrapper can only hand the sampler the refined estimate, so 2M's history holds it.
     # A wrapper can only replace the estimate: direction 'refined'; 2S: the first evaluation.
     options = {"dpmpp_2m": {"history": "refined"}, "dpmpp_2s_ancestral": {"guided_evaluation": "first"}}.get(name, {})
-    wrapped = kdistpp.teacher_guided(student, teacher, SIGMAS, renoise_sampler=generator_noise(11), **common)
+    wrapped = kdistpp.teacher_guided(student, teacher, SIGMAS, **noise(), **common)
     expected = seeded(KD[name], wrapped, x, SIGMAS.to(DEVICE), **eta)
-    got = seeded(SAMPLERS[name], student, x, SIGMAS, teacher=teacher, renoise_sampler=generator_noise(11), **common, **eta,
+    got = seeded(SAMPLERS[name], student, x, SIGMAS, teacher=teacher, **noise(), **common, **eta,
                  direction="refined", **options)
     torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-4)
 
@@ -198,8 +200,9 @@ def test_one_teacher_call_per_guided_step_and_callback_keys(name, form):
     seen, w, sig = [], 0.2, [float(s) for s in SIGMAS]
     # 2S a: the default refines the midpoint, after the callback; 'first' shows the refinement there
     options = {"guided_evaluation": "first"} if name == "dpmpp_2s_ancestral" else {}
+    renoise = {} if form == "guidance" else {"renoise_sampler": generator_noise(5)}  # guidance does not renoise
     seeded(SAMPLERS[name], student, x, SIGMAS, teacher=teacher, w=w, guidance_steps=[0, 2], form=form,
-           renoise_sampler=generator_noise(5), callback=seen.append, **options)
+           callback=seen.append, **renoise, **options)
     assert teacher.calls == 2
     assert [d["i"] for d in seen] == list(range(5))
     noise = generator_noise(5)

@@ -143,9 +143,9 @@ def test_a_guided_flow_step_renoises_with_the_flow_state_and_moves_by_one_minus_
     seen = []
     base = kdistpp.SAMPLERS[name](student, x, s, disable=True, parametrization="flow",
                                   **({"noise_sampler": replay(noises)} if name in NOISY else {}))
+    renoise = {} if form == "guidance" else {"renoise_generator": torch.Generator(device=DEVICE).manual_seed(seed)}
     guided = kdistpp.SAMPLERS[name](student, x, s, disable=True, parametrization="flow", teacher=teacher, w=w,
-                                    form=form, renoise_generator=torch.Generator(device=DEVICE).manual_seed(seed),
-                                    callback=lambda d: seen.append(d), **kw)
+                                    form=form, callback=lambda d: seen.append(d), **renoise, **kw)
     refined = 1 if name == "dpmpp_2s_ancestral" else 0  # 2S a refines its midpoint evaluation
     point, level = teacher.inputs[0][0], teacher.inputs[0][1]
     x0t = teacher(point, level)
@@ -178,14 +178,14 @@ def test_the_flow_run_is_the_ve_run_of_the_converted_model(name, form, n, shift,
     for coordinates in ("flow", "ve"):
         noises = noise_list(seed, n)
         extra = {"noise_sampler": replay(noises)} if name == "consistency" else {}
-        gen = torch.Generator(device=DEVICE).manual_seed(seed + 1)
+        gen = {} if form == "guidance" else {"renoise_generator": torch.Generator(device=DEVICE).manual_seed(seed + 1)}
         if coordinates == "flow":
-            runs.append(kdistpp.SAMPLERS[name](student, x, s, disable=True, parametrization="flow",
-                                               renoise_generator=gen, **kw, **extra))
+            runs.append(kdistpp.SAMPLERS[name](student, x, s, disable=True, parametrization="flow", **gen, **kw,
+                                               **extra))
         else:
             ve_teacher = flow.VEDenoiser(teacher)
             out = kdistpp.SAMPLERS[name](flow.VEDenoiser(student), flow.to_ve(x, float(s[0])), sigma, disable=True,
-                                         renoise_generator=gen, **{**kw, "teacher": ve_teacher}, **extra)
+                                         **gen, **{**kw, "teacher": ve_teacher}, **extra)
             runs.append(flow.to_flow(out, 0.0))
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-8, atol=1e-8)
 

@@ -164,3 +164,35 @@ def test_renoise_generator_noise_is_its_own_stream():
 def test_renoise_generator_must_be_a_generator():
     with pytest.raises(TypeError, match="renoise_generator"):
         run("euler", 0.1, renoise_generator=21)
+
+
+def test_a_sigma_window_holds_its_bounds_whatever_the_schedules_dtype():
+    """A window typed as [3.65, 14.6] holds the float32 sigmas 3.6500001 and 14.6000004."""
+    from kdistpp.guided_steps import step_weights
+
+    sig = torch.linspace(14.6, 0, 5, dtype=torch.float64)
+    window = kdistpp.SigmaWindow(3.65, 14.6)
+    for dtype in (torch.float32, torch.float64):
+        assert step_weights(0.3, window, [float(s) for s in sig.to(dtype)]) == (0.3, 0.3, 0.3, 0.3)
+
+
+@pytest.mark.parametrize("kw,text", [
+    (dict(w=[0.3, 0.0], guidance_steps=[0, 1]), "lists step 1, but w\\[1\\] is 0"),
+    (dict(w=0.3, form="guidance", renoise="random"), "renoise and renoise_sampler have no effect"),
+    (dict(w=0.3, form="guidance", renoise_generator=torch.Generator()), "renoise_sampler and renoise_generator have"),
+    (dict(w=0.3, renoise_generator=torch.Generator()), "renoise_generator, which would draw it otherwise"),
+])
+def test_settings_that_do_nothing_warn(kw, text):
+    with pytest.warns(kdistpp.GuidanceWarning, match=text):
+        run("euler", **kw)  # run() passes a renoise_sampler
+
+
+def test_a_zero_dim_numpy_w_is_a_number():
+    assert torch.equal(run("euler", np.array(0.2))[0], run("euler", 0.2)[0])
+
+
+def test_a_flow_models_fixed_renoise_level_is_a_flow_sigma():
+    flow_sigmas = kdistpp.get_sigmas_flow(4, shift=3.0)
+    with pytest.raises(ValueError, match="renoise=2.0 is not a flow sigma"):
+        kdistpp.sample_euler_distpp(ElementwiseDenoiser(), latent(), flow_sigmas, teacher=ElementwiseDenoiser(), w=0.3,
+                                    renoise=2.0, parametrization="flow")

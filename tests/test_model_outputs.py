@@ -121,3 +121,14 @@ def test_dpmpp_2m_steps_over_a_repeated_sigma_as_first_order_steps():
         expected = first_order(expected, s, s_next)
     assert bool(torch.isfinite(got).all())
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bad_teacher_output_at_the_2s_midpoint_names_the_step_sigma_and_the_evaluation_sigma():
+    def teacher(x, s, **k):
+        return torch.full_like(x, float("nan"))
+
+    with pytest.raises(kdistpp.TeacherOutputError) as info:
+        kdistpp.sample_dpmpp_2s_ancestral_distpp(ElementwiseDenoiser(), latent(), SIGMAS, teacher=teacher, w=0.1,
+                                                 disable=True)
+    message = str(info.value)
+    assert f"step sigma={SIG[0]:.4g}" in message and "evaluated at sigma=" in message

@@ -254,3 +254,9 @@ def test_progress_bar_only_when_asked(capsys):
     assert "SFD" not in capsys.readouterr().err
     trainer.fit(4, progress=True)
     assert "SFD" in capsys.readouterr().err
+
+
+def test_numpy_step_counts_are_ints():
+    import numpy as np
+
+    assert config(num_steps=np.int64(4)).num_steps == 4 and len(config(num_steps=np.int64(4)).timestamps()) == 4

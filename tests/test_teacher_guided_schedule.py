@@ -119,3 +119,40 @@ def test_numpy_arguments_are_accepted():
         results.append(K.sample_euler(wrapped, x, sigmas.to(DEVICE), disable=True))
         assert teacher.calls == 2
     torch.testing.assert_close(results[0], results[1])
+
+
+def test_a_run_that_starts_above_the_guided_sigma_warns_at_its_start():
+    """A one-step churned run: its only evaluation is at sigma_hat > sigma_0, so nothing later could tell."""
+    sigmas = torch.tensor([14.6, 0.0])
+    x, student, teacher = latent(8), ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0)
+    wrapped = kdistpp.teacher_guided(student, teacher, sigmas, w=0.3, renoise="current")
+    with pytest.warns(kdistpp.GuidanceWarning, match="starts at sigma"):
+        K.sample_euler(wrapped, x, sigmas.to(DEVICE), s_churn=1.0, disable=True)
+    assert teacher.calls == 0
+
+
+def test_a_run_that_stops_above_a_guided_step_warns_when_the_next_run_starts():
+    sigmas = kdistpp.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX)
+    x, student, teacher = latent(9), ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0)
+    wrapped = kdistpp.teacher_guided(student, teacher, sigmas, w=[0.0, 0.0, 0.5])
+    with no_guidance_warnings():
+        K.sample_euler(wrapped, x, sigmas[:3].to(DEVICE), disable=True)  # the sampler runs the top part only
+    with pytest.warns(kdistpp.GuidanceWarning, match="previous run never evaluated the schedule's sigma_2"):
+        K.sample_euler(wrapped, x, sigmas.to(DEVICE), disable=True)
+    assert teacher.calls == 1  # the second, full run
+
+
+def test_fp16_latents_with_fp16_sigmas_are_guided_at_every_step():
+    """k-diffusion builds sigma from x.new_ones: an fp16 latent hands over fp16 sigmas (1e-4 off)."""
+    sigmas = kdistpp.get_sigmas_karras(4, 0.03, 14.6)
+    x, student, teacher = latent(10).half(), ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0)
+    wrapped = kdistpp.teacher_guided(student, teacher, sigmas, w=[0.5, 0.5, 0.5])
+    with no_guidance_warnings():
+        K.sample_euler(wrapped, x, sigmas.to(DEVICE), disable=True)
+    assert teacher.calls == 3
+
+
+def test_a_repeated_guided_sigma_warns_that_both_steps_are_refined():
+    with pytest.warns(kdistpp.GuidanceWarning, match="guided step 2's sigma 5 also starts step 1"):
+        kdistpp.teacher_guided(ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0),
+                               torch.tensor([10.0, 5.0, 5.0, 1.0, 0.0]), w=[0.0, 0.0, 0.5])

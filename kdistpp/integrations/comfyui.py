@@ -149,7 +149,8 @@ def sample_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None
     noise = {"noise_sampler": comfy_noise_sampler(comfy.k_sampling, x, seed)} if takes_noise else {}
     return BY_NAME[base].fn(model, x, sigmas, extra_args, callback, disable, teacher=teacher, w=w,
                             guidance_steps=guidance_steps, form=form, renoise=renoise, teacher_extra_args={},
-                            direction=direction, renoise_generator=renoise_generator(x, seed),
+                            direction=direction,
+                            renoise_generator=None if form == "guidance" else renoise_generator(x, seed),  # no renoise
                             parametrization=parametrization, **noise)
 
 

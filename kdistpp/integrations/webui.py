@@ -234,7 +234,7 @@ def make_sampler_function(entry, webui_factory=webui_modules, denoiser_classes=N
         webui = webui_factory()
         teacher = (forge_teacher(webui, model, settings.teacher) if is_forge(webui)
                    else a1111_teacher(webui, model, settings.teacher, denoiser_classes))
-        renoise = renoise_noise(webui, p, x) if hasattr(p, "seeds") else None
+        renoise = renoise_noise(webui, p, x) if hasattr(p, "seeds") and settings.form != "guidance" else None
         return sampler(model, x, sigmas, extra_args, callback, disable, teacher=teacher, w=settings.w,
                        guidance_steps=settings.guidance_steps(len(sigmas) - 1), form=settings.form,
                        direction=settings.direction, renoise_sampler=renoise,

@@ -46,6 +46,8 @@ class SFDConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if isinstance(self.num_steps, numbers.Integral) and not isinstance(self.num_steps, bool):
+            self.num_steps = int(self.num_steps)  # numpy ints too
         choices = self.step_choices
         if not choices or any(not isinstance(n, int) or n < 2 for n in choices):
             raise ValueError(f"num_steps must be an int >= 2 or a non-empty sequence of them, got {self.num_steps!r}")
