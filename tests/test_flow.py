@@ -134,33 +134,37 @@ def test_each_sampler_on_a_flow_model_equals_its_flow_native_reference(name, n, 
 @given(w=st.floats(0.05, 1.0), shift=st.floats(1.0, 6.0), seed=st.integers(0, 99))
 def test_a_guided_flow_step_renoises_with_the_flow_state_and_moves_by_one_minus_s_next(name, form, w, shift, seed):
     """Eq. 9 in flow terms: the teacher sees x_r = (1 - s_r) x0s + s_r n at s_r = s_1, and the state
-    after the step moves by (1 - s_1) w (x0T - x0s) from the unguided step (direction 'student')."""
-    s = schedule(3, shift)[:2]  # one step 1 -> s_1 > 0
+    after the step (the one the callback gets at step 1) moves by (1 - s_1) w (x0T - x0s) from the
+    unguided step's (direction 'student')."""
+    s = schedule(4, shift)[:3]  # two steps, 1 -> s_1 -> s_2 > 0; step 0 guided
     x = noise_list(seed + 500, 1)[0]
     student, teacher = ElementwiseDenoiser(bias=0.3), ElementwiseDenoiser(bias=-0.7, scale=1.4)
-    noises = noise_list(seed, 1)
-    kw = {"noise_sampler": replay(noises)} if name in NOISY else {}
-    seen = []
-    base = kdistpp.SAMPLERS[name](student, x, s, disable=True, parametrization="flow",
-                                  **({"noise_sampler": replay(noises)} if name in NOISY else {}))
+    noises = noise_list(seed, 2)
+    states = {"base": [], "guided": []}
+    base = {"noise_sampler": replay(noises)} if name in NOISY else {}
+    kdistpp.SAMPLERS[name](student, x, s, disable=True, parametrization="flow", **base,
+                           callback=lambda d: states["base"].append(d))
     renoise = {} if form == "guidance" else {"renoise_generator": torch.Generator(device=DEVICE).manual_seed(seed)}
-    guided = kdistpp.SAMPLERS[name](student, x, s, disable=True, parametrization="flow", teacher=teacher, w=w,
-                                    form=form, callback=lambda d: seen.append(d), **renoise, **kw)
+    kw = {"noise_sampler": replay(noises)} if name in NOISY else {}
+    kdistpp.SAMPLERS[name](student, x, s, disable=True, parametrization="flow", teacher=teacher, w=w, form=form,
+                           callback=lambda d: states["guided"].append(d), **renoise, **kw)
     refined = 1 if name == "dpmpp_2s_ancestral" else 0  # 2S a refines its midpoint evaluation
     point, level = teacher.inputs[0][0], teacher.inputs[0][1]
     x0t = teacher(point, level)
-    x0s = student(*student.inputs[len(student.inputs) // 2 + refined][:2])  # the guided run's evaluations
+    evaluated = student.inputs[len(student.inputs) // 2 + refined]  # the guided run's refined evaluation
+    x0s = student(*evaluated[:2])
     if refined == 0:
-        torch.testing.assert_close(seen[0]["student_denoised"], x0s)
+        torch.testing.assert_close(states["guided"][0]["student_denoised"], x0s)
     s1 = float(s[1])
-    torch.testing.assert_close(guided - base, (1 - s1) * w * (x0t - x0s), rtol=1e-9, atol=1e-9)
+    moved = states["guided"][1]["x"] - states["base"][1]["x"]
+    torch.testing.assert_close(moved, (1 - s1) * w * (x0t - x0s), rtol=1e-9, atol=1e-9)
     level = float(level[0])
     if form == "interpolate":
         n = torch.randn(SHAPE, generator=torch.Generator(device=DEVICE).manual_seed(seed), dtype=x.dtype, device=DEVICE)
         assert level == pytest.approx(s1)
         torch.testing.assert_close(point, (1 - s1) * x0s + s1 * n, rtol=1e-12, atol=1e-12)
     else:
-        assert level == pytest.approx(float(s[0]) if refined == 0 else float(student.inputs[-1][1][0]))
+        assert level == pytest.approx(float(evaluated[1][0]))
 
 
 @pytest.mark.parametrize("name", ["euler", "consistency"])
