@@ -1,6 +1,6 @@
 """Tiny random-weight models built by ComfyUI itself, for tests in the real host: SD1.5-family UNets
-and rectified-flow (CONST) transformers, Flux, SD3, Wan 2.1 T2V, Qwen-Image, Lumina 2, Z-Image and
-Chroma, from `comfy.supported_models`.
+and rectified-flow (CONST) transformers, Flux, SD3, Wan 2.1 T2V, Qwen-Image, Lumina 2, Z-Image,
+Chroma and HiDream, from `comfy.supported_models`.
 
 ComfyUI's layers skip weight initialisation, so the weights are filled here from a seed. A LoRA
 student is `base.clone()` plus `add_patches`, exactly what ComfyUI's LoraLoader does.
@@ -67,21 +67,30 @@ CHROMA = {"image_model": "chroma", "in_channels": 64, "out_channels": 64, "conte
           "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [4, 6, 6],
           "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 32, "hidden_dim": 32,
           "n_layers": 1, "txt_ids_dims": [], "vec_in_dim": 8}
+# HiDream (HiDreamImageTransformer2DModel): one double- and one single-stream block of width 32 (two heads of
+# 16 = RoPE axes 8 + 4 + 4), each with two routed experts (one active) and a shared one; each block reads its
+# own layer of the Llama-3 hidden states (`conditioning_llama3`: batch, layers, tokens, LLAMA) besides T5's.
+LLAMA = 24
+HIDREAM = {"image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 1,
+           "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2,
+           "caption_channels": [CONTEXT, LLAMA], "text_emb_dim": 8, "num_routed_experts": 2,
+           "num_activated_experts": 1, "axes_dims_rope": [8, 4, 4], "max_resolution": [8, 8], "llama_layers": [0, 1]}
 POOLED = 8  # Flux and SD3 take a pooled text vector (`pooled_output` in the conditioning) of this width
 FLOW_LATENT = (1, 16, 8, 8)
 
 
 def tiny_flow(comfy, family: str, seed: int):
-    """A ModelPatcher around ComfyUI's Flux, SD3, Wan 2.1 T2V, Qwen-Image, Lumina 2, Z-Image or Chroma
-    BaseModel (CONST model sampling: ModelSamplingFlux for Flux, Qwen-Image and Chroma,
-    ModelSamplingDiscreteFlow with shift 3 / 8 / 6 / 3 for SD3, Wan, Lumina 2 and Z-Image) with a tiny
-    transformer and seeded weights (CPU, float32)."""
+    """A ModelPatcher around ComfyUI's Flux, SD3, Wan 2.1 T2V, Qwen-Image, Lumina 2, Z-Image, Chroma or
+    HiDream BaseModel (CONST model sampling: ModelSamplingFlux for Flux, Qwen-Image and Chroma,
+    ModelSamplingDiscreteFlow with shift 3 / 8 / 6 / 3 / 1 for SD3, Wan, Lumina 2, Z-Image and HiDream)
+    with a tiny transformer and seeded weights (CPU, float32)."""
     supported, unet = {"flux": (comfy.supported_models.Flux, FLUX), "sd3": (comfy.supported_models.SD3, SD3),
                        "wan21": (comfy.supported_models.WAN21_T2V, WAN),
                        "qwen_image": (comfy.supported_models.QwenImage, QWEN_IMAGE),
                        "lumina2": (comfy.supported_models.Lumina2, LUMINA2),
                        "z_image": (comfy.supported_models.ZImage, Z_IMAGE),
-                       "chroma": (comfy.supported_models.Chroma, CHROMA)}[family]
+                       "chroma": (comfy.supported_models.Chroma, CHROMA),
+                       "hidream": (comfy.supported_models.HiDream, HIDREAM)}[family]
     config = supported({**unet, "dtype": torch.float32})
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device=torch.device("cpu"))
@@ -94,10 +103,14 @@ def tiny_flow(comfy, family: str, seed: int):
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
 
 
-def flow_conditioning(seed: int, batch: int = 1):
-    """Conditioning for `tiny_flow`: text tokens and the pooled vector Flux and SD3 take."""
+def flow_conditioning(seed: int, batch: int = 1, family: str | None = None):
+    """Conditioning for `tiny_flow`: text tokens and the pooled vector Flux and SD3 take (and, for
+    HiDream, the Llama-3 hidden states of its two blocks)."""
     g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(batch, 7, CONTEXT, generator=g), {"pooled_output": torch.randn(batch, POOLED, generator=g)}]]
+    cond = [[torch.randn(batch, 7, CONTEXT, generator=g), {"pooled_output": torch.randn(batch, POOLED, generator=g)}]]
+    if family == "hidream":
+        cond[0][1]["conditioning_llama3"] = torch.randn(batch, len(HIDREAM["llama_layers"]), 5, LLAMA, generator=g)
+    return cond
 
 
 def lora_clone(comfy, base, seed: int, strength: float = 1.0):

@@ -1,5 +1,5 @@
 """The Distillation++ node inside real ComfyUI (the pinned 0.8.0 tree), on tiny random SD1.5 models
-and tiny rectified-flow (CONST) Flux, SD3, Wan 2.1, Qwen-Image, Lumina 2, Z-Image and Chroma models.
+and tiny rectified-flow (CONST) Flux, SD3, Wan 2.1, Qwen-Image, Lumina 2, Z-Image, Chroma and HiDream models.
 
 Everything runs through ComfyUI's own code: models built by `comfy.supported_models`, LoRA students
 by `comfy.sd.load_lora_for_models` (LoraLoader's path), sampling by the `SamplerCustom` node with
@@ -340,8 +340,9 @@ def test_a_teacher_from_another_latent_space_is_refused_when_the_student_samples
 FLOW_FAMILIES = ["flux", "sd3"]
 # More rectified-flow image families, from ComfyUI's own classes: Qwen-Image (ModelSamplingFlux, shift 1.15;
 # 5-D latents), Lumina 2 and Z-Image (NextDiT, ModelSamplingDiscreteFlow, shift 6 / 3), Chroma
-# (ModelSamplingFlux; Flux's blocks modulated by one Approximator MLP).
-IMAGE_FLOW_FAMILIES = FLOW_FAMILIES + ["qwen_image", "lumina2", "z_image", "chroma"]
+# (ModelSamplingFlux; Flux's blocks modulated by one Approximator MLP) and HiDream (ModelSamplingDiscreteFlow,
+# t = 1000 s; mixture-of-experts blocks, Llama-3 and T5 text).
+IMAGE_FLOW_FAMILIES = FLOW_FAMILIES + ["qwen_image", "lumina2", "z_image", "chroma", "hidream"]
 
 
 class Inputs:
@@ -358,14 +359,14 @@ class Inputs:
         self.handle.remove()
 
 
-def flow_sample(comfy, model, sampler, sig, seed=3):
-    return sample(comfy, model, sampler, sig, positive=flow_conditioning(1), negative=flow_conditioning(2), seed=seed,
-                  latent=torch.zeros(FLOW_LATENT))
+def flow_sample(comfy, model, sampler, sig, seed=3, family=None):
+    return sample(comfy, model, sampler, sig, positive=flow_conditioning(1, family=family),
+                  negative=flow_conditioning(2, family=family), seed=seed, latent=torch.zeros(FLOW_LATENT))
 
 
-def flow_distpp(node, teacher, base, w, **kw):
-    return distpp(node, teacher, base, w, teacher_positive=flow_conditioning(3), teacher_negative=flow_conditioning(4),
-                  **kw)
+def flow_distpp(node, teacher, base, w, family=None, **kw):
+    return distpp(node, teacher, base, w, teacher_positive=flow_conditioning(3, family=family),
+                  teacher_negative=flow_conditioning(4, family=family), **kw)
 
 
 def flow_sigmas(comfy, patcher, steps=4):
@@ -380,19 +381,20 @@ def flow_sigmas(comfy, patcher, steps=4):
 @pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("family", IMAGE_FLOW_FAMILIES)
 def test_flow_models_at_w0_equal_comfyuis_own_sampler_at_the_same_seed(comfy, node, family, base):
-    """A rectified-flow (CONST) student, Flux, SD3, Qwen-Image, Lumina 2, Z-Image or Chroma from ComfyUI's
-    own classes: the node samples it with parametrization='flow' and gives ComfyUI's image, whose samplers
+    """A rectified-flow (CONST) student, Flux, SD3, Qwen-Image, Lumina 2, Z-Image, Chroma or HiDream from
+    ComfyUI's own classes: the node samples it with parametrization='flow' and gives ComfyUI's image, whose samplers
     take their *_RF variants."""
     teacher, student = tiny_flow(comfy, family, 0), tiny_flow(comfy, family, 1)
     assert isinstance(student.get_model_object("model_sampling"), comfy.model_sampling.CONST)
     sig = flow_sigmas(comfy, student)
-    theirs = flow_sample(comfy, student, comfy.samplers.ksampler(BASES[base]), sig, seed=11)
+    theirs = flow_sample(comfy, student, comfy.samplers.ksampler(BASES[base]), sig, seed=11, family=family)
     calls = Inputs(teacher)
-    ours = flow_sample(comfy, student, flow_distpp(node, teacher, base, 0.0), sig, seed=11)
+    ours = flow_sample(comfy, student, flow_distpp(node, teacher, base, 0.0, family=family), sig, seed=11,
+                       family=family)
     calls.remove()
     atol = 1e-5 * float(theirs.abs().max())  # float32 rounding at the sample's scale (module docstring)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=atol)
-    other_seed = flow_sample(comfy, student, comfy.samplers.ksampler(BASES[base]), sig, seed=12)
+    other_seed = flow_sample(comfy, student, comfy.samplers.ksampler(BASES[base]), sig, seed=12, family=family)
     assert (other_seed - theirs).abs().max() > 100 * atol  # the comparison can fail
     assert calls.calls == []
 
@@ -413,7 +415,8 @@ def test_a_flow_teacher_is_handed_the_flow_renoised_student_estimate(comfy, node
     sig = flow_sigmas(comfy, student)
     inputs = Inputs(teacher)
     try:
-        out = flow_sample(comfy, student, flow_distpp(node, teacher, "euler", 0.3, renoise="next"), sig)
+        out = flow_sample(comfy, student, flow_distpp(node, teacher, "euler", 0.3, renoise="next", family=family), sig,
+                          family=family)
     finally:
         inputs.remove()
     assert torch.isfinite(out).all()
