@@ -80,6 +80,7 @@ def test_w_zero_does_not_warn():
         warnings.simplefilter("error", kdistpp.GuidanceWarning)
         run("euler", 0.0, guidance_steps=0)
         run("euler", [0.0, 0.0])
+        run("euler", 0.0, form="guidance", renoise="random")  # nothing guided: nothing to say about renoise
         kdistpp.sample_euler_distpp(ElementwiseDenoiser(), latent(), SIGMAS, disable=True)
 
 
