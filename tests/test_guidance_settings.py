@@ -81,6 +81,7 @@ def test_w_zero_does_not_warn():
         run("euler", 0.0, guidance_steps=0)
         run("euler", [0.0, 0.0])
         run("euler", 0.0, form="guidance", renoise="random")  # nothing guided: nothing to say about renoise
+        kdistpp.sample_euler_distpp(ElementwiseDenoiser(), latent(), SIGMAS, guidance_steps=2, disable=True)
         kdistpp.sample_euler_distpp(ElementwiseDenoiser(), latent(), SIGMAS, disable=True)
 
 
@@ -175,6 +176,8 @@ def test_a_sigma_window_holds_its_bounds_whatever_the_schedules_dtype():
     window = kdistpp.SigmaWindow(3.65, 14.6)
     for dtype in (torch.float32, torch.float64):
         assert step_weights(0.3, window, [float(s) for s in sig.to(dtype)]) == (0.3, 0.3, 0.3, 0.3)
+    # and no further: 5.1257 lies above a window ending at 5.0, 0.3355 below one starting at 0.5
+    assert step_weights(0.3, kdistpp.SigmaWindow(0.5, 5.0), SIG) == (0.0, 0.0, 0.3, 0.0)
 
 
 @pytest.mark.parametrize("kw,text", [
