@@ -176,8 +176,8 @@ def test_a_sigma_window_holds_its_bounds_whatever_the_schedules_dtype():
     window = kdistpp.SigmaWindow(3.65, 14.6)
     for dtype in (torch.float32, torch.float64):
         assert step_weights(0.3, window, [float(s) for s in sig.to(dtype)]) == (0.3, 0.3, 0.3, 0.3)
-    # and no further: 5.1257 lies above a window ending at 5.0, 0.3355 below one starting at 0.5
-    assert step_weights(0.3, kdistpp.SigmaWindow(0.5, 5.0), SIG) == (0.0, 0.0, 0.3, 0.0)
+    # and no further: 3.4813 lies above a window ending at 3.0, 0.0500 below one starting at 0.08
+    assert step_weights(0.3, kdistpp.SigmaWindow(0.08, 3.0), SIG) == (0.0, 0.0, 0.3, 0.0)
 
 
 @pytest.mark.parametrize("kw,text", [
