@@ -67,7 +67,8 @@ def guided_step_indices(guidance_steps, sigmas: list[float]) -> list[int]:
         if not 0 <= n <= n_steps:
             raise ValueError(f"guidance_steps={n} is beyond the schedule's {n_steps} steps; use 0..{n_steps}")
         return list(range(n))
-    if not isinstance(guidance_steps, Iterable) or isinstance(guidance_steps, (str, bytes)):
+    if not isinstance(guidance_steps, Iterable) or isinstance(guidance_steps, (str, bytes)) \
+            or getattr(guidance_steps, "ndim", None) == 0:  # a 0-d float tensor or array is not a step count
         raise TypeError(f"guidance_steps must be {_STEPS_TYPES}, got {guidance_steps!r}")
     steps = []
     for i in guidance_steps:

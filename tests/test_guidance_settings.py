@@ -75,9 +75,11 @@ def test_a_w_that_guides_no_step_warns(kw):
     torch.testing.assert_close(out, run("euler", 0.0)[0], rtol=0, atol=0)
 
 
-def test_w_zero_does_not_warn():
+def test_settings_that_act_and_w_zero_do_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error", kdistpp.GuidanceWarning)
+        run("euler", 0.3)
+        run("euler", [0.3, 0.2], guidance_steps=[0, 1])
         run("euler", 0.0, guidance_steps=0)
         run("euler", [0.0, 0.0])
         run("euler", 0.0, form="guidance", renoise="random")  # nothing guided: nothing to say about renoise
@@ -200,3 +202,10 @@ def test_a_flow_models_fixed_renoise_level_is_a_flow_sigma():
     with pytest.raises(ValueError, match="renoise=2.0 is not a flow sigma"):
         kdistpp.sample_euler_distpp(ElementwiseDenoiser(), latent(), flow_sigmas, teacher=ElementwiseDenoiser(), w=0.3,
                                     renoise=2.0, parametrization="flow")
+
+
+def test_guidance_steps_as_tensors():
+    assert run("euler", 0.3, guidance_steps=torch.tensor([0, 1]))[1] == 2
+    assert run("euler", 0.3, guidance_steps=torch.tensor(2))[1] == 2
+    with pytest.raises(TypeError, match="guidance_steps"):
+        run("euler", 0.3, guidance_steps=torch.tensor(2.0))

@@ -59,11 +59,12 @@ def test_a_wrapper_built_for_another_step_count_warns():
         K.sample_euler(wrapped, x, kdistpp.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX).to(DEVICE), disable=True)
 
 
-def test_a_guided_step_the_sampler_never_evaluates_warns():
+@pytest.mark.parametrize("w", [0.3, 1.0])
+def test_a_guided_step_the_sampler_never_evaluates_warns(w):
     """Euler with churn evaluates at sigma_hat, never at the guided sigma_0: the refinement cannot fire."""
     sigmas = kdistpp.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX)
     x, student, teacher = latent(3), ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0)
-    wrapped = kdistpp.teacher_guided(student, teacher, sigmas, w=0.3)
+    wrapped = kdistpp.teacher_guided(student, teacher, sigmas, w=w)
     with pytest.warns(kdistpp.GuidanceWarning, match="sigma_0"):
         K.sample_euler(wrapped, x, sigmas.to(DEVICE), s_churn=1.0, disable=True)
     assert teacher.calls == 0
@@ -156,3 +157,40 @@ def test_a_repeated_guided_sigma_warns_that_both_steps_are_refined():
     with pytest.warns(kdistpp.GuidanceWarning, match="guided step 2's sigma 5 also starts step 1"):
         kdistpp.teacher_guided(ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0),
                                torch.tensor([10.0, 5.0, 5.0, 1.0, 0.0]), w=[0.0, 0.0, 0.5])
+
+
+def test_w_one_with_the_guidance_form_hands_the_sampler_the_teachers_estimate():
+    sigmas = kdistpp.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX)
+    student, teacher = ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0)
+    wrapped = kdistpp.teacher_guided(student, teacher, sigmas, w=1.0, form="guidance")
+    x, s0 = latent(11), torch.full((2,), float(sigmas[0]), device=DEVICE)
+    torch.testing.assert_close(wrapped(x, s0), ElementwiseDenoiser(bias=1.0)(x, s0))
+
+
+def test_the_top_part_of_a_split_schedule_with_the_guided_step_in_it_does_not_warn():
+    """A two-expert split (Wan 2.2): the high-noise part ends at sigma_2; the guided step 0 and its
+    next sigma were both evaluated, so nothing was skipped, now or when the next run starts."""
+    sigmas = kdistpp.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX)
+    x, student, teacher = latent(12), ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0)
+    wrapped = kdistpp.teacher_guided(student, teacher, sigmas, w=0.3)
+    with no_guidance_warnings():
+        K.sample_euler(wrapped, x, sigmas[:3].to(DEVICE), disable=True)
+        K.sample_euler(wrapped, x, sigmas.to(DEVICE), disable=True)
+    assert teacher.calls == 2
+
+
+def test_a_run_ending_between_expected_sigmas_is_reported_when_the_next_starts_even_close_by():
+    """The next run starts at 14.6, close above the previous run's last sigma 12 (less than 2x)."""
+    schedule = torch.tensor([14.6, 10.0, 3.0, 0.0])
+    x, student, teacher = latent(13), ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0)
+    wrapped = kdistpp.teacher_guided(student, teacher, schedule, w=0.3)
+    with no_guidance_warnings():
+        K.sample_euler(wrapped, x, torch.tensor([14.6, 12.0, 11.0]).to(DEVICE), disable=True)
+    with pytest.warns(kdistpp.GuidanceWarning, match="previous run never evaluated the schedule's sigma_1"):
+        K.sample_euler(wrapped, x, schedule.to(DEVICE), disable=True)
+
+
+def test_a_repeated_guided_sigma_on_the_last_step_warns_too():
+    with pytest.warns(kdistpp.GuidanceWarning, match="guided step 1's sigma 5 also starts step 2"):
+        kdistpp.teacher_guided(ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0), torch.tensor([10.0, 5.0, 5.0, 0.0]),
+                               w=[0.0, 0.5])
