@@ -107,5 +107,5 @@ def test_readme_names_what_the_skip_reasons_and_the_test_extra_need():
             with open(os.path.join(tests, name)) as f:
                 variables |= set(re.findall(r"KDISTPP_(?:COMFYUI|A1111|FORGE)", f.read()))
     assert variables == {"KDISTPP_COMFYUI", "KDISTPP_A1111", "KDISTPP_FORGE"}
-    for needed in (*variables, "../shared/hosts", ".ci/run", "numpy < 2", "k-diffusion"):
+    for needed in (*variables, ".ci/run", "numpy < 2", "k-diffusion"):
         assert needed in readme, needed
