@@ -50,8 +50,7 @@ class Refinement:
         in VE coordinates, (1 - s)(x0h - x0s) in flow coordinates (the same move of the VE state)."""
         if self.shift is None:
             return x
-        weight = self.param.clean_weight(sigma)
-        return x + self.shift if weight == 1.0 else x + weight * self.shift
+        return x + self.param.clean_weight(sigma) * self.shift  # weight 1.0 in VE: exact
 
 
 @dataclass(frozen=True)
