@@ -28,10 +28,10 @@ class Recorder:
 
     def __init__(self, monkeypatch):
         import backend.sampling.sampling_function as sampling
-        from kdistpp.integrations import webui
+        from kdistpp.integrations import webui_teachers
 
         self.events = []
-        self.teacher = webui._forge_teacher["engine"]
+        self.teacher = webui_teachers._forge_teacher["engine"]
         self.hook = self.teacher.forge_objects.unet.model.diffusion_model.register_forward_pre_hook(
             lambda *_: self.events.append("teacher unet"))
         real = sampling.sampling_prepare
@@ -115,7 +115,7 @@ def test_flow_models_are_refused_before_any_model_call(forge, role, monkeypatch)
     from backend.modules.k_prediction import PredictionFlux
     from k_diffusion.external import ForgeScheduleLinker
 
-    from kdistpp.integrations import webui
+    from kdistpp.integrations import webui, webui_teachers
 
     calls = []
 
@@ -128,7 +128,7 @@ def test_flow_models_are_refused_before_any_model_call(forge, role, monkeypatch)
             return x
 
     if role == "teacher":
-        engine = webui.load_forge_teacher(forge, "teacher")
+        engine = webui_teachers.load_forge_teacher(forge, "teacher")
         monkeypatch.setattr(engine.forge_objects.unet.model, "predictor", PredictionFlux())
         StudentCFG.inner_model = type("Wrap", (), {"inner_model": type("E", (), {"forge_objects": type(
             "F", (), {"unet": engine.forge_objects.unet})()})()})()
