@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import copy
 
+# The teacher choice meaning "the student's own checkpoint, evaluated without the prompt's LoRAs" (the usual
+# teacher of a speed LoRA: SDXL-Lightning, LCM, DMD2, Hyper-SD, TCD).
+SAME_CHECKPOINT = "Same checkpoint, without the prompt's LoRAs"
 
 def checkpoint_info(webui, title: str):
     info = webui.sd_models.get_closet_checkpoint_match(title)
