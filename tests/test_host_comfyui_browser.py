@@ -1,0 +1,160 @@
+"""ComfyUI's page in a real browser: ComfyUI's own server (main.py --cpu) with this repository as a custom
+node, its frontend (comfyui-frontend-package) rendered by headless Chromium and driven as a user drives it.
+
+What a user sees is compared with what the node declares (kdistpp.integrations.comfyui, read here in
+Python) and with the files of example_workflows/: the node is found by the search box, each input shows its
+own tooltip where it is drawn, and an example workflow opens from the template browser and runs to an image.
+With KDISTPP_SCREENSHOTS=<folder> the same runs save the docs' screenshots (tools/screenshots.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import browser
+from hosts import REPO, require
+
+NODE_TYPE = "KdistppDistillationPPSampler"
+EXAMPLES = REPO / "example_workflows"
+
+# a node's slot or widget, in page coordinates: the canvas draws nodes, so the page computes where
+TO_PAGE = """
+const node = arguments[0] === null ? null : app.graph.getNodeById(arguments[0]);
+const rect = app.canvas.canvas.getBoundingClientRect();
+const ratio = app.canvas.canvas.width / rect.width;
+window.__toPage = p => { const q = app.canvas.ds.convertOffsetToCanvas(p); return [q[0] / ratio + rect.left, q[1] / ratio + rect.top]; };
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    browser.require_browser()
+    require("ComfyUI", ".venv-comfyui", "comfyui_frontend_package", "requests")  # main.py imports requests
+    import comfy_server
+
+    comfy_server.host_root()
+    server = comfy_server.start(tmp_path_factory.mktemp("comfy-page"), models=EXAMPLES.is_dir())
+    try:
+        # a returning user: the page opens the default workflow, not the first-run template dialog
+        request = urllib.request.Request(server.url + "/settings/Comfy.TutorialCompleted", data=b"true", method="POST")
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert answer.status == 200
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def driver(server):
+    with browser.chromium() as driver:
+        yield driver
+
+
+def open_page(driver, server) -> None:
+    driver.get(server.url)
+    browser.wait_for(driver, lambda d: d.execute_script(
+        "return !!(window.app && app.vueAppReady && app.graph && app.canvas && app.canvas.canvas)"), 90,
+        "ComfyUI's page ready")
+
+
+def node_definition():
+    from kdistpp.integrations import comfyui
+
+    types = comfyui.DistillationPPSampler.INPUT_TYPES()
+    inputs = {**types["required"], **types["optional"]}
+    return comfyui, {name: spec[1]["tooltip"] for name, spec in inputs.items()}
+
+
+def search_and_add(driver, query: str = "Distillation", screenshot: str | None = None) -> list[str]:
+    """Double-clicks the empty canvas, types `query` in the search box, picks the first result; returns
+    the texts of the results shown."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver.execute_script("app.graph.clear()")  # an empty canvas: a double-click on a node edits it instead
+    canvas = driver.find_element(By.CSS_SELECTOR, "canvas#graph-canvas")
+    ActionChains(driver).move_to_element_with_offset(canvas, -250, -50).double_click().perform()
+    box = browser.wait_for(driver, lambda d: d.find_element(By.CSS_SELECTOR, "input[placeholder='Search Nodes...']"),
+                           15, "the node search box (double-click on the canvas)")
+    box.send_keys(query)
+    # the list re-renders while the search runs: read it in one go, once it shows a match
+    results = browser.wait_for(driver, lambda d: d.execute_script(
+        "const r = [...document.querySelectorAll('li[role=option]')].map(o => o.innerText.trim()).filter(t => t);"
+        "return r.some(t => t.toLowerCase().includes(arguments[0].toLowerCase())) ? r : null", query),
+        15, f"search results for {query!r}")
+    if screenshot:
+        time.sleep(0.5)  # the result's preview of the node
+        box = driver.execute_script(
+            "const a = document.querySelector(\"input[placeholder='Search Nodes...']\").closest('.p-dialog, [role=dialog]') "
+            "|| document.querySelector(\"input[placeholder='Search Nodes...']\").parentElement;"
+            "const r = [a, ...document.querySelectorAll('.node-preview, .comfy-vue-node-preview-container, [role=listbox]')]"
+            ".map(e => e.getBoundingClientRect()).filter(r => r.width > 0);"
+            "return [Math.min(...r.map(r => r.left)), Math.min(...r.map(r => r.top)), Math.max(...r.map(r => r.right)),"
+            " Math.max(...r.map(r => r.bottom))]")
+        browser.screenshot(driver, screenshot, tuple(box))
+    search = driver.find_element(By.CSS_SELECTOR, "input[placeholder='Search Nodes...']")
+    search.send_keys(Keys.ENTER)
+    return results
+
+
+def test_the_node_search_finds_the_node_and_adds_it(server, driver):
+    comfyui, _ = node_definition()
+    open_page(driver, server)
+    results = search_and_add(driver, screenshot="comfyui_search")
+    title, category = comfyui.NODE_NAME, comfyui.CATEGORY.replace("/", " > ")
+    assert any(title in r and category in r and "kdistpp" in r for r in results), results
+    nodes = browser.wait_for(driver, lambda d: d.execute_script(
+        "return app.graph.nodes.map(n => [n.type, n.title])") or None, 10, "the added node")
+    assert nodes == [[NODE_TYPE, title]]
+
+
+def test_the_added_node_shows_each_input_with_its_tooltip(server, driver):
+    comfyui, tooltips = node_definition()
+    open_page(driver, server)
+    search_and_add(driver)
+    node_id = browser.wait_for(driver, lambda d: d.execute_script(
+        f"return app.graph.nodes.find(n => n.type === '{NODE_TYPE}')?.id ?? null"), 10, "the added node")
+    driver.execute_script(TO_PAGE, node_id)
+    # where each input is drawn: its socket, or for a widget input the middle of its widget
+    places = driver.execute_script("""
+        const node = app.graph.getNodeById(arguments[0]);
+        return node.inputs.map((slot, i) => {
+            const widget = slot.widget && node.widgets.find(w => w.name === slot.widget.name);
+            const y = widget ? node.pos[1] + (widget.last_y ?? widget.y) + 10 : null;
+            return [slot.name, widget ? __toPage([node.pos[0] + node.size[0] / 2, y]) : __toPage(node.getConnectionPos(true, i))];
+        });""", node_id)
+    assert [name for name, _ in places] == list(tooltips)  # every declared input, in the declared order
+
+    def tooltip(d):
+        shown = d.execute_script("const t = document.querySelector('.node-tooltip');"
+                                 "return t && t.offsetParent !== null ? t.innerText : null")
+        return shown
+
+    seen = {}
+    for name, (x, y) in places:
+        browser.hover(driver, x - 400, y)  # off the node: the tooltip goes, the next one is a new one
+        browser.wait_for(driver, lambda d: tooltip(d) is None, 10, "the tooltip hidden off the node")
+        browser.hover(driver, x, y)
+        seen[name] = browser.wait_for(driver, tooltip, 10, f"the tooltip of {name}")
+        if name == "w":
+            box = driver.execute_script("""
+                const b = app.graph.getNodeById(arguments[0]).getBounding(), t = document.querySelector('.node-tooltip').getBoundingClientRect();
+                const a = __toPage([b[0], b[1]]), z = __toPage([b[0] + b[2], b[1] + b[3]]);
+                return [Math.min(a[0], t.left), Math.min(a[1], t.top), Math.max(z[0], t.right), Math.max(z[1], t.bottom)];""",
+                                        node_id)
+            browser.screenshot(driver, "comfyui_node", tuple(box))
+    assert seen == tooltips
+
+    # the node's title shows the node's description
+    x, y = driver.execute_script("const n = app.graph.getNodeById(arguments[0]);"
+                                 "return __toPage([n.pos[0] + 40, n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT / 2]);", node_id)
+    browser.hover(driver, x - 400, y)
+    browser.wait_for(driver, lambda d: tooltip(d) is None, 10, "the tooltip hidden off the node")
+    browser.hover(driver, x, y)
+    assert browser.wait_for(driver, tooltip, 10, "the title's tooltip") == comfyui.DistillationPPSampler.DESCRIPTION
