@@ -275,3 +275,55 @@ def write_tiny_models(models: Path) -> None:
 
         model = tiny_flow(import_comfy(full=True), "sd3", 5).model.diffusion_model
         save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+# ------------------------------------------------------------------------------ UI workflow -> API prompt
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FRONTEND_ONLY = {"Note", "MarkdownNote"}  # drawn by the page, never sent to the server
+
+
+def _is_widget(spec) -> bool:
+    kind = spec[0]
+    return isinstance(kind, list) or kind in WIDGET_TYPES
+
+
+def workflow_to_prompt(workflow: dict, object_info: dict) -> dict:
+    """A UI-format workflow (what ComfyUI's page saves: nodes with `widgets_values`, links as
+    [id, from_node, from_slot, to_node, to_slot, type]) as the API prompt /prompt takes.
+
+    Input order and which inputs are widgets come from the server's /object_info: widget values are
+    consumed in that order, an INT with `control_after_generate` (seeds) is followed in
+    `widgets_values` by its control entry ("fixed", "randomize", ...), which is skipped; a widget
+    input that is linked takes the link. Note nodes are skipped; muted nodes (mode 2) too."""
+    links = {link[0]: (link[1], link[2]) for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        kind = node["type"]
+        if kind in FRONTEND_ONLY or node.get("mode", 0) == 2:
+            continue
+        if node.get("mode", 0) == 4:
+            raise ValueError(f"node {node['id']} ({kind}) is bypassed: the converter does not reroute bypassed nodes")
+        if kind not in object_info:
+            raise ValueError(f"node {node['id']}: type {kind!r} is not in the server's /object_info")
+        info = object_info[kind]
+        specs = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        order = info["input_order"].get("required", []) + info["input_order"].get("optional", [])
+        linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
+        values = node.get("widgets_values") or []
+        inputs, k = {}, 0
+        for name in order:
+            spec = specs[name]
+            if _is_widget(spec) and not isinstance(values, dict):
+                if k < len(values):
+                    inputs[name] = values[k]
+                k += 1
+                if spec[0] == "INT" and len(spec) > 1 and spec[1].get("control_after_generate"):
+                    k += 1  # the control widget's value ("fixed", "randomize", ...)
+            elif _is_widget(spec) and name in values:
+                inputs[name] = values[name]
+            if name in linked:
+                source, slot = linked[name]
+                inputs[name] = [str(source), slot]
+        prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs, "_meta": {"title": node.get("title", kind)}}
+    return prompt
