@@ -142,9 +142,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(tmp: Path, models: bool = True, timeout: float = 120) -> ComfyServer:
-    """Starts ComfyUI's server for tests on a free port, with this repository as the custom node
-    `kdistpp` in a fresh base directory under `tmp`, and (models=True) the tiny model files."""
+def start(tmp: Path, models: bool = True, timeout: float = 120, node: Path = REPO) -> ComfyServer:
+    """Starts ComfyUI's server for tests on a free port, with this repository (or `node`, another
+    checkout of it) as the custom node `kdistpp` in a fresh base directory under `tmp`, and
+    (models=True) the tiny model files."""
     root = host_root()
     base = Path(tmp) / "comfy"
     for sub in ("custom_nodes", "output", "input", "user", "temp", "models/checkpoints", "models/loras",
@@ -152,7 +153,7 @@ def start(tmp: Path, models: bool = True, timeout: float = 120) -> ComfyServer:
         (base / sub).mkdir(parents=True, exist_ok=True)
     link = base / "custom_nodes" / "kdistpp"
     if not link.exists():
-        link.symlink_to(REPO, target_is_directory=True)
+        link.symlink_to(Path(node).resolve(), target_is_directory=True)
     if models:
         write_tiny_models(base / "models")
     port = free_port()
