@@ -130,8 +130,14 @@ def test_imports_without_the_webui_and_fails_clearly_when_registering():
 
 
 def test_settings_choose_the_guided_steps():
-    assert webui.Settings(guided_steps=3).guidance_steps(2) == 2  # capped at the schedule
-    assert webui.Settings(guided_steps=3, sigma_min=0.5, sigma_max=4.0).guidance_steps(8) == kdistpp.SigmaWindow(0.5, 4.0)
+    sigmas = [14.6, 5.0, 1.9, 0.7, 0.0]
+    assert webui.Settings(guided_steps=2).plan(sigmas) == ([0, 1], "next")
+    assert webui.Settings(guided_steps=9).plan(sigmas) == ([0, 1, 2], "next")  # capped; the last step has no next sigma
+    assert webui.Settings(guided_steps=2, sigma_min=0.5, sigma_max=4.0).plan(sigmas) == ([2], "next")  # the window decides
+    assert webui.Settings(sigma_min=0.0, sigma_max=0.8).plan(sigmas) == ([3], "current")  # the last step alone
+    assert webui.Settings(guided_steps=1).plan([14.6, 0.0]) == ([0], "current")  # a 1-step student
+    assert webui.Settings(guided_steps=9, form="guidance").plan(sigmas) == ([0, 1, 2, 3], "next")  # no renoise
+    assert webui.Settings(guided_steps=9).plan([14.6, 5.0, 1.9]) == ([0, 1], "next")  # img2img-like, no final 0
 
 
 def test_register_adds_every_sampler_once():

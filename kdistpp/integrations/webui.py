@@ -16,7 +16,7 @@ import dataclasses
 import inspect
 
 from .. import validation
-from ..guided_steps import SigmaWindow
+from ..guided_steps import SigmaWindow, guided_step_indices
 from ..refine import DIRECTIONS, FORMS
 from ..registry import REGISTRY
 from .webui_teachers import build_teacher, refuse_flow_model
@@ -56,10 +56,26 @@ class Settings:
         if self.sigma_max > 0:
             SigmaWindow(self.sigma_min, self.sigma_max)  # refuses a bad window now, not at sampling time
 
-    def guidance_steps(self, n_steps: int):
+    def plan(self, sigmas) -> tuple[list[int], str]:
+        """The guided step indices and the renoise level ('next' or 'current') for the schedule `sigmas`.
+
+        The teacher sees the student's estimate renoised to the next sigma (the paper's choice), which
+        the final step (next sigma 0) does not have: it is left out of a guided set that holds other
+        steps, and when it is the only step asked for (a 1-step schedule, or a window around the last
+        sigma only) it is guided at its own sigma instead. The 'guidance' form renoises nothing and
+        guides every step asked for."""
+        sigmas = [float(s) for s in sigmas]
+        n_steps = len(sigmas) - 1
         if self.sigma_max > 0:
-            return SigmaWindow(self.sigma_min, self.sigma_max)
-        return min(self.guided_steps, n_steps)
+            steps = guided_step_indices(SigmaWindow(self.sigma_min, self.sigma_max), sigmas)
+        else:
+            steps = list(range(min(self.guided_steps, n_steps)))
+        final = n_steps - 1
+        if self.form == "guidance" or not steps or sigmas[-1] != 0 or steps[-1] != final:
+            return steps, "next"
+        if len(steps) == 1:
+            return steps, "current"
+        return steps[:-1], "next"
 
 
 settings = Settings()
@@ -93,8 +109,9 @@ def make_sampler_function(entry, webui_factory=webui_modules, denoiser_classes=N
         webui = webui_factory()
         teacher = build_teacher(webui, model, settings.teacher, denoiser_classes)
         renoise = renoise_noise(webui, p, x) if hasattr(p, "seeds") and settings.form != "guidance" else None
+        steps, level = settings.plan(sigmas)
         return sampler(model, x, sigmas, extra_args, callback, disable, teacher=teacher, w=settings.w,
-                       guidance_steps=settings.guidance_steps(len(sigmas) - 1), form=settings.form,
+                       guidance_steps=steps, form=settings.form, renoise=level,
                        direction=settings.direction, renoise_sampler=renoise,
                        teacher_extra_args={**extra_args, "cond_scale": settings.teacher_cfg}, **options)
 

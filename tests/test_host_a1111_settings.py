@@ -1,0 +1,247 @@
+"""What users do with the Distillation++ settings in the real A1111 webui 1.10.1: paste them back from an
+image's infotext, compare them in an X/Y/Z plot, rely on the panel's defaults, and see the panel only
+with a Distillation++ sampler.
+
+tests/a1111_host.py starts the pinned webui with this repository cloned into extensions/; the page's
+gradio Blocks are built by the webui's own `modules.ui.create_ui()`, whose event handlers (the paste
+button's, the sampler menu's) are called here as the page would call them.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+
+import a1111_host
+from kdistpp.registry import REGISTRY
+from webui_api import SCRIPT, generate, same_image
+
+TITLE = "Distillation++ (kdistpp)"
+# Euler's 4 "Automatic" steps on these checkpoints start at sigmas 14.6, 2.9, 0.93, 0.029 (then 0)
+
+
+@pytest.fixture(scope="module")
+def webui(tmp_path_factory):
+    shared, app = a1111_host.start(tmp_path_factory.mktemp("a1111"), {"student": 11, "teacher": 22})
+    from fastapi.testclient import TestClient
+
+    from modules import sd_models, ui
+
+    demo = ui.create_ui()  # the page, as webui.py builds it (the API's script arguments keep their layout)
+    return type("Webui", (), {"shared": shared, "client": TestClient(app), "sd_models": sd_models, "demo": demo})
+
+
+def script(tab="txt2img", title=TITLE):
+    from modules import scripts
+
+    runner = scripts.scripts_txt2img if tab == "txt2img" else scripts.scripts_img2img
+    return next(s for s in runner.scripts if s.title() == title)
+
+
+def post(webui, args, route="txt2img", **request):
+    body = {"prompt": "a red cube", "negative_prompt": "blur", "steps": 4, "width": 64, "height": 64,
+            "sampler_name": "Euler Distillation++", "seed": 5, "cfg_scale": 2.0,
+            "override_settings": {"sd_model_checkpoint": "student"}, "alwayson_scripts": {SCRIPT: {"args": args}},
+            **request}
+    response = webui.client.post(f"/sdapi/v1/{route}", json=body)
+    assert response.status_code == 200, response.text[:2000]
+    return response.json()
+
+
+def pixels(image_b64):
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(image_b64))).convert("RGB")).astype(np.int16)
+
+
+def args(teacher="teacher", w=0.3, steps=1, cfg=3.0, form="interpolate", direction="student", lo=0.0, hi=0.0):
+    return [teacher, w, steps, cfg, form, direction, lo, hi]
+
+
+class TeacherCalls:
+    """Counts the teacher UNet's forward passes (the teacher is loaded into the cache first)."""
+
+    def __init__(self, webui):
+        post(webui, args(w=0.5))
+        model = next(m for m in webui.sd_models.model_data.loaded_sd_models
+                     if m.sd_checkpoint_info.model_name == "teacher")
+        self.count = 0
+        self.hook = model.model.diffusion_model.register_forward_pre_hook(lambda *_: setattr(self, "count",
+                                                                                               self.count + 1))
+
+
+@pytest.fixture
+def teacher_calls(webui):
+    made = []
+
+    def make():
+        made.append(TeacherCalls(webui))
+        return made[-1]
+
+    yield make
+    for calls in made:
+        calls.hook.remove()
+
+
+def backend_fn(demo, trigger, target=None, output=None, name=None):
+    """The Python function the page calls for an event of the built Blocks (None if none is wired)."""
+    for dependency, block_fn in zip(demo.dependencies, demo.fns):
+        if dependency["trigger"] != trigger or block_fn.fn is None:
+            continue
+        if target is not None and target._id not in dependency["targets"]:
+            continue
+        if output is not None and output._id not in dependency["outputs"]:
+            continue
+        if name is not None and block_fn.fn.__name__ != name:
+            continue
+        return block_fn.fn, dependency["outputs"]
+    return None, None
+
+
+# --- infotext --------------------------------------------------------------------------------------------------
+
+def paste(webui, infotext, tab="txt2img"):
+    """What the page's paste button (PNG Info's "Send to" uses the same function) sets on the panel's controls."""
+    controls = script(tab).controls
+    fn, outputs = backend_fn(webui.demo, "click", output=controls[0], name="paste_func")
+    assert fn is not None, "the webui's paste function does not set the Distillation++ panel"
+    updates = dict(zip(outputs, fn(infotext)))
+    return [updates[control._id].get("value") for control in controls]
+
+
+def test_the_infotext_brings_every_setting_back_into_the_panel(webui):
+    from modules import images, infotext_utils
+    from PIL import Image
+
+    sent = ["teacher", 0.25, 2, 4.5, "guidance", "refined", 1.0, 3.0]
+    response = post(webui, sent)
+    infotext, _ = images.read_info_from_image(Image.open(io.BytesIO(base64.b64decode(response["images"][0]))))
+    assert "DistillationPP sigma window: 1.0-3.0" in infotext  # read from the PNG, as PNG Info does
+    params = infotext_utils.parse_generation_parameters(infotext)  # the webui's own parser keeps every key
+    assert {key: params.get(key) for key in ("DistillationPP teacher", "DistillationPP w", "DistillationPP form")} \
+        == {"DistillationPP teacher": "teacher", "DistillationPP w": "0.25", "DistillationPP form": "guidance"}
+    assert paste(webui, infotext) == sent
+    assert paste(webui, infotext, "img2img") == sent
+    # every control of the panel is restored by a field of its own
+    assert [key for _, key in script().infotext_fields] == [
+        "DistillationPP teacher", "DistillationPP w", "DistillationPP steps", "DistillationPP teacher CFG",
+        "DistillationPP form", "DistillationPP direction", "DistillationPP sigma window-1",
+        "DistillationPP sigma window-2"]
+    without_window = post(webui, ["teacher", 0.25, 2, 4.5, "interpolate", "student", 0.0, 0.0])["info"]
+    infotext = __import__("json").loads(without_window)["infotexts"][0]
+    assert paste(webui, infotext)[-2:] == [0.0, 0.0]
+
+
+def test_an_image_made_without_a_teacher_pastes_no_teacher(webui):
+    import json
+
+    infotext = json.loads(post(webui, args(teacher="None", w=0.5))["info"])["infotexts"][0]
+    values = paste(webui, infotext)
+    assert values[0] == "None"  # the image was made without one: pasting reproduces it
+    assert values[1:] == [None] * 7  # the rest stays as the user set it
+
+
+@pytest.mark.parametrize("request_args,sampler", [(args(teacher="None", w=0.5), "Euler Distillation++"),
+                                                  (args(w=0.0), "Euler Distillation++"),
+                                                  (args(w=0.5), "Euler a")], ids=["no-teacher", "w0", "plain-sampler"])
+def test_nothing_is_written_when_no_teacher_guides(webui, request_args, sampler):
+    import json
+
+    info = json.loads(post(webui, request_args, sampler_name=sampler)["info"])
+    assert "DistillationPP" not in info["infotexts"][0]
+    assert "DistillationPP w: 0.5" in json.loads(post(webui, args(w=0.5))["info"])["infotexts"][0]
+
+
+# --- X/Y/Z plot ------------------------------------------------------------------------------------------------
+
+def xyz(webui, x_label, x_values, panel, y_label="Nothing", y_values="", x_dropdown=()):
+    plot = script(title="X/Y/Z plot")
+    labels = [option.label for option in plot.current_axis_options]
+    script_args = [labels.index(x_label), x_values, list(x_dropdown), labels.index(y_label), y_values, [],
+                   0, "", [], True, True, False, False, False, False, False, 0, False]
+    response = post(webui, panel, script_name="x/y/z plot", script_args=script_args)
+    import json
+
+    return [pixels(image) for image in response["images"]], json.loads(response["info"])["infotexts"]
+
+
+def test_an_xyz_plot_over_w_and_guided_steps(webui):
+    images, infotexts = xyz(webui, "Distillation++ w", "0, 0.3, 0.8", args(w=0.5),
+                            "Distillation++ guided steps", "1, 2")
+    cells = images[1:]  # the grid, then each cell (x fastest)
+    assert len(cells) == 6
+    plain = generate(webui, "Euler")[0]
+    for steps, row in zip((1, 2), (cells[:3], cells[3:])):
+        assert same_image(row[0], plain)  # w = 0: the plain sampler, whatever the panel's w
+        for w, cell in zip((0.3, 0.8), row[1:]):
+            assert same_image(cell, generate(webui, "Euler Distillation++", teacher="teacher", w=w,
+                                             guided_steps=steps)[0])
+    for a in range(6):
+        for b in range(a + 1, 6):
+            if a % 3 or b % 3:  # the two w = 0 cells are the same image
+                assert not same_image(cells[a], cells[b]), (a, b)
+    assert "DistillationPP" not in infotexts[1] and "DistillationPP w: 0.3" in infotexts[2]
+    assert "DistillationPP steps: 2" in infotexts[5]
+
+
+def test_an_xyz_plot_over_teachers(webui):
+    images, infotexts = xyz(webui, "Distillation++ teacher", "", args(w=0.5), x_dropdown=["None", "teacher"])
+    assert same_image(images[1], generate(webui, "Euler")[0])
+    assert same_image(images[2], generate(webui, "Euler Distillation++", teacher="teacher", w=0.5)[0])
+    assert "DistillationPP" not in infotexts[1] and "DistillationPP teacher: teacher" in infotexts[2]
+
+
+# --- defaults that work ----------------------------------------------------------------------------------------
+
+def test_a_window_down_to_sigma_0_guides_up_to_the_step_before_the_last(webui, teacher_calls):
+    calls = teacher_calls()
+    image = pixels(post(webui, args(w=0.5, lo=0.0, hi=1.0))["images"][0])  # steps 2 and 3 lie in the window
+    assert calls.count == 1
+    assert same_image(image, pixels(post(webui, args(w=0.5, lo=0.5, hi=1.0))["images"][0]))  # step 2 alone
+
+
+def test_guiding_every_step_guides_all_but_the_last(webui, teacher_calls):
+    calls = teacher_calls()
+    image = pixels(post(webui, args(w=0.5, steps=4))["images"][0])
+    assert calls.count == 3
+    assert same_image(image, pixels(post(webui, args(w=0.5, steps=3))["images"][0]))
+
+
+def test_the_guidance_form_guides_the_last_step_too(webui, teacher_calls):
+    calls = teacher_calls()
+    post(webui, args(w=0.5, form="guidance", lo=0.0, hi=1.0))
+    assert calls.count == 2
+
+
+@pytest.mark.parametrize("entry", REGISTRY, ids=lambda e: e.name)
+def test_a_1_step_student_is_guided_at_its_only_step(webui, entry, teacher_calls):
+    calls = teacher_calls()
+    guided = pixels(post(webui, args(w=0.5), steps=1, sampler_name=entry.label)["images"][0])
+    assert calls.count == 1
+    assert not same_image(guided, pixels(post(webui, args(w=0.0), steps=1, sampler_name=entry.label)["images"][0]))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_the_panel_defaults_with_a_teacher_run_at_any_step_count(webui, steps):
+    defaults = [control.value for control in script().controls]
+    assert defaults == ["None", 0.3, 1, 5.0, "interpolate", "student", 0.0, 0.0]
+    for window_to in (0.0, 20.0):  # the window's "from" left at its default 0
+        post(webui, ["teacher", *defaults[1:-1], window_to], steps=steps)
+
+
+# --- the panel -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tab", ["txt2img", "img2img"])
+def test_the_panel_shows_with_a_distillation_sampler_only(webui, tab):
+    panel = script(tab).panel
+    sampler_menu = next(block for block in webui.demo.blocks.values()
+                        if getattr(block, "elem_id", None) == f"{tab}_sampling")
+    assert panel.visible is False  # the default sampler is the webui's own
+    fn, outputs = backend_fn(webui.demo, "change", target=sampler_menu, output=panel)
+    assert fn is not None, "the sampler menu's change does not update the panel"
+    assert fn("Euler Distillation++")["visible"] is True
+    assert fn("LCM Distillation++")["visible"] is True
+    assert fn("Euler a")["visible"] is False
