@@ -56,6 +56,9 @@ def driver(server):
 
 
 def open_page(driver, server) -> None:
+    """The page as a returning user opens it, without the last test's workflow (the page keeps it in storage)."""
+    if driver.current_url.startswith(server.url):
+        driver.execute_script("localStorage.clear(); sessionStorage.clear();")
     driver.get(server.url)
     browser.wait_for(driver, lambda d: d.execute_script(
         "return !!(window.app && app.vueAppReady && app.graph && app.canvas && app.canvas.canvas)"), 90,
@@ -158,3 +161,100 @@ def test_the_added_node_shows_each_input_with_its_tooltip(server, driver):
     browser.wait_for(driver, lambda d: tooltip(d) is None, 10, "the tooltip hidden off the node")
     browser.hover(driver, x, y)
     assert browser.wait_for(driver, tooltip, 10, "the title's tooltip") == comfyui.DistillationPPSampler.DESCRIPTION
+
+
+def example_names() -> list[str]:
+    return sorted(path.stem for path in EXAMPLES.glob("*.json"))
+
+
+def open_templates(driver, server) -> None:
+    """The sidebar's Templates button, then this node pack's entry under Extensions."""
+    from selenium.webdriver.common.by import By
+
+    open_page(driver, server)
+    driver.find_element(By.CSS_SELECTOR, "button.templates-tab-button").click()
+    entry = browser.wait_for(driver, lambda d: d.execute_script(
+        "return [...document.querySelectorAll('[role=dialog] nav span')].find(e => e.innerText.trim() === 'kdistpp')"),
+        30, "kdistpp under Extensions in the template browser")
+    entry.click()
+
+
+def shown_templates(driver) -> list[str]:
+    return driver.execute_script("return [...document.querySelectorAll('[role=dialog] [data-testid^=\"template-workflow-\"]')]"
+                                 ".map(e => e.dataset.testid.slice('template-workflow-'.length))")
+
+
+def warnings_shown(driver) -> list[str]:
+    """The texts of the page's warning and error toasts (a workflow that fails the page's checks, a failed run)."""
+    return driver.execute_script("return [...document.querySelectorAll('.p-toast-message-warn, .p-toast-message-error')]"
+                                 ".map(e => e.innerText)")
+
+
+def load_template(driver, server, name: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    open_templates(driver, server)
+    card = browser.wait_for(driver, lambda d: d.find_element(By.CSS_SELECTOR, f"[data-testid='template-workflow-{name}']"),
+                            30, f"the card of {name}")
+    card.click()
+    browser.wait_for(driver, lambda d: d.execute_script(
+        "return app.graph.nodes.some(n => n.type === arguments[0]) && !document.querySelector('[role=dialog] "
+        "[data-testid^=\"template-workflow-\"]')", NODE_TYPE), 30, f"{name} loaded on the canvas")
+    time.sleep(0.5)  # the page checks the workflow as it loads: let a warning show
+
+
+def test_the_template_browser_lists_the_example_workflows(server, driver):
+    names = example_names()
+    assert names, "example_workflows/ holds no workflow"
+    assert sorted(server.get("/workflow_templates")["kdistpp"]) == names
+    open_templates(driver, server)
+    browser.wait_for(driver, lambda d: sorted(shown_templates(d)) == names or None, 30,
+                     f"the cards of {names}")
+    dialog = driver.execute_script("return document.querySelector('[role=dialog]').getBoundingClientRect().toJSON()")
+    browser.screenshot(driver, "comfyui_templates", browser.union(dialog), margin=0)
+
+
+@pytest.mark.parametrize("name", example_names() or ["(none)"])
+def test_each_example_workflow_opens_from_the_template_browser(server, driver, name):
+    if not EXAMPLES.is_dir():
+        pytest.skip("example_workflows/ is absent")
+    load_template(driver, server, name)
+    workflow = json.loads((EXAMPLES / f"{name}.json").read_text())
+    shown = driver.execute_script("return app.graph.nodes.map(n => [n.id, n.type, n.widgets_values ?? "
+                                  "(n.widgets || []).map(w => w.value)])")
+    assert sorted((n[0], n[1]) for n in shown) == sorted((n["id"], n["type"]) for n in workflow["nodes"])
+    for node in workflow["nodes"]:
+        if node["type"] == NODE_TYPE:  # the node's settings as saved, in its widgets
+            page = next(n for n in shown if n[0] == node["id"])
+            assert page[2] == node["widgets_values"], (name, node["id"])
+    assert warnings_shown(driver) == []
+
+
+def test_an_example_workflow_runs_from_the_page_to_an_image(server, driver):
+    name = "sdxl_lightning_distillation_pp"
+    if not (EXAMPLES / f"{name}.json").is_file():
+        pytest.skip(f"example_workflows/{name}.json is absent")
+    load_template(driver, server, name)
+    # a small image: the tiny models are fast, but a 1024 px decode on two CPU cores is not
+    driver.execute_script("const n = app.graph.nodes.find(n => n.type === 'EmptyLatentImage');"
+                          "for (const w of n.widgets) if (w.name === 'width' || w.name === 'height') w.value = 64;")
+    save = driver.execute_script("return app.graph.nodes.find(n => n.type === 'SaveImage').id")
+    driver.execute_script("return [...document.querySelectorAll('button')].find(b => b.innerText.trim() === 'Run')").click()
+    image = browser.wait_for(driver, lambda d: d.execute_script(
+        "return [...document.querySelectorAll('img')].find(i => i.src.includes('/api/view?') && i.complete"
+        " && i.naturalWidth > 0) ?? null"), 240, "the output image in the page")
+    size = driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image)
+    assert size == [64, 64]
+    # the image the page shows is the one SaveImage wrote, and the SaveImage node holds it
+    outputs = driver.execute_script("return app.nodeOutputs[String(arguments[0])]?.images ?? null", save)
+    assert outputs and len(outputs) == 1
+    folder = server.base / outputs[0]["type"] / outputs[0]["subfolder"]
+    src = image.get_attribute("src")
+    assert f"filename={outputs[0]['filename']}" in src
+    with urllib.request.urlopen(src, timeout=30) as answer:
+        assert answer.read() == (folder / outputs[0]["filename"]).read_bytes()
+    assert warnings_shown(driver) == []
+    driver.execute_script("app.canvas.selectItems(); app.canvas.fitViewToSelectionAnimated?.({duration: 0});"
+                          "app.canvas.deselectAll(); app.canvas.setDirty(true, true);")
+    time.sleep(1)
+    browser.screenshot(driver, "comfyui_workflow")
