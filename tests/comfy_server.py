@@ -37,6 +37,14 @@ SDXL_LIGHTNING_LORA = "sdxl_lightning_4step_lora.safetensors"
 DMD2_LORA = "dmd2_sdxl_4step_lora_fp16.safetensors"
 # A tiny SD3 (MMDiT) diffusion model for UNETLoader: another latent space than the checkpoint's.
 TINY_SD3 = "tiny_sd3.safetensors"
+# The flow workflows' LoRA and VAE files; their diffusion models and text encoders are the test-only
+# loaders below (ComfyUI detects Qwen-Image and Wan by full-width shapes, and their text encoders are
+# 7B / 5B models of fixed shape): the LoRAs fit tests/comfy_models' tiny Qwen-Image and Wan 2.1.
+FLOW_LORAS = {"Qwen-Image-Lightning-8steps-V1.0.safetensors": ("qwen_image", 0, 21),
+              "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors": ("wan21", 0, 22),
+              "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors": ("wan21", 1, 23)}
+WAN_VAES = {"qwen_image_vae.safetensors": 31, "wan_2.1_vae.safetensors": 32}  # Wan 2.1 VAE (its width is read from the file)
+WAN_VAE_DIM = 8
 
 # A one-level UNet that ComfyUI detects as SD1.x (model_channels 320, context 768, conv-in transformers).
 UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
@@ -107,11 +115,12 @@ class ComfyServer:
         """queue + wait."""
         return self.wait(self.queue(prompt), timeout)
 
-    def images(self, entry: dict) -> list[Path]:
-        """The files of the images a finished prompt saved (SaveImage's outputs), in node order."""
+    def images(self, entry: dict, kind: str = "images") -> list[Path]:
+        """The files a finished prompt saved, in node order: SaveImage's images, or (kind="latents")
+        SaveLatent's latents."""
         paths = []
         for _, output in sorted(entry.get("outputs", {}).items()):
-            for image in output.get("images", []):
+            for image in output.get(kind, []):
                 folder = self.base / image.get("type", "output") / image.get("subfolder", "")
                 paths.append(folder / image["filename"])
         return paths
@@ -142,10 +151,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(tmp: Path, models: bool = True, timeout: float = 120, node: Path = REPO) -> ComfyServer:
+def start(tmp: Path, models: bool = True, timeout: float = 120, node: Path = REPO,
+          test_nodes: bool = False) -> ComfyServer:
     """Starts ComfyUI's server for tests on a free port, with this repository (or `node`, another
     checkout of it) as the custom node `kdistpp` in a fresh base directory under `tmp`, and
-    (models=True) the tiny model files."""
+    (models=True) the tiny model files. test_nodes=True adds the test-only loaders of
+    TEST_NODE_CLASS_MAPPINGS (custom node `kdistpp_test_nodes`)."""
     root = host_root()
     base = Path(tmp) / "comfy"
     for sub in ("custom_nodes", "output", "input", "user", "temp", "models/checkpoints", "models/loras",
@@ -154,6 +165,11 @@ def start(tmp: Path, models: bool = True, timeout: float = 120, node: Path = REP
     link = base / "custom_nodes" / "kdistpp"
     if not link.exists():
         link.symlink_to(Path(node).resolve(), target_is_directory=True)
+    if test_nodes:
+        (base / "custom_nodes" / "kdistpp_test_nodes").mkdir(exist_ok=True)
+        (base / "custom_nodes" / "kdistpp_test_nodes" / "__init__.py").write_text(
+            f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+            "from comfy_server import TEST_NODE_CLASS_MAPPINGS as NODE_CLASS_MAPPINGS\n")
     if models:
         write_tiny_models(base / "models")
     port = free_port()
@@ -233,19 +249,91 @@ def checkpoint_state_dict(seed: int) -> dict:
     return sd
 
 
-def lora_state_dict(unet_keys, seed: int, scale: float = 0.5) -> dict:
-    """A rank-2 kohya-format LoRA on the UNet's attention projections (ldm names, as ComfyUI maps them)."""
+def lora_state_dict(unet_keys, seed: int, scale: float = 0.5, attention: str = ".attn") -> dict:
+    """A rank-2 kohya-format LoRA on the attention projections (names containing `attention`), in
+    the `lora_unet_` + diffusion-model-name form ComfyUI maps for every model."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     lora = {}
     for name, shape in unet_keys.items():
-        if len(shape) == 2 and name.endswith(".weight") and ".attn" in name:
+        if len(shape) == 2 and name.endswith(".weight") and attention in name:
             key = "lora_unet_" + name[len("model.diffusion_model."):-len(".weight")].replace(".", "_")
             lora[f"{key}.lora_up.weight"] = (torch.randn(shape[0], 2, generator=g) * scale).half()
             lora[f"{key}.lora_down.weight"] = (torch.randn(2, shape[1], generator=g) * scale).half()
             lora[f"{key}.alpha"] = torch.tensor(2.0)
     return lora
+
+
+# Test-only model seeds: a tiny model is rebuilt from (family, seed), in the test and in the server.
+def tiny_flow_patcher(family: str, seed: int):
+    """tests/comfy_models' tiny flow model (ComfyUI's own class and config, seeded weights)."""
+    import comfy.model_management  # noqa: F401  (the server's, or the tests' import_comfy)
+    import comfy.model_patcher  # noqa: F401
+    import comfy.supported_models  # noqa: F401
+    from comfy_models import tiny_flow
+
+    return tiny_flow(sys.modules["comfy"], family, 100 + seed)
+
+
+def tiny_flow_state_dict(family: str, seed: int) -> dict:
+    from hosts import import_comfy
+
+    import_comfy(full=True)
+    return tiny_flow_patcher(family, seed).model.diffusion_model.state_dict()
+
+
+def wan_vae_state_dict(seed: int) -> dict:
+    """A Wan 2.1 VAE of width WAN_VAE_DIM (ComfyUI reads the width from `decoder.head.0.gamma`)."""
+    import torch
+
+    from hosts import import_comfy
+
+    import_comfy(full=True)
+    import comfy.ldm.wan.vae as wan_vae
+
+    with torch.device("meta"):
+        vae = wan_vae.WanVAE(dim=WAN_VAE_DIM, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                             temperal_downsample=[False, True, True], image_channels=3, dropout=0.0)
+    return _random(_shapes(vae), seed)
+
+
+class TinyFlowModel:
+    """Test-only stand-in for UNETLoader: a tiny Qwen-Image or Wan 2.1 model (ComfyUI's own classes)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (["qwen_image", "wan21"],), "seed": ("INT", {"default": 0, "min": 0})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, family, seed):
+        return (tiny_flow_patcher(family, seed),)
+
+
+class TinyTextConditioning:
+    """Test-only stand-in for CLIPLoader + CLIPTextEncode: the tiny models' conditioning, seeded by the text."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"multiline": True})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+    CATEGORY = "testing"
+
+    def encode(self, text):
+        import zlib
+
+        from comfy_models import flow_conditioning
+
+        return (flow_conditioning(zlib.crc32(text.encode())),)
+
+
+TEST_NODE_CLASS_MAPPINGS = {"KdistppTestTinyFlowModel": TinyFlowModel,
+                            "KdistppTestTextConditioning": TinyTextConditioning}
 
 
 def write_tiny_models(models: Path) -> None:
@@ -269,6 +357,15 @@ def write_tiny_models(models: Path) -> None:
                 unet_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()
                                if k.startswith("model.diffusion_model.")}
         save_file(lora_state_dict(unet_shapes, seed), str(path))
+    for name, (family, model_seed, seed) in FLOW_LORAS.items():
+        path = models / "loras" / name
+        if not path.exists():
+            shapes = {"model.diffusion_model." + k: tuple(v.shape) for k, v in tiny_flow_state_dict(family, model_seed).items()}
+            save_file(lora_state_dict(shapes, seed, attention="attn"), str(path))
+    for name, seed in WAN_VAES.items():
+        path = models / "vae" / name
+        if not path.exists():
+            save_file(wan_vae_state_dict(seed), str(path))
     path = models / "diffusion_models" / TINY_SD3
     if not path.exists():
         from comfy_models import tiny_flow

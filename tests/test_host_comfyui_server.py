@@ -6,10 +6,18 @@ example_workflows/ is converted to an API prompt with the server's own /object_i
 (`comfy_server.workflow_to_prompt`), queued on /prompt, and its saved PNG read back from the output
 folder once /history says it finished.
 
-What the SDXL-Lightning and DMD2 workflows run as committed, with one widget changed: the empty
-latent is 64 x 64 pixels instead of 1024 (a CPU decodes that size in a second). The tiny
-checkpoint under the SDXL base's file name is one ComfyUI detects as an SD1.x model (SDXL's own
-shape cannot be tiny); the node graph, the loaders and the LoRA path are the workflow's.
+The SDXL-Lightning and DMD2 workflows run as committed, with one widget changed: the empty latent
+is 64 x 64 pixels instead of 1024 (a CPU decodes that size in a second). The tiny checkpoint under
+the SDXL base's file name is one ComfyUI detects as an SD1.x model (SDXL's own shape cannot be
+tiny); the node graph, the loaders and the LoRA path are the workflow's.
+
+The Qwen-Image and Wan 2.2 workflows are checked as committed by ComfyUI's own prompt validation
+(everything but the absent model files is accepted), and run with smaller loaders swapped in
+(`tiny_loaders`: tiny Qwen-Image / Wan 2.1 models and seeded conditioning from test-only nodes in
+place of UNETLoader and CLIPLoader + CLIPTextEncode, SaveImage in place of the video nodes; 64 px,
+5 frames); the sampler part of the graph (LoRA loaders on the real files' names, model sampling,
+the Distillation++ nodes, BasicScheduler, SplitSigmas, SamplerCustom, VAELoader, VAEDecode) is the
+workflow's own.
 
 Needs KDISTPP_COMFYUI and ComfyUI's requirements with its page (comfyui_frontend_package):
 `.ci/run` runs this file in .venv-comfyui; elsewhere it skips with the reason.
@@ -28,14 +36,18 @@ from comfy_server import start, workflow_to_prompt
 from hosts import REPO
 
 EXAMPLES = REPO / "example_workflows"
-SDXL = {"sdxl_lightning_distillation_pp": "euler", "dmd2_consistency_distillation_pp": "consistency"}
-COMFY_SAMPLER = {"euler": "euler", "consistency": "lcm"}  # ComfyUI's sampler of the same name
+# The base sampler of each workflow's Distillation++ node(s), and ComfyUI's sampler of the same name.
+BASE = {"sdxl_lightning_distillation_pp": "euler", "dmd2_consistency_distillation_pp": "consistency",
+        "qwen_image_lightning_distillation_pp": "euler", "wan22_two_experts_distillation_pp": "euler"}
+SDXL = ["sdxl_lightning_distillation_pp", "dmd2_consistency_distillation_pp"]
+FLOW = ["qwen_image_lightning_distillation_pp", "wan22_two_experts_distillation_pp"]
+COMFY_SAMPLER = {"euler": "euler", "consistency": "lcm"}
 NODE = "KdistppDistillationPPSampler"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = start(tmp_path_factory.mktemp("comfyui_server"))
+    s = start(tmp_path_factory.mktemp("comfyui_server"), test_nodes=True)
     yield s
     s.stop()
 
@@ -50,29 +62,79 @@ def workflow(name: str) -> dict:
 
 
 def prompt(name: str, object_info: dict, size: int = 64) -> dict:
-    """The workflow as an API prompt, with its empty latent `size` pixels square."""
+    """The workflow as an API prompt, with its empty latent `size` pixels square (and 5 frames).
+    The flow workflows get the test-only loaders (`tiny_loaders`)."""
     p = workflow_to_prompt(workflow(name), object_info)
     for node in p.values():
         if node["class_type"].startswith("Empty") and "width" in node["inputs"]:
             node["inputs"]["width"] = node["inputs"]["height"] = size
+        if "length" in node["inputs"]:
+            node["inputs"]["length"] = 5  # two latent frames
+    return tiny_loaders(p) if name in FLOW else p
+
+
+def tiny_loaders(p: dict) -> dict:
+    """The flow workflows with smaller loaders swapped in, the rest of the graph (LoRA loaders,
+    model sampling, the Distillation++ nodes, schedulers, SamplerCustom, VAE loader and decode)
+    unchanged: UNETLoader -> KdistppTestTinyFlowModel (tests/comfy_models' tiny Qwen-Image or
+    Wan 2.1, built by ComfyUI's own classes: ComfyUI's detection of these families reads full-width
+    shapes), CLIPLoader + CLIPTextEncode -> KdistppTestTextConditioning (the 7B/5B text encoders
+    have fixed shapes), and for Wan CreateVideo + SaveVideo -> SaveImage of the decoded frames."""
+    p = copy.deepcopy(p)
+    for node_id, node in list(p.items()):
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "UNETLoader":
+            name = inputs["unet_name"]
+            p[node_id] = {"class_type": "KdistppTestTinyFlowModel", "inputs": {
+                "family": "qwen_image" if name.startswith("qwen") else "wan21", "seed": int("low_noise" in name)}}
+        elif kind == "CLIPLoader":
+            del p[node_id]
+        elif kind == "CLIPTextEncode":
+            p[node_id] = {"class_type": "KdistppTestTextConditioning", "inputs": {"text": inputs["text"]}}
+        elif kind == "CreateVideo":
+            frames = inputs["images"]
+            del p[node_id]
+    for node_id, node in list(p.items()):
+        if node["class_type"] == "SaveVideo":
+            p[node_id] = {"class_type": "SaveImage", "inputs": {"images": frames, "filename_prefix": "frames"}}
     return p
 
 
+def ids(p: dict, class_type: str) -> list[str]:
+    return sorted((k for k, v in p.items() if v["class_type"] == class_type), key=int)
+
+
 def one(p: dict, class_type: str) -> str:
-    ids = [k for k, v in p.items() if v["class_type"] == class_type]
-    assert len(ids) == 1, (class_type, ids)
-    return ids[0]
+    found = ids(p, class_type)
+    assert len(found) == 1, (class_type, found)
+    return found[0]
 
 
 def image(server, p: dict) -> np.ndarray:
-    """Runs the prompt; the one image it saved, as uint8 (H, W, 3)."""
+    """Runs the prompt; the images it saved (one, or a video's frames), as int16 (N, H, W, 3)."""
     from PIL import Image
 
     entry = server.run(p)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     paths = server.images(entry)
-    assert len(paths) == 1, paths
-    return np.asarray(Image.open(paths[0]).convert("RGB")).astype(np.int16)
+    assert paths, entry["outputs"]
+    return np.stack([np.asarray(Image.open(path).convert("RGB")) for path in paths]).astype(np.int16)
+
+
+def image_and_latent(server, p: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Runs the prompt with ComfyUI's SaveLatent added on what its VAEDecode decodes; the saved
+    images (as `image`) and that latent (float32)."""
+    from PIL import Image
+    from safetensors.numpy import load_file
+
+    q = copy.deepcopy(p)
+    q["save_latent"] = {"class_type": "SaveLatent", "inputs": {
+        "samples": q[one(q, "VAEDecode")]["inputs"]["samples"], "filename_prefix": "latents/kdistpp"}}
+    entry = server.run(q)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    images = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in server.images(entry)])
+    (latent,) = server.images(entry, "latents")
+    return images.astype(np.int16), load_file(str(latent))["latent_tensor"]
 
 
 def error(server, p: dict) -> dict:
@@ -85,10 +147,30 @@ def error(server, p: dict) -> dict:
 
 
 def with_comfy_sampler(p: dict, base: str) -> dict:
-    """The prompt with ComfyUI's own KSamplerSelect (the same sampler) where the Distillation++ node was."""
+    """The prompt with ComfyUI's own KSamplerSelect (the same sampler) where each Distillation++ node was."""
     q = copy.deepcopy(p)
-    q[one(q, NODE)] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": COMFY_SAMPLER[base]}}
+    for node_id in ids(q, NODE):
+        q[node_id] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": COMFY_SAMPLER[base]}}
     return q
+
+
+def teacher_first(p: dict, sampler_id: str, base: str) -> dict:
+    """The prompt with every Distillation++ node replaced by KSamplerSelect, and SamplerCustom
+    `sampler_id` split at its first sigma (SplitSigmas): a SamplerCustom on its node's teacher MODEL,
+    with the teacher's CFG and conditioning and the same seed and noise setting, for the first
+    sigma; the original SamplerCustom on its student, add_noise off, for the rest."""
+    settings = p[p[sampler_id]["inputs"]["sampler"][0]]["inputs"]
+    ref = with_comfy_sampler(p, base)
+    sampler = ref[sampler_id]["inputs"]
+    split, first = f"split{sampler_id}", f"teacher{sampler_id}"
+    ref[split] = {"class_type": "SplitSigmas", "inputs": {"sigmas": sampler["sigmas"], "step": 1}}
+    ref[first] = {"class_type": "SamplerCustom", "inputs": {
+        "model": settings["teacher"], "add_noise": sampler["add_noise"], "noise_seed": sampler["noise_seed"],
+        "cfg": settings["teacher_cfg"], "positive": settings["teacher_positive"],
+        "negative": settings["teacher_negative"], "sampler": sampler["sampler"], "sigmas": [split, 0],
+        "latent_image": sampler["latent_image"]}}
+    sampler.update(add_noise=False, sigmas=[split, 1], latent_image=[first, 0])
+    return ref
 
 
 def test_example_workflows_are_served_as_the_custom_nodes_templates(server):
@@ -115,79 +197,86 @@ def test_each_workflow_has_a_note_naming_every_model_file_its_loaders_use(object
 def test_flow_workflows_validate_on_the_server_except_for_the_model_files(server, object_info, name):
     """ComfyUI validates a whole prompt before running it: the only errors left are the model files
     this test server does not have (every link, type and other widget value is accepted)."""
-    status, answer = server.post("/prompt", {"prompt": prompt(name, object_info), "client_id": server.client_id})
+    p = workflow_to_prompt(workflow(name), object_info)  # as committed: its own loaders and file names
+    status, answer = server.post("/prompt", {"prompt": p, "client_id": server.client_id})
     assert status == 400, answer
     problems = [(node_id, e["type"], e["extra_info"]["input_name"]) for node_id, errors in answer["node_errors"].items()
                 for e in errors["errors"]]
-    p = workflow_to_prompt(workflow(name), object_info)
     assert problems and all(kind == "value_not_in_list" and "Loader" in p[node_id]["class_type"]
                             and p[node_id]["inputs"][input_name].endswith(".safetensors")
                             for node_id, kind, input_name in problems), problems
 
 
-@pytest.mark.parametrize("name", SDXL)
+@pytest.mark.parametrize("name", SDXL + FLOW)
 def test_w0_is_comfyuis_own_sampler_pixel_for_pixel(server, object_info, name):
     """At w = 0 the workflow's image is the one ComfyUI's KSamplerSelect (same sampler name) gives in
-    the node's place, pixel for pixel; another seed changes it (the comparison can fail)."""
-    base = SDXL[name]
+    the node's place (both nodes' places for Wan), pixel for pixel; another seed changes it (the
+    comparison can fail)."""
+    base = BASE[name]
     p = prompt(name, object_info)
-    p[one(p, NODE)]["inputs"]["w"] = 0.0
+    for node_id in ids(p, NODE):
+        p[node_id]["inputs"]["w"] = 0.0
     ours = image(server, p)
     theirs = image(server, with_comfy_sampler(p, base))
     assert ours.std() > 5  # a picture, not a flat or saturated one
     np.testing.assert_array_equal(ours, theirs)
     other = with_comfy_sampler(p, base)
-    other[one(other, "SamplerCustom")]["inputs"]["noise_seed"] += 1
+    other[ids(other, "SamplerCustom")[0]]["inputs"]["noise_seed"] += 1
     assert np.abs(image(server, other) - theirs).max() > 20
 
 
-@pytest.mark.parametrize("name", SDXL)
-def test_with_the_teacher_on_its_first_step_is_the_teachers(server, object_info, name):
+# (workflow, which SamplerCustom part's teacher is tested): Wan 2.2 has two parts, two teachers.
+PARTS = [(name, 0) for name in SDXL + FLOW] + [("wan22_two_experts_distillation_pp", 1)]
+
+
+@pytest.mark.parametrize(("name", "part"), PARTS)
+def test_with_the_teacher_on_its_first_step_is_the_teachers(server, object_info, name, part):
     """The teacher is called, with its own model, conditioning and CFG, proven from the outside.
 
     With w = 1, form `guidance` (the teacher at the student's point), direction `refined` and one
-    guided step, the refined estimate of step 0 is the teacher's own (torch.lerp at weight 1 is
-    exact), so the run must give the image of a run whose first step is the teacher's: ComfyUI's
-    SplitSigmas at step 1, a SamplerCustom on the teacher MODEL (its CFG and conditioning, the same
-    seed, the same ComfyUI sampler) for the first sigma, then the workflow's own SamplerCustom on the
-    student for the rest (add_noise off). A 2-step schedule keeps the consistency sampler's noise
-    draws the same in both (ComfyUI's lcm adds fresh noise after every step but the last: one draw,
-    the first of the seed's stream in both runs). The two agree to float32 rounding (the split run
-    scales its latent out and back in between the parts): at most one 8-bit level on a few pixels,
-    while the unguided image differs by far more, so a run that skipped the teacher, or called
-    another model or CFG, cannot pass.
+    guided step, the refined estimate of the part's first step is the teacher's own (torch.lerp at
+    weight 1 is exact), so the run must give the image of a run whose first step is the teacher's:
+    ComfyUI's SplitSigmas at step 1, a SamplerCustom on the node's teacher MODEL (its CFG and
+    conditioning, the same seed, the same ComfyUI sampler) for the first sigma, then the
+    workflow's own SamplerCustom on the student for the rest (add_noise off); every Distillation++
+    node is ComfyUI's KSamplerSelect there, and here the other part's node (Wan) has w = 0.
+    The one-part workflows run a 2-step schedule (Wan's parts have two steps each): it keeps the
+    consistency sampler's noise draws the same in both (ComfyUI's lcm adds fresh noise after every
+    step but the last: one draw, the first of the seed's stream in both runs), and the first step
+    long enough to show in the image. The two agree to float32 rounding (the split run
+    scales its latent out and back in between the parts): the final latents (ComfyUI's SaveLatent)
+    to 1e-3 of their scale (measured: 1e-7, 6e-5 for the consistency sampler), the images to one
+    8-bit level on under 1% of the pixels. The unguided latent differs by more than 3e-2 of that
+    scale, and so do the references with another teacher MODEL (the student), CFG 1, or the
+    positive and negative swapped (measured: 3e-2 to 3.6 on the tiny models), so a run that skipped
+    the teacher or called it wrongly cannot pass.
     """
-    base = SDXL[name]
+    base = BASE[name]
     p = prompt(name, object_info)
-    node_id, sampler_id, sched_id = one(p, NODE), one(p, "SamplerCustom"), one(p, "BasicScheduler")
-    p[sched_id]["inputs"]["steps"] = 2
-    settings = p[node_id]["inputs"]
+    if name != "wan22_two_experts_distillation_pp":
+        p[one(p, "BasicScheduler")]["inputs"]["steps"] = 2
+    sampler_id = ids(p, "SamplerCustom")[part]
+    for node_id in ids(p, NODE):
+        p[node_id]["inputs"]["w"] = 0.0
+    settings = p[p[sampler_id]["inputs"]["sampler"][0]]["inputs"]
     settings.update(w=1.0, form="guidance", direction="refined", guided_steps=1)
-    guided = image(server, p)
-
-    ref = with_comfy_sampler(p, base)
-    sampler = ref[sampler_id]["inputs"]
-    ref["split"] = {"class_type": "SplitSigmas", "inputs": {"sigmas": sampler["sigmas"], "step": 1}}
-    ref["teacher_step"] = {"class_type": "SamplerCustom", "inputs": {
-        "model": settings["teacher"], "add_noise": True, "noise_seed": sampler["noise_seed"],
-        "cfg": settings["teacher_cfg"], "positive": settings["teacher_positive"],
-        "negative": settings["teacher_negative"], "sampler": sampler["sampler"], "sigmas": ["split", 0],
-        "latent_image": sampler["latent_image"]}}
-    sampler.update(add_noise=False, sigmas=["split", 1], latent_image=["teacher_step", 0])
-    teacher_first = image(server, ref)
-
-    plain = image(server, with_comfy_sampler(p, base))
-    diff = np.abs(guided - teacher_first)
+    guided, guided_latent = image_and_latent(server, p)
+    reference, reference_latent = image_and_latent(server, teacher_first(p, sampler_id, base))
+    _, plain_latent = image_and_latent(server, with_comfy_sampler(p, base))
+    scale = float(np.abs(plain_latent).max())
+    diff = np.abs(guided - reference)
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
-    assert np.abs(guided - plain).max() > 20
+    assert np.abs(guided_latent - reference_latent).max() <= 1e-3 * scale
+    assert np.abs(guided_latent - plain_latent).max() > 3e-2 * scale
 
 
-def test_the_workflow_as_committed_runs_and_its_teacher_changes_the_image(server, object_info):
-    name = "sdxl_lightning_distillation_pp"
+@pytest.mark.parametrize("name", SDXL + FLOW)
+def test_the_workflow_with_its_own_settings_runs_and_its_teachers_change_the_result(server, object_info, name):
     p = prompt(name, object_info)
-    guided = image(server, p)
-    plain = image(server, with_comfy_sampler(p, SDXL[name]))
-    assert np.abs(guided - plain).max() > 2
+    guided, guided_latent = image_and_latent(server, p)
+    _, plain_latent = image_and_latent(server, with_comfy_sampler(p, BASE[name]))
+    assert guided.std() > 5
+    assert np.abs(guided_latent - plain_latent).max() > 1e-3 * np.abs(plain_latent).max()
 
 
 def test_bad_teachers_and_settings_are_comfyuis_node_errors_naming_the_input(server, object_info):
