@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
-import numpy as np
 import pytest
 
 import a1111_host
 from kdistpp.registry import REGISTRY
-from webui_api import SCRIPT, generate, same_image
+from webui_api import generate, same_image
+from webui_settings import args, backend_fn, paste, pixels, post, script, xyz
 
-TITLE = "Distillation++ (kdistpp)"
 # Euler's 4 "Automatic" steps on these checkpoints start at sigmas 14.6, 2.9, 0.93, 0.029 (then 0)
 
 
@@ -32,33 +32,6 @@ def webui(tmp_path_factory):
 
     demo = ui.create_ui()  # the page, as webui.py builds it (the API's script arguments keep their layout)
     return type("Webui", (), {"shared": shared, "client": TestClient(app), "sd_models": sd_models, "demo": demo})
-
-
-def script(tab="txt2img", title=TITLE):
-    from modules import scripts
-
-    runner = scripts.scripts_txt2img if tab == "txt2img" else scripts.scripts_img2img
-    return next(s for s in runner.scripts if s.title() == title)
-
-
-def post(webui, args, route="txt2img", **request):
-    body = {"prompt": "a red cube", "negative_prompt": "blur", "steps": 4, "width": 64, "height": 64,
-            "sampler_name": "Euler Distillation++", "seed": 5, "cfg_scale": 2.0,
-            "override_settings": {"sd_model_checkpoint": "student"}, "alwayson_scripts": {SCRIPT: {"args": args}},
-            **request}
-    response = webui.client.post(f"/sdapi/v1/{route}", json=body)
-    assert response.status_code == 200, response.text[:2000]
-    return response.json()
-
-
-def pixels(image_b64):
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(image_b64))).convert("RGB")).astype(np.int16)
-
-
-def args(teacher="teacher", w=0.3, steps=1, cfg=3.0, form="interpolate", direction="student", lo=0.0, hi=0.0):
-    return [teacher, w, steps, cfg, form, direction, lo, hi]
 
 
 class TeacherCalls:
@@ -86,31 +59,7 @@ def teacher_calls(webui):
         calls.hook.remove()
 
 
-def backend_fn(demo, trigger, target=None, output=None, name=None):
-    """The Python function the page calls for an event of the built Blocks (None if none is wired)."""
-    for dependency, block_fn in zip(demo.dependencies, demo.fns):
-        if dependency["trigger"] != trigger or block_fn.fn is None:
-            continue
-        if target is not None and target._id not in dependency["targets"]:
-            continue
-        if output is not None and output._id not in dependency["outputs"]:
-            continue
-        if name is not None and block_fn.fn.__name__ != name:
-            continue
-        return block_fn.fn, dependency["outputs"]
-    return None, None
-
-
 # --- infotext --------------------------------------------------------------------------------------------------
-
-def paste(webui, infotext, tab="txt2img"):
-    """What the page's paste button (PNG Info's "Send to" uses the same function) sets on the panel's controls."""
-    controls = script(tab).controls
-    fn, outputs = backend_fn(webui.demo, "click", output=controls[0], name="paste_func")
-    assert fn is not None, "the webui's paste function does not set the Distillation++ panel"
-    updates = dict(zip(outputs, fn(infotext)))
-    return [updates[control._id].get("value") for control in controls]
-
 
 def test_the_infotext_brings_every_setting_back_into_the_panel(webui):
     from modules import images, infotext_utils
@@ -131,13 +80,11 @@ def test_the_infotext_brings_every_setting_back_into_the_panel(webui):
         "DistillationPP form", "DistillationPP direction", "DistillationPP sigma window-1",
         "DistillationPP sigma window-2"]
     without_window = post(webui, ["teacher", 0.25, 2, 4.5, "interpolate", "student", 0.0, 0.0])["info"]
-    infotext = __import__("json").loads(without_window)["infotexts"][0]
+    infotext = json.loads(without_window)["infotexts"][0]
     assert paste(webui, infotext)[-2:] == [0.0, 0.0]
 
 
 def test_an_image_made_without_a_teacher_pastes_no_teacher(webui):
-    import json
-
     infotext = json.loads(post(webui, args(teacher="None", w=0.5))["info"])["infotexts"][0]
     values = paste(webui, infotext)
     assert values[0] == "None"  # the image was made without one: pasting reproduces it
@@ -148,25 +95,12 @@ def test_an_image_made_without_a_teacher_pastes_no_teacher(webui):
                                                   (args(w=0.0), "Euler Distillation++"),
                                                   (args(w=0.5), "Euler a")], ids=["no-teacher", "w0", "plain-sampler"])
 def test_nothing_is_written_when_no_teacher_guides(webui, request_args, sampler):
-    import json
-
     info = json.loads(post(webui, request_args, sampler_name=sampler)["info"])
     assert "DistillationPP" not in info["infotexts"][0]
     assert "DistillationPP w: 0.5" in json.loads(post(webui, args(w=0.5))["info"])["infotexts"][0]
 
 
 # --- X/Y/Z plot ------------------------------------------------------------------------------------------------
-
-def xyz(webui, x_label, x_values, panel, y_label="Nothing", y_values="", x_dropdown=()):
-    plot = script(title="X/Y/Z plot")
-    labels = [option.label for option in plot.current_axis_options]
-    script_args = [labels.index(x_label), x_values, list(x_dropdown), labels.index(y_label), y_values, [],
-                   0, "", [], True, True, False, False, False, False, False, 0, False]
-    response = post(webui, panel, script_name="x/y/z plot", script_args=script_args)
-    import json
-
-    return [pixels(image) for image in response["images"]], json.loads(response["info"])["infotexts"]
-
 
 def test_an_xyz_plot_over_w_and_guided_steps(webui):
     images, infotexts = xyz(webui, "Distillation++ w", "0, 0.3, 0.8", args(w=0.5),
