@@ -313,3 +313,28 @@ def test_bad_teachers_and_settings_are_comfyuis_node_errors_naming_the_input(ser
     e = error(server, too_many)
     assert e["node_type"] == "SamplerCustom" and e["exception_type"].endswith("ValueError")
     assert "is beyond the schedule's 4 steps" in e["exception_message"]
+
+
+def test_the_converter_gives_the_pages_own_api_prompt(server, object_info):
+    """`workflow_to_prompt` is checked against ComfyUI's page itself: headless Chromium loads each
+    workflow into the page (app.loadGraphData) and the page converts it (app.graphToPrompt, what its
+    Run button queues); both give the same class types and inputs, node for node."""
+    browser = pytest.importorskip("browser")
+    browser.require_browser()
+    request = urllib.request.Request(server.url + "/settings/Comfy.TutorialCompleted", data=b"true", method="POST")
+    with urllib.request.urlopen(request, timeout=30):
+        pass  # a returning user: no first-run template dialog over the page
+    with browser.chromium() as driver:
+        driver.get(server.url)
+        browser.wait_for(driver, lambda d: d.execute_script(
+            "return !!(window.app && app.vueAppReady && app.graph && app.canvas)"), 120, "ComfyUI's page ready")
+        driver.set_script_timeout(60)
+        for path in sorted(EXAMPLES.glob("*.json")):
+            w = json.loads(path.read_text())
+            page = driver.execute_async_script(
+                "const done = arguments[arguments.length - 1];"
+                "app.loadGraphData(arguments[0]).then(() => app.graphToPrompt()).then(p => done(p.output),"
+                " e => done({error: String(e)}));", w)
+            ours = workflow_to_prompt(w, object_info)
+            assert {k: (v["class_type"], v["inputs"]) for k, v in page.items()} == \
+                {k: (v["class_type"], v["inputs"]) for k, v in ours.items()}, path.name
