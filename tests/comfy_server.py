@@ -11,6 +11,12 @@ detection keys on the UNet's width 320 and text width 768, so SDXL's own shape c
 one-level 320-channel UNet, the full CLIP-L text encoder (its config is fixed: ComfyUI builds it at
 full size whatever the file holds, and missing weights would stay uninitialised) and the SD VAE's
 decoder (the encoder is left out: text-to-image never encodes). All in float16, seeded.
+
+The Qwen-Image and Wan workflows' LoRA and VAE files are tiny too (the LoRAs fit tests/comfy_models'
+tiny Qwen-Image and Wan 2.1, the VAEs are Wan 2.1 VAEs 8 channels wide); their diffusion models and
+text encoders cannot be (ComfyUI sizes Qwen-Image and Wan from full-width shapes; the text encoders
+have fixed 7B / 5B shapes), so test_nodes=True adds test-only stand-ins for those loaders.
+`workflow_to_prompt` converts a UI-format workflow to the API prompt /prompt takes.
 """
 
 from __future__ import annotations
@@ -37,13 +43,11 @@ SDXL_LIGHTNING_LORA = "sdxl_lightning_4step_lora.safetensors"
 DMD2_LORA = "dmd2_sdxl_4step_lora_fp16.safetensors"
 # A tiny SD3 (MMDiT) diffusion model for UNETLoader: another latent space than the checkpoint's.
 TINY_SD3 = "tiny_sd3.safetensors"
-# The flow workflows' LoRA and VAE files; their diffusion models and text encoders are the test-only
-# loaders below (ComfyUI detects Qwen-Image and Wan by full-width shapes, and their text encoders are
-# 7B / 5B models of fixed shape): the LoRAs fit tests/comfy_models' tiny Qwen-Image and Wan 2.1.
+# The flow workflows' LoRA files: (tiny model family, model seed, LoRA seed).
 FLOW_LORAS = {"Qwen-Image-Lightning-8steps-V1.0.safetensors": ("qwen_image", 0, 21),
               "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors": ("wan21", 0, 22),
               "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors": ("wan21", 1, 23)}
-WAN_VAES = {"qwen_image_vae.safetensors": 31, "wan_2.1_vae.safetensors": 32}  # Wan 2.1 VAE (its width is read from the file)
+WAN_VAES = {"qwen_image_vae.safetensors": 31, "wan_2.1_vae.safetensors": 32}  # Wan 2.1 VAEs (width read from the file)
 WAN_VAE_DIM = 8
 
 # A one-level UNet that ComfyUI detects as SD1.x (model_channels 320, context 768, conv-in transformers).
@@ -360,7 +364,8 @@ def write_tiny_models(models: Path) -> None:
     for name, (family, model_seed, seed) in FLOW_LORAS.items():
         path = models / "loras" / name
         if not path.exists():
-            shapes = {"model.diffusion_model." + k: tuple(v.shape) for k, v in tiny_flow_state_dict(family, model_seed).items()}
+            weights = tiny_flow_state_dict(family, model_seed)
+            shapes = {"model.diffusion_model." + k: tuple(v.shape) for k, v in weights.items()}
             save_file(lora_state_dict(shapes, seed, attention="attn"), str(path))
     for name, seed in WAN_VAES.items():
         path = models / "vae" / name
