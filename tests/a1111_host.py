@@ -72,12 +72,13 @@ class SgmStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
-def model_config(clip_dir: Path) -> dict:
-    """An SD1-style LatentDiffusion config with a small UNet, VAE and CLIP (8x downsampling, as the webui assumes)."""
+def model_config(clip_dir: Path, context: int = CONTEXT) -> dict:
+    """An SD1-style LatentDiffusion config with a small UNet, VAE and CLIP (8x downsampling, as the webui assumes);
+    `context` is the CLIP width the UNet attends to."""
     unet = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
         "image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32, "attention_resolutions": [1],
         "num_res_blocks": 1, "channel_mult": [1, 2], "num_heads": 2, "use_spatial_transformer": True,
-        "transformer_depth": 1, "context_dim": CONTEXT, "use_checkpoint": False, "legacy": False}}
+        "transformer_depth": 1, "context_dim": context, "use_checkpoint": False, "legacy": False}}
     vae = {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
         "embed_dim": 4, "lossconfig": {"target": "torch.nn.Identity"}, "ddconfig": {
             "double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
@@ -91,7 +92,7 @@ def model_config(clip_dir: Path) -> dict:
         "unet_config": unet, "first_stage_config": vae, "cond_stage_config": clip}}}
 
 
-def tiny_clip(clip_dir: Path) -> None:
+def tiny_clip(clip_dir: Path, width: int = CONTEXT) -> None:
     """A 1-layer random CLIP text model with the real SD1 tokenizer, saved where from_pretrained finds it."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -99,19 +100,22 @@ def tiny_clip(clip_dir: Path) -> None:
     for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
         shutil.copy(TOKENIZER / name, clip_dir / name)
     torch.manual_seed(0)
-    config = CLIPTextConfig(vocab_size=49408, hidden_size=CONTEXT, intermediate_size=64, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=77, projection_dim=CONTEXT)
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=77, projection_dim=width)
     CLIPTextModel(config).save_pretrained(clip_dir, safe_serialization=True)
 
 
-def make_checkpoints(models_dir: Path, clip_dir: Path, seeds: dict[str, int]) -> None:
-    """One .safetensors + .yaml per name; all share the VAE and CLIP, their UNets differ by seed."""
+def make_checkpoints(models_dir: Path, clip_dir: Path, seeds: dict[str, int], context: int = CONTEXT) -> None:
+    """One .safetensors + .yaml per name; all share the VAE and CLIP, their UNets differ by seed. `context`:
+    the CLIP width (another width is another architecture: its own CLIP, in clip_dir, is made here)."""
     import safetensors.torch
     from ldm.util import instantiate_from_config
     from omegaconf import OmegaConf
 
     models_dir.mkdir(parents=True, exist_ok=True)
-    config = OmegaConf.create(model_config(clip_dir))
+    if context != CONTEXT:
+        tiny_clip(clip_dir, context)
+    config = OmegaConf.create(model_config(clip_dir, context))
     model = instantiate_from_config(config.model)
     fill(model.first_stage_model, 1)
     for name, seed in seeds.items():
@@ -121,8 +125,20 @@ def make_checkpoints(models_dir: Path, clip_dir: Path, seeds: dict[str, int]) ->
         OmegaConf.save(config, models_dir / f"{name}.yaml")
 
 
+_started: dict = {}
+
+
 def start(tmp: Path, seeds: dict[str, int]):
-    """Imports and initialises the webui as `webui.py --nowebui` does; returns (modules.shared, FastAPI app)."""
+    """Imports and initialises the webui as `webui.py --nowebui` does; returns (modules.shared, FastAPI app).
+
+    The webui can start once per process (its options are parsed at import): a later call adds its
+    checkpoints to the running webui's models folder and rescans it, and returns the same objects."""
+    if _started:  # before the root check: the relative KDISTPP_A1111 no longer resolves from the new directory
+        from modules import sd_models
+
+        make_checkpoints(_started["models"], _started["clip"], seeds)
+        sd_models.list_models()
+        return _started["api"]
     root = a1111_root()
     if root is None:
         pytest.skip("A1111 not found: set KDISTPP_A1111 or put it in ../shared/hosts/a1111-1.10.1")
@@ -143,4 +159,5 @@ def start(tmp: Path, seeds: dict[str, int]):
     sys.path.insert(0, str(root))
     sys.argv = webui_argv(root, data, "--no-half", "--skip-load-model-at-start",
                           *(["--use-cpu", "all"] if not torch.cuda.is_available() else []))
-    return webui_api()
+    _started.update(models=data / "models" / "Stable-diffusion", clip=clip_dir, data=data, api=webui_api())
+    return _started["api"]

@@ -54,8 +54,20 @@ def make_checkpoints(root: Path, models_dir: Path, seeds: dict[str, int]) -> Non
         safetensors.torch.save_file(state, str(models_dir / f"{name}.safetensors"))
 
 
+_started: dict = {}
+
+
 def start(tmp: Path, seeds: dict[str, int]):
-    """Imports and initialises Forge as its webui.py does (API only); returns (modules.shared, FastAPI app)."""
+    """Imports and initialises Forge as its webui.py does (API only); returns (modules.shared, FastAPI app).
+
+    Forge can start once per process (its options are parsed at import): a later call adds its
+    checkpoints to the running Forge's models folder and rescans it, and returns the same objects."""
+    if _started:  # before the root check: the relative KDISTPP_FORGE no longer resolves from the new directory
+        from modules import sd_models
+
+        make_checkpoints(_started["root"], _started["models"], seeds)
+        sd_models.list_models()
+        return _started["api"]
     root = forge_root()
     if root is None:
         pytest.skip("Forge not found: set KDISTPP_FORGE or put it in ../shared/hosts/forge-dfdcbab")
@@ -68,4 +80,5 @@ def start(tmp: Path, seeds: dict[str, int]):
 
     initialize_forge()  # Forge's backend must be set up before its module classes build the checkpoints
     make_checkpoints(root, data / "models" / "Stable-diffusion", seeds)
-    return webui_api()
+    _started.update(root=root, models=data / "models" / "Stable-diffusion", api=webui_api())
+    return _started["api"]

@@ -4,44 +4,120 @@ A1111 holds a teacher checkpoint in its checkpoint cache; Forge, which keeps one
 its own loader. The teacher is evaluated by a copy of the webui's CFG denoiser whose inner model wraps the
 teacher, so it sees the same cond/uncond (the webui's prompt parsing) at its own CFG scale.
 
+The teacher never carries the prompt's LoRAs (`<lora:...>`): the usual student is a speed LoRA on a
+checkpoint, whose teacher is that checkpoint alone (SAME_CHECKPOINT, or the student's own title).
+
 Imports without the webui; the functions need it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
+import sys
 
 # The teacher choice meaning "the student's own checkpoint, evaluated without the prompt's LoRAs" (the usual
 # teacher of a speed LoRA: SDXL-Lightning, LCM, DMD2, Hyper-SD, TCD).
 SAME_CHECKPOINT = "Same checkpoint, without the prompt's LoRAs"
 
+_MISSING = object()
+
+
 def checkpoint_info(webui, title: str):
     info = webui.sd_models.get_closet_checkpoint_match(title)
     if info is None:
-        raise ValueError(f"teacher checkpoint {title!r} not found; pick one from the webui's checkpoint list")
+        raise ValueError(f"teacher checkpoint {title!r} not found; pick one from the webui's checkpoint list "
+                         f"or {SAME_CHECKPOINT!r}")
     return info
 
 
-def load_teacher(webui, title: str):
-    """The teacher's model object, loaded once and kept next to the student.
+def student_model(student_cfg):
+    """The model object the webui's CFG denoiser samples (A1111: the LatentDiffusion/SDXL model; Forge: its engine)."""
+    return student_cfg.inner_model.inner_model
 
-    Uses the webui's checkpoint cache (`sd_checkpoints_limit` >= 2): the teacher is loaded, then the
-    student is reloaded from the cache, so both stay in memory and the student stays `shared.sd_model`.
-    Neither load is written into the user's settings.
+
+def is_same_checkpoint(webui, title: str, student) -> bool:
+    """SAME_CHECKPOINT, or a title naming the file the student was loaded from."""
+    if title == SAME_CHECKPOINT:
+        return True
+    student_info = getattr(student, "sd_checkpoint_info", None)
+    return student_info is not None and checkpoint_info(webui, title).filename == student_info.filename
+
+
+@contextlib.contextmanager
+def _setting(obj, attr, value, *, item=False):
+    """Sets obj.attr (or obj[attr]) to value for the block, then restores it (removing it if it was absent)."""
+    if item:
+        old = obj.get(attr, _MISSING)
+        obj[attr] = value
+    else:
+        old = getattr(obj, attr, _MISSING)
+        setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        if old is not _MISSING:
+            obj.__setitem__(attr, old) if item else setattr(obj, attr, old)
+        elif item:
+            obj.pop(attr, None)
+        else:
+            delattr(obj, attr)
+
+
+def a1111_prompt_networks() -> list | None:
+    """A1111's list of the prompt's active networks (its built-in Lora extension's `networks.loaded_networks`),
+    None when that extension is not loaded. Its layers apply this list to every model they belong to."""
+    networks = sys.modules.get("networks")
+    loaded = getattr(networks, "loaded_networks", None)
+    return loaded if isinstance(loaded, list) else None
+
+
+@contextlib.contextmanager
+def without_prompt_networks():
+    """A1111: the prompt's LoRAs are inactive inside the block and active again after.
+
+    The Lora extension patches each layer's weights when the active list changes (`network_apply_weights`):
+    the first teacher forward restores every patched layer from its backup copy (one tensor copy per
+    layer), and the student's next forward adds the LoRA deltas back (one up @ down product per layer).
+    Nothing is read from disk and no model changes device."""
+    loaded = a1111_prompt_networks()
+    saved = list(loaded) if loaded else []
+    if saved:
+        loaded.clear()
+    try:
+        yield
+    finally:
+        if saved:
+            loaded[:] = saved
+
+
+def load_teacher(webui, title: str):
+    """The teacher's model object (A1111), loaded once and kept next to the student.
+
+    Uses the webui's checkpoint cache: the teacher is loaded, then the student is reloaded from the
+    cache, so both stay in memory and the student stays `shared.sd_model`. With the default of one
+    checkpoint in memory (`sd_checkpoints_limit` = 1) the cache is let hold one more for this load
+    only; the teacher then stays beside the student until `release_teacher` or until the webui loads
+    another checkpoint (which evicts it under the user's limit). Nothing is written to the settings.
     """
     info = checkpoint_info(webui, title)
-    for model in webui.sd_models.model_data.loaded_sd_models:
+    loaded = webui.sd_models.model_data.loaded_sd_models
+    for model in loaded:
         if model.sd_checkpoint_info.filename == info.filename:  # the cache holds new info objects after a rescan
             return model
-    if getattr(webui.shared.opts, "sd_checkpoints_limit", 1) < 2:
-        raise ValueError("Distillation++ needs the student and teacher in memory together: set Settings > "
-                         "Stable Diffusion > 'Maximum number of checkpoints loaded at the same time' to 2")
+    opts = webui.shared.opts
+    room = max(int(getattr(opts, "sd_checkpoints_limit", 1) or 1), len(loaded) + 1)
     student_info = webui.shared.sd_model.sd_checkpoint_info
-    with webui.sd_models.SkipWritingToConfig():
+    with webui.sd_models.SkipWritingToConfig(), _setting(opts.data, "sd_checkpoints_limit", room, item=True):
         webui.sd_models.reload_model_weights(info=info)
         teacher = webui.shared.sd_model
         webui.sd_models.reload_model_weights(info=student_info)
+    _a1111_teacher.update(filename=info.filename)
     return teacher
+
+
+_a1111_teacher: dict = {}
 
 
 def load_forge_teacher(webui, title: str):
@@ -49,13 +125,14 @@ def load_forge_teacher(webui, title: str):
 
     Forge holds one checkpoint (no cache to put the teacher in); its memory manager moves each
     engine's UNet to the device when sampling asks for it, so two engines can share a GPU.
+    `release_teacher` drops it.
     """
     info = checkpoint_info(webui, title)
     if _forge_teacher.get("filename") != info.filename:
         import torch
         from backend.loader import forge_loader
 
-        _forge_teacher.clear()  # at most one teacher held
+        release_teacher(webui)  # at most one teacher held
         with torch.inference_mode():  # as Forge loads its own checkpoints
             engine = forge_loader(info.filename)
         engine.sd_checkpoint_info = info
@@ -64,6 +141,42 @@ def load_forge_teacher(webui, title: str):
 
 
 _forge_teacher: dict = {}
+
+
+def release_teacher(webui=None) -> bool:
+    """Frees the teacher this module holds; returns whether one was held. Call it when the teacher is set
+    back to None.
+
+    Forge: drops the teacher engine and unloads its patchers from Forge's memory manager (RAM and
+    device memory come back). A1111: evicts a teacher that was kept beside the student beyond the
+    user's `sd_checkpoints_limit` (a teacher within the limit is the webui's cache and stays)."""
+    engine = _forge_teacher.pop("engine", None)
+    _forge_teacher.clear()
+    released = engine is not None
+    if engine is not None:
+        from backend import memory_management
+
+        objects = engine.forge_objects_original or engine.forge_objects
+        patchers = [getattr(o, "patcher", o) for o in (objects.unet, objects.clip, objects.vae) if o is not None]
+        models = memory_management.current_loaded_models
+        for i in reversed(range(len(models))):
+            if any(models[i].model is patcher for patcher in patchers):
+                models.pop(i).model_unload()
+        del engine, objects, patchers
+        gc.collect()
+        memory_management.soft_empty_cache()
+    filename = _a1111_teacher.pop("filename", None)
+    if filename is not None and webui is not None and not is_forge(webui):
+        loaded = webui.sd_models.model_data.loaded_sd_models
+        limit = int(getattr(webui.shared.opts, "sd_checkpoints_limit", 1) or 1)
+        for model in list(loaded):
+            if (len(loaded) > limit and model is not webui.shared.sd_model
+                    and model.sd_checkpoint_info.filename == filename):
+                loaded.remove(model)
+                webui.sd_models.send_model_to_trash(model)
+                released = True
+        gc.collect()
+    return released
 
 
 def teacher_cfg_denoiser(student_cfg, model_wrap):
@@ -80,27 +193,62 @@ class TeacherCall:
     """The teacher's CFG denoiser, called with the teacher on the webui's device.
 
     `enter(x)` puts the teacher where it must be before a guided evaluation and `leave(x)` restores
-    the student's state after (A1111: its send_model_to_device/cpu; Forge: its memory manager). The
-    copy's prompt-schedule step follows the student's, since it is called only on guided steps.
+    the student's state after (A1111: its send_model_to_device/cpu; Forge: its memory manager).
+
+    Per call: the prompt's LoRAs are off (A1111); the prompt-schedule step is that of the student
+    evaluation being refined (the samplers call the teacher right after it, when the student's
+    counter has already moved on); the teacher's CFG is its own scale with full cond/uncond, so the
+    host's per-step CFG rules for the student (skip early CFG, NGMS `s_min_uncond`, Forge's hires
+    CFG) do not replace it; the student's last latent (live preview) is kept.
     """
 
-    def __init__(self, cfg_denoiser, student_cfg, enter, leave):
-        self.cfg, self.student_cfg, self.enter, self.leave = cfg_denoiser, student_cfg, enter, leave
+    def __init__(self, cfg_denoiser, student_cfg, enter, leave, webui=None):
+        self.cfg, self.student_cfg, self.enter, self.leave, self.webui = cfg_denoiser, student_cfg, enter, leave, webui
 
     def __call__(self, x, sigma, **extra_args):
-        self.enter(x)
-        self.cfg.step = self.student_cfg.step
-        try:
-            return self.cfg(x, sigma, **extra_args)
-        finally:
-            self.leave(x)
+        if "s_min_uncond" in extra_args:
+            extra_args = {**extra_args, "s_min_uncond": 0.0}  # NGMS: the student's rule
+        self.cfg.step = max(int(self.student_cfg.step) - 1, 0)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(without_prompt_networks())
+            stack.enter_context(self._own_cfg())
+            self.enter(x)
+            try:
+                return self.cfg(x, sigma, **extra_args)
+            finally:
+                self.leave(x)
+
+    @contextlib.contextmanager
+    def _own_cfg(self):
+        """Host state the CFG denoiser reads, set for the teacher's evaluation and restored after."""
+        with contextlib.ExitStack() as stack:
+            shared = getattr(self.webui, "shared", None)
+            opts = getattr(shared, "opts", None)
+            if opts is not None and getattr(opts, "skip_early_cond", 0):
+                stack.enter_context(_setting(opts.data, "skip_early_cond", 0.0, item=True))
+            p = getattr(self.student_cfg, "p", None)
+            if getattr(p, "is_hr_pass", False):  # Forge replaces the CFG scale by hr_cfg on the hires pass
+                stack.enter_context(_setting(p, "is_hr_pass", False))
+            sampler = getattr(self.student_cfg, "sampler", None)
+            if sampler is not None and hasattr(sampler, "last_latent"):
+                stack.enter_context(_setting(sampler, "last_latent", sampler.last_latent))
+            state = getattr(shared, "state", None)
+            if state is not None and hasattr(state, "current_latent"):
+                stack.enter_context(_setting(state, "current_latent", state.current_latent))
+            yield
 
 
 def a1111_teacher(webui, student_cfg, title: str, denoiser_classes):
     """A1111 keeps cached checkpoints but the active one on the CPU ("Only keep one model on device", on by
     default), the teacher included: each guided evaluation moves it in through the webui's own
-    `send_model_to_device` (lowvram/medvram hooks included) and, under that setting, back out after."""
+    `send_model_to_device` (lowvram/medvram hooks included) and, under that setting, back out after.
+    The student's own checkpoint (SAME_CHECKPOINT) is the student's model, never moved."""
+    student = student_model(student_cfg)
+    if is_same_checkpoint(webui, title, student):
+        return TeacherCall(teacher_cfg_denoiser(student_cfg, student_cfg.inner_model), student_cfg,
+                           lambda x: None, lambda x: None, webui)
     model = load_teacher(webui, title)
+    check_architecture(title, model, student)
     constructor = getattr(model, "create_denoiser", None)  # SDXL models build their own, as in the webui
     if constructor is not None:
         wrap = constructor()
@@ -115,24 +263,64 @@ def a1111_teacher(webui, student_cfg, title: str, denoiser_classes):
 
     refuse_flow_model("teacher", wrap)
     return TeacherCall(teacher_cfg_denoiser(student_cfg, wrap), student_cfg,
-                       lambda x: webui.sd_models.send_model_to_device(model), leave)
+                       lambda x: webui.sd_models.send_model_to_device(model), leave, webui)
 
 
 def forge_teacher(webui, student_cfg, title: str):
     """Forge evaluates models through UNet patchers its memory manager loads (`sampling_prepare`): the
     teacher's is prepared before each guided evaluation and the student's again after, so a teacher
-    that pushed the student off the device does not leave it there."""
+    that pushed the student off the device does not leave it there.
+
+    The student's own checkpoint (SAME_CHECKPOINT) is its engine seen through its original UNet
+    patcher (`forge_objects_original`: no LoRA patches). It shares the student's weights: Forge's
+    memory manager unloads the LoRA clone without moving it and restores the patched layers from
+    their backups, and the student's preparation patches them again (no disk read, no device move)."""
     import k_diffusion.external  # Forge's bundled k-diffusion
     from backend.sampling.sampling_function import sampling_prepare
 
-    engine = load_forge_teacher(webui, title)
+    student = student_model(student_cfg)
+    if is_same_checkpoint(webui, title, student):
+        engine = copy.copy(student)  # the student's engine, seen with its LoRA-free objects
+        engine.forge_objects = student.forge_objects_original.shallow_copy()
+    else:
+        engine = load_forge_teacher(webui, title)
+        check_architecture(title, engine, student)
     wrap = k_diffusion.external.ForgeScheduleLinker(engine.forge_objects.unet.model.predictor)
     wrap.inner_model = engine
     refuse_flow_model("teacher", wrap)
-    student_unet = student_cfg.inner_model.inner_model.forge_objects.unet
+    student_unet = student.forge_objects.unet
     return TeacherCall(teacher_cfg_denoiser(student_cfg, wrap), student_cfg,
                        lambda x: sampling_prepare(engine.forge_objects.unet, x),
-                       lambda x: sampling_prepare(student_unet, x))
+                       lambda x: sampling_prepare(student_unet, x), webui)
+
+
+def _unet(model):
+    forge_objects = getattr(model, "forge_objects", None)
+    if forge_objects is not None:
+        return forge_objects.unet.model.diffusion_model
+    return model.model.diffusion_model
+
+
+def architecture(model) -> str:
+    """The family of a webui model and the width of the text conditioning its UNet attends to."""
+    family = next((name for flag, name in (("is_sd3", "SD3"), ("is_sdxl", "SDXL"), ("is_sd2", "SD2"),
+                                            ("is_sd1", "SD1")) if getattr(model, flag, False) is True),
+                  type(model).__name__)
+    try:
+        widths = [m.in_features for name, m in _unet(model).named_modules() if name.endswith("attn2.to_k")]
+    except AttributeError:
+        widths = []
+    return f"{family} (text context {widths[0]})" if widths else family
+
+
+def check_architecture(title: str, teacher, student) -> None:
+    """A teacher is called on the student's latents and text conditioning: another family (SD1.5 and
+    SDXL) or context width fails inside its UNet, so it is refused before any model call."""
+    teacher_arch, student_arch = architecture(teacher), architecture(student)
+    if teacher_arch != student_arch:
+        raise ValueError(f"teacher {title!r} is an {teacher_arch} model but the student is an {student_arch} model: "
+                         "the teacher is evaluated on the student's latents and prompt conditioning, so it must be "
+                         "of the student's architecture; pick a teacher checkpoint of the student's family")
 
 
 def is_flow_model(model_wrap) -> bool:
@@ -163,7 +351,10 @@ def k_diffusion_denoisers():
 
 
 def build_teacher(webui, student_cfg, title: str, denoiser_classes=None):
-    """The teacher callable for one generation: `student_cfg` is the webui's CFG denoiser of the student."""
+    """The teacher callable for one generation: `student_cfg` is the webui's CFG denoiser of the student.
+
+    `title` is a checkpoint title, or SAME_CHECKPOINT (the student's checkpoint without the prompt's
+    LoRAs, as is the student's own title). A teacher of another architecture is refused (ValueError)."""
     if is_forge(webui):
         return forge_teacher(webui, student_cfg, title)
     return a1111_teacher(webui, student_cfg, title, denoiser_classes)
