@@ -169,3 +169,41 @@ def wait_for(driver, condition, timeout: float = 30, message: str = ""):
 def python() -> str:
     return sys.executable
 
+
+
+def serve_webui(root: str, assets: str, *argv: str) -> None:
+    """The body of a webui page server started by `start_webui` (run in that child process): `webui.py`
+    as its launcher runs it, with the page's assets folder taken from `assets` when the tree lacks it
+    (the launcher clones it: stable-diffusion-webui-assets, only fonts and css)."""
+    import runpy
+
+    os.chdir(root)
+    sys.argv = [os.path.join(root, "webui.py"), *argv]
+    if not os.path.isdir(os.path.join(root, "repositories", "stable-diffusion-webui-assets")):
+        sys.path.insert(0, root)
+        from modules import launch_utils
+
+        repo_dir = launch_utils.repo_dir
+        launch_utils.repo_dir = lambda name: assets if name == "stable-diffusion-webui-assets" else repo_dir(name)
+    runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+def start_webui(root: Path, data: Path, tmp: Path, timeout: float = 300, env: dict | None = None):
+    """The webui's page server (`webui.py`, gradio) on a free port with `--data-dir data`, on CPU; returns
+    (url, process, log). Stop it with `stop(process)`."""
+    port = free_port()
+    log = tmp / "webui.log"
+    assets = tmp / "webui-assets"
+    assets.mkdir(exist_ok=True)
+    flags = ["--skip-torch-cuda-test", "--use-cpu", "all", "--no-download-sd-model", "--skip-prepare-environment",
+             "--skip-version-check", "--no-half", "--data-dir", str(data), "--port", str(port)]
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import browser; "
+            f"browser.serve_webui(*sys.argv[1:])")
+    process = spawn([python(), "-c", code, str(root), str(assets), *flags], root, log, env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/internal/ping", process, timeout, log)
+    except BaseException:
+        stop(process)
+        raise
+    return url, process, log
