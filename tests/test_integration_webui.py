@@ -66,10 +66,23 @@ class CFGDenoiser(torch.nn.Module):
 CLASSES = (CompVisDenoiser, CompVisVDenoiser)
 
 
+class Opts:
+    """The webui's options: values in `data`, read as attributes."""
+
+    def __init__(self, data):
+        self.__dict__["data"] = dict(data)
+
+    def __getattr__(self, name):
+        try:
+            return self.data[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 def fake_webui(limit=2):
     models = {"student": SDModel("student", 0.0), "base": SDModel("base", 2.0)}
-    shared = types.SimpleNamespace(sd_model=models["student"], opts=types.SimpleNamespace(sd_checkpoints_limit=limit,
-                                                                                           sd_checkpoints_keep_in_cpu=True))
+    shared = types.SimpleNamespace(sd_model=models["student"],
+                                   opts=Opts({"sd_checkpoints_limit": limit, "sd_checkpoints_keep_in_cpu": True}))
     model_data = types.SimpleNamespace(loaded_sd_models=[models["student"]])
     loads = []
 
@@ -84,7 +97,8 @@ def fake_webui(limit=2):
         get_closet_checkpoint_match=lambda t: models[t].sd_checkpoint_info if t in models else None,
         model_data=model_data, reload_model_weights=reload_model_weights, SkipWritingToConfig=contextlib.nullcontext,
         send_model_to_device=lambda m: loads.append(("device", m.sd_checkpoint_info.title)),
-        send_model_to_cpu=lambda m: loads.append(("cpu", m.sd_checkpoint_info.title)))
+        send_model_to_cpu=lambda m: loads.append(("cpu", m.sd_checkpoint_info.title)),
+        send_model_to_trash=lambda m: loads.append(("trash", m.sd_checkpoint_info.title)))
 
     class KDiffusionSampler:
         def __init__(self, funcname, sd_model):
@@ -177,14 +191,19 @@ def test_w0_or_no_teacher_is_the_plain_sampler_and_the_teacher_pulls_the_result(
     assert guided.mean() - plain.mean() > 0.1  # toward the teacher's higher data mean
 
 
-def test_teacher_loading_errors_are_clear():
-    fake, _ = fake_webui(limit=1)
+def test_a_teacher_beyond_the_checkpoint_limit_is_released_when_set_back_to_none_and_a_missing_one_is_named():
+    fake, loads = fake_webui(limit=1)  # the webui's default: one checkpoint in memory
     webui.register(fake, CLASSES)
     sigmas = torch.tensor([14.6, 1.0, 0.0], device=DEVICE)
     x = torch.randn(1, 4, 8, 8, device=DEVICE)
+    loaded = fake.sd_models.model_data.loaded_sd_models
     webui.settings = webui.Settings(teacher="base")
-    with pytest.raises(ValueError, match="Maximum number of checkpoints"):
-        run(fake, "Euler Distillation++", x, sigmas)
+    run(fake, "Euler Distillation++", x, sigmas)
+    assert [m.sd_checkpoint_info.title for m in loaded] == ["student", "base"]  # beside the student
+    assert fake.shared.opts.sd_checkpoints_limit == 1  # the user's setting is left as it was
+    webui.settings = webui.Settings()  # the teacher set back to None: the next generation frees it
+    run(fake, "Euler Distillation++", x, sigmas)
+    assert [m.sd_checkpoint_info.title for m in loaded] == ["student"] and loads[-1] == ("trash", "base")
     webui.settings = webui.Settings(teacher="missing")
     with pytest.raises(ValueError, match="not found"):
         run(fake, "Euler Distillation++", x, sigmas)

@@ -19,7 +19,7 @@ from .. import validation
 from ..guided_steps import SigmaWindow, guided_step_indices
 from ..refine import DIRECTIONS, FORMS
 from ..registry import REGISTRY
-from .webui_teachers import build_teacher, refuse_flow_model
+from .webui_teachers import build_teacher, refuse_flow_model, release_teacher
 
 LABELS = {entry.name: entry.label for entry in REGISTRY}
 RENOISE_SEED_OFFSET = 0x5EED  # the renoise generators: the image's seed plus this, as in the ComfyUI node
@@ -104,6 +104,8 @@ def make_sampler_function(entry, webui_factory=webui_modules, denoiser_classes=N
         p = getattr(model, "p", None)
         if "noise_sampler" in parameters and options.get("noise_sampler") is None and hasattr(p, "rng"):
             options["noise_sampler"] = webui_noise(p)
+        if settings.teacher is None:
+            release_teacher(webui_factory())  # a teacher set back to None frees its memory (Forge's engine)
         if settings.teacher is None or settings.w == 0:
             return sampler(model, x, sigmas, extra_args, callback, disable, **options)  # the plain sampler
         webui = webui_factory()
