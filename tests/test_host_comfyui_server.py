@@ -312,7 +312,8 @@ def test_bad_teachers_and_settings_are_comfyuis_node_errors_naming_the_input(ser
     too_many[node_id]["inputs"]["guided_steps"] = 10
     e = error(server, too_many)
     assert e["node_type"] == "SamplerCustom" and e["exception_type"].endswith("ValueError")
-    assert "is beyond the schedule's 4 steps" in e["exception_message"]
+    assert "guided_steps=10 (an input of the Distillation++ Sampler" in e["exception_message"]
+    assert "beyond the 4 steps" in e["exception_message"]
 
 
 def test_the_converter_gives_the_pages_own_api_prompt(server, object_info):

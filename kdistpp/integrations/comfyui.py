@@ -142,6 +142,10 @@ def sample_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None
     """The SAMPLER's function, called by ComfyUI's KSAMPLER.sample with the student wrapped as `model`."""
     comfy = comfy_modules()
     parametrization = check_models(comfy, sampled_patcher(model), teacher_model)
+    steps = len(sigmas) - 1
+    if not isinstance(guidance_steps, SigmaWindow) and guidance_steps > steps:  # named as the node names it
+        raise ValueError(f"guided_steps={guidance_steps} (an input of the {NODE_NAME} node) is beyond the {steps} "
+                         f"steps this sampler runs; use 0 to {steps}")
     extra_args = {} if extra_args is None else extra_args
     seed = extra_args.get("seed")
     teacher = ComfyTeacher(teacher_model, positive, negative, teacher_cfg, model, sigmas, extra_args)
