@@ -63,7 +63,13 @@ def open_page(driver, webui) -> None:
 
 def visible(driver, elem_id: str) -> bool:
     return driver.execute_script("const e = document.getElementById(arguments[0]);"
-                                 "return !!e && e.offsetParent !== null && e.getBoundingClientRect().height > 0", elem_id)
+                                 "return !!e && e.offsetParent !== null && e.getBoundingClientRect().height > 0",
+                                 elem_id)
+
+
+def rect(driver, elem_id: str) -> dict:
+    return driver.execute_script("return document.getElementById(arguments[0]).getBoundingClientRect().toJSON()",
+                                 elem_id)
 
 
 def dropdown_choices(driver, elem_id: str) -> list[str]:
@@ -155,9 +161,7 @@ def test_generate_with_a_teacher_shows_the_image_and_its_settings(webui, driver)
     for elem_id, value in (("txt2img_width", 64), ("txt2img_height", 64), ("txt2img_steps", 4)):
         type_number(driver, elem_id, value)
     driver.find_element("css selector", "#txt2img_prompt textarea").send_keys("a red cube")
-    panel = driver.execute_script(f"return document.getElementById('{PANEL}').getBoundingClientRect().toJSON()")
-    sampling = driver.execute_script("return document.getElementById('txt2img_sampling').getBoundingClientRect().toJSON()")
-    browser.screenshot(driver, "webui_panel", browser.union(panel, sampling))
+    browser.screenshot(driver, "webui_panel", browser.union(rect(driver, PANEL), rect(driver, "txt2img_sampling")))
 
     driver.find_element("css selector", "#txt2img_generate").click()
     image = browser.wait_for(driver, lambda d: d.execute_script(
@@ -178,6 +182,5 @@ def test_generate_with_a_teacher_shows_the_image_and_its_settings(webui, driver)
     assert "Sampler: Euler Distillation++" in info, info
     assert f"DistillationPP teacher: {teacher}" in info and "DistillationPP w: 0.3" in info, info
     time.sleep(0.5)
-    left = driver.execute_script("return document.getElementById('txt2img_settings').getBoundingClientRect().toJSON()")
-    right = driver.execute_script("return document.getElementById('txt2img_results').getBoundingClientRect().toJSON()")
-    browser.screenshot(driver, "webui_generate", browser.union(left, right))
+    browser.screenshot(driver, "webui_generate",
+                       browser.union(rect(driver, "txt2img_settings"), rect(driver, "txt2img_results")))

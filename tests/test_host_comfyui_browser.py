@@ -22,12 +22,21 @@ from hosts import REPO, require
 NODE_TYPE = "KdistppDistillationPPSampler"
 EXAMPLES = REPO / "example_workflows"
 
-# a node's slot or widget, in page coordinates: the canvas draws nodes, so the page computes where
+SEARCH_BOX = "input[placeholder='Search Nodes...']"
+# The canvas draws the nodes, so where a slot or widget is on the page is computed in the page:
+# __toPage(graph point) -> page point; __box(DOMRects and [x, y, w, h] graph boxes) -> [left, top, right, bottom].
 TO_PAGE = """
-const node = arguments[0] === null ? null : app.graph.getNodeById(arguments[0]);
-const rect = app.canvas.canvas.getBoundingClientRect();
-const ratio = app.canvas.canvas.width / rect.width;
-window.__toPage = p => { const q = app.canvas.ds.convertOffsetToCanvas(p); return [q[0] / ratio + rect.left, q[1] / ratio + rect.top]; };
+const rect = app.canvas.canvas.getBoundingClientRect(), ratio = app.canvas.canvas.width / rect.width;
+window.__toPage = p => {
+    const q = app.canvas.ds.convertOffsetToCanvas(p);
+    return [q[0] / ratio + rect.left, q[1] / ratio + rect.top];
+};
+window.__box = items => {
+    const c = items.flatMap(b => b.width !== undefined
+        ? [[b.left, b.top], [b.right, b.bottom]] : [__toPage([b[0], b[1]]), __toPage([b[0] + b[2], b[1] + b[3]])]);
+    return [Math.min(...c.map(p => p[0])), Math.min(...c.map(p => p[1])),
+            Math.max(...c.map(p => p[0])), Math.max(...c.map(p => p[1]))];
+};
 """
 
 
@@ -83,8 +92,8 @@ def search_and_add(driver, query: str = "Distillation", screenshot: str | None =
     driver.execute_script("app.graph.clear()")  # an empty canvas: a double-click on a node edits it instead
     canvas = driver.find_element(By.CSS_SELECTOR, "canvas#graph-canvas")
     ActionChains(driver).move_to_element_with_offset(canvas, -250, -50).double_click().perform()
-    box = browser.wait_for(driver, lambda d: d.find_element(By.CSS_SELECTOR, "input[placeholder='Search Nodes...']"),
-                           15, "the node search box (double-click on the canvas)")
+    box = browser.wait_for(driver, lambda d: d.find_element(By.CSS_SELECTOR, SEARCH_BOX), 15,
+                           "the node search box (double-click on the canvas)")
     box.send_keys(query)
     # the list re-renders while the search runs: read it in one go, once it shows a match
     results = browser.wait_for(driver, lambda d: d.execute_script(
@@ -93,15 +102,14 @@ def search_and_add(driver, query: str = "Distillation", screenshot: str | None =
         15, f"search results for {query!r}")
     if screenshot:
         time.sleep(0.5)  # the result's preview of the node
+        driver.execute_script(TO_PAGE)
         box = driver.execute_script(
-            "const a = document.querySelector(\"input[placeholder='Search Nodes...']\").closest('.p-dialog, [role=dialog]') "
-            "|| document.querySelector(\"input[placeholder='Search Nodes...']\").parentElement;"
-            "const r = [a, ...document.querySelectorAll('.node-preview, .comfy-vue-node-preview-container, [role=listbox]')]"
-            ".map(e => e.getBoundingClientRect()).filter(r => r.width > 0);"
-            "return [Math.min(...r.map(r => r.left)), Math.min(...r.map(r => r.top)), Math.max(...r.map(r => r.right)),"
-            " Math.max(...r.map(r => r.bottom))]")
+            "const input = document.querySelector(arguments[0]);"
+            "const shown = [input.closest('.p-dialog, [role=dialog]') || input.parentElement,"
+            "               ...document.querySelectorAll('.comfy-vue-node-preview-container, [role=listbox]')];"
+            "return __box(shown.map(e => e.getBoundingClientRect()).filter(r => r.width > 0))", SEARCH_BOX)
         browser.screenshot(driver, screenshot, tuple(box))
-    search = driver.find_element(By.CSS_SELECTOR, "input[placeholder='Search Nodes...']")
+    search = driver.find_element(By.CSS_SELECTOR, SEARCH_BOX)
     search.send_keys(Keys.ENTER)
     return results
 
@@ -123,14 +131,15 @@ def test_the_added_node_shows_each_input_with_its_tooltip(server, driver):
     search_and_add(driver)
     node_id = browser.wait_for(driver, lambda d: d.execute_script(
         f"return app.graph.nodes.find(n => n.type === '{NODE_TYPE}')?.id ?? null"), 10, "the added node")
-    driver.execute_script(TO_PAGE, node_id)
+    driver.execute_script(TO_PAGE)
     # where each input is drawn: its socket, or for a widget input the middle of its widget
     places = driver.execute_script("""
         const node = app.graph.getNodeById(arguments[0]);
         return node.inputs.map((slot, i) => {
             const widget = slot.widget && node.widgets.find(w => w.name === slot.widget.name);
-            const y = widget ? node.pos[1] + (widget.last_y ?? widget.y) + 10 : null;
-            return [slot.name, widget ? __toPage([node.pos[0] + node.size[0] / 2, y]) : __toPage(node.getConnectionPos(true, i))];
+            const at = widget ? [node.pos[0] + node.size[0] / 2, node.pos[1] + (widget.last_y ?? widget.y) + 10]
+                              : node.getConnectionPos(true, i);
+            return [slot.name, __toPage(at)];
         });""", node_id)
     assert [name for name, _ in places] == list(tooltips)  # every declared input, in the declared order
 
@@ -146,17 +155,14 @@ def test_the_added_node_shows_each_input_with_its_tooltip(server, driver):
         browser.hover(driver, x, y)
         seen[name] = browser.wait_for(driver, tooltip, 10, f"the tooltip of {name}")
         if name == "w":
-            box = driver.execute_script("""
-                const b = app.graph.getNodeById(arguments[0]).getBounding(), t = document.querySelector('.node-tooltip').getBoundingClientRect();
-                const a = __toPage([b[0], b[1]]), z = __toPage([b[0] + b[2], b[1] + b[3]]);
-                return [Math.min(a[0], t.left), Math.min(a[1], t.top), Math.max(z[0], t.right), Math.max(z[1], t.bottom)];""",
-                                        node_id)
+            box = driver.execute_script("return __box([app.graph.getNodeById(arguments[0]).getBounding(),"
+                                        "document.querySelector('.node-tooltip').getBoundingClientRect()])", node_id)
             browser.screenshot(driver, "comfyui_node", tuple(box))
     assert seen == tooltips
 
     # the node's title shows the node's description
-    x, y = driver.execute_script("const n = app.graph.getNodeById(arguments[0]);"
-                                 "return __toPage([n.pos[0] + 40, n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT / 2]);", node_id)
+    x, y = driver.execute_script("const n = app.graph.getNodeById(arguments[0]), h = LiteGraph.NODE_TITLE_HEIGHT;"
+                                 "return __toPage([n.pos[0] + 40, n.pos[1] - h / 2])", node_id)
     browser.hover(driver, x - 400, y)
     browser.wait_for(driver, lambda d: tooltip(d) is None, 10, "the tooltip hidden off the node")
     browser.hover(driver, x, y)
@@ -180,22 +186,23 @@ def open_templates(driver, server) -> None:
 
 
 def shown_templates(driver) -> list[str]:
-    return driver.execute_script("return [...document.querySelectorAll('[role=dialog] [data-testid^=\"template-workflow-\"]')]"
-                                 ".map(e => e.dataset.testid.slice('template-workflow-'.length))")
+    """The names on the template browser's cards (their test ids are 'template-workflow-<name>')."""
+    names = "return [...document.querySelectorAll(arguments[0])].map(e => e.dataset.testid.slice(18))"
+    return driver.execute_script(names, "[role=dialog] [data-testid^=template-workflow-]")
 
 
 def warnings_shown(driver) -> list[str]:
     """The texts of the page's warning and error toasts (a workflow that fails the page's checks, a failed run)."""
-    return driver.execute_script("return [...document.querySelectorAll('.p-toast-message-warn, .p-toast-message-error')]"
-                                 ".map(e => e.innerText)")
+    return driver.execute_script(
+        "return [...document.querySelectorAll('.p-toast-message-warn, .p-toast-message-error')].map(e => e.innerText)")
 
 
 def load_template(driver, server, name: str) -> None:
     from selenium.webdriver.common.by import By
 
     open_templates(driver, server)
-    card = browser.wait_for(driver, lambda d: d.find_element(By.CSS_SELECTOR, f"[data-testid='template-workflow-{name}']"),
-                            30, f"the card of {name}")
+    selector = f"[data-testid='template-workflow-{name}']"
+    card = browser.wait_for(driver, lambda d: d.find_element(By.CSS_SELECTOR, selector), 30, f"the card of {name}")
     card.click()
     browser.wait_for(driver, lambda d: d.execute_script(
         "return app.graph.nodes.some(n => n.type === arguments[0]) && !document.querySelector('[role=dialog] "
@@ -239,7 +246,8 @@ def test_an_example_workflow_runs_from_the_page_to_an_image(server, driver):
     driver.execute_script("const n = app.graph.nodes.find(n => n.type === 'EmptyLatentImage');"
                           "for (const w of n.widgets) if (w.name === 'width' || w.name === 'height') w.value = 64;")
     save = driver.execute_script("return app.graph.nodes.find(n => n.type === 'SaveImage').id")
-    driver.execute_script("return [...document.querySelectorAll('button')].find(b => b.innerText.trim() === 'Run')").click()
+    run = "return [...document.querySelectorAll('button')].find(b => b.innerText.trim() === 'Run')"
+    driver.execute_script(run).click()
     image = browser.wait_for(driver, lambda d: d.execute_script(
         "return [...document.querySelectorAll('img')].find(i => i.src.includes('/api/view?') && i.complete"
         " && i.naturalWidth > 0) ?? null"), 240, "the output image in the page")
@@ -259,12 +267,8 @@ def test_an_example_workflow_runs_from_the_page_to_an_image(server, driver):
         time.sleep(1)
         driver.execute_script("return app.extensionManager.command.execute('Comfy.Canvas.FitView')")
         time.sleep(1)
-        driver.execute_script(TO_PAGE, None)
-        box = driver.execute_script("""
-            const b = app.graph.nodes.map(n => n.getBounding()), p = [], q = [];
-            for (const r of b) { p.push(__toPage([r[0], r[1]])); q.push(__toPage([r[0] + r[2], r[1] + r[3]])); }
-            return [Math.min(...p.map(a => a[0])), Math.min(...p.map(a => a[1])), Math.max(...q.map(a => a[0])),
-                    Math.max(...q.map(a => a[1]))];""")
+        driver.execute_script(TO_PAGE)
+        box = driver.execute_script("return __box(app.graph.nodes.map(n => n.getBounding()))")
         browser.screenshot(driver, "comfyui_workflow", tuple(box), margin=20)
         driver.set_window_size(1600, 1000)
     assert warnings_shown(driver) == []

@@ -38,7 +38,8 @@ def main(argv: list[str]) -> int:
     failed = 0
     for host, python_var, venv, tests, flags in RUNS:
         python = os.environ.get(python_var, str(REPO / venv / "bin" / "python"))
-        env = {**os.environ, host: str(Path(os.environ[host]).resolve()), "KDISTPP_SCREENSHOTS": str(folder), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        env = {**os.environ, host: str(Path(os.environ[host]).resolve()), "KDISTPP_SCREENSHOTS": str(folder),
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         # -rs: a skipped test (a missing browser or package) says why instead of passing silently
         result = subprocess.run([python, "-m", "pytest", "-q", "-rs", *flags, tests], cwd=REPO, env=env)
         failed |= result.returncode != 0
