@@ -16,6 +16,7 @@ import json
 import pytest
 
 import a1111_host
+from kdistpp.integrations.webui_teachers import SAME_CHECKPOINT
 from kdistpp.registry import REGISTRY
 from webui_api import generate, same_image
 from webui_settings import args, backend_fn, paste, pixels, post, script, xyz
@@ -122,10 +123,14 @@ def test_an_xyz_plot_over_w_and_guided_steps(webui):
 
 
 def test_an_xyz_plot_over_teachers(webui):
-    images, infotexts = xyz(webui, "Distillation++ teacher", "", args(w=0.5), x_dropdown=["None", "teacher"])
+    images, infotexts = xyz(webui, "Distillation++ teacher", "", args(w=0.5),
+                            x_dropdown=["None", "teacher", SAME_CHECKPOINT])
     assert same_image(images[1], generate(webui, "Euler")[0])
     assert same_image(images[2], generate(webui, "Euler Distillation++", teacher="teacher", w=0.5)[0])
+    assert same_image(images[3], generate(webui, "Euler Distillation++", teacher=SAME_CHECKPOINT, w=0.5)[0])
+    assert not same_image(images[2], images[3])
     assert "DistillationPP" not in infotexts[1] and "DistillationPP teacher: teacher" in infotexts[2]
+    assert paste(webui, infotexts[3])[0] == SAME_CHECKPOINT  # its comma is quoted in the infotext
 
 
 # --- defaults that work ----------------------------------------------------------------------------------------
