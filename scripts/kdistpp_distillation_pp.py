@@ -127,14 +127,13 @@ class DistillationPP(scripts.Script):
         built first: the user can reorder the page's sections)."""
         if self.sampler_dropdown is None or self.panel is None:
             return
+        self.panel.visible = is_distpp_sampler(self.sampler_dropdown.value)  # the page opens on the menu's value
         self.sampler_dropdown.change(fn=panel_visibility, inputs=[self.sampler_dropdown], outputs=[self.panel],
                                      queue=False)
 
     def ui(self, is_img2img):
         add_xyz_axes()
-        visible = self.sampler_dropdown is None or is_distpp_sampler(self.sampler_dropdown.value)
-        with gr.Accordion("Distillation++ (kdistpp)", open=False, visible=visible,
-                          elem_id=self.elem_id("panel")) as panel:
+        with gr.Accordion("Distillation++ (kdistpp)", open=False, elem_id=self.elem_id("panel")) as panel:
             teacher = gr.Dropdown(label="Teacher checkpoint (the student's base model)", choices=teacher_choices(),
                                   value="None", elem_id=self.elem_id("teacher"))
             w = gr.Slider(0.0, 1.0, value=0.3, step=0.01, label="Teacher weight w", elem_id=self.elem_id("w"))
