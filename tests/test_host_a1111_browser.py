@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import time
 import urllib.request
 
@@ -29,9 +30,13 @@ CHECKPOINTS = {"student": 1, "teacher": 2}  # file name -> seed of its UNet
 def webui(tmp_path_factory):
     import a1111_host
 
+    if not os.environ.get("KDISTPP_A1111"):
+        pytest.skip("KDISTPP_A1111 is not set: the webui page tests need an A1111 1.10.1 tree")
     root = a1111_host.a1111_root()
     if root is None:
-        pytest.skip("A1111 not found: set KDISTPP_A1111 or put it in ../shared/hosts/a1111-1.10.1")
+        pytest.skip(f"KDISTPP_A1111={os.environ['KDISTPP_A1111']} is not an A1111 tree (no modules/)")
+    if not (a1111_host.TOKENIZER / "vocab.json").is_file():
+        pytest.skip(f"the SD1 tokenizer files the tiny CLIP uses are not at {a1111_host.TOKENIZER} (set KDISTPP_FORGE)")
     require("A1111", ".venv-a1111", "gradio", "ldm.models.diffusion.ddpm", "transformers")
     browser.require_browser()
     tmp = tmp_path_factory.mktemp("a1111-page")
