@@ -172,7 +172,8 @@ def test_a_teacher_of_another_architecture_is_refused_before_any_model_call(webu
     assert "teacher 'lora_wide' is an SD1 (text context 48) model but the student is an SD1 (text context 32)" \
         in response.text
     assert calls.calls == []
-    assert webui.shared.sd_model.sd_checkpoint_info.model_name == STUDENT
+    names = [m.sd_checkpoint_info.model_name for m in webui.sd_models.model_data.loaded_sd_models]
+    assert names == [STUDENT] and webui.shared.sd_model is student  # the refused teacher is not kept
 
 
 @pytest.mark.parametrize("rule", ["skip_early_cond", "s_min_uncond"])

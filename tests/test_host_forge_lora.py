@@ -143,3 +143,67 @@ def test_release_teacher_frees_the_held_teacher(forge):
     assert not webui_teachers.release_teacher(forge)
     assert post(forge, "None", w=0.0).status_code == 200
     assert forge.sd_models.model_data.sd_model.sd_checkpoint_info.model_name == STUDENT
+
+
+def cfg_scales(events):
+    """The CFG scale of each CFG evaluation, read from its numbers: the combined noise estimate
+    (x - denoised) / sigma fitted on the UNet's cond and uncond outputs of that evaluation."""
+    scales, current = [], None
+    for event in events:
+        if event[0] == "start":
+            current = {"x": event[1], "sigma": event[2], "out": []}
+        elif event[0] == "unet" and current is not None:
+            current["out"].append(event[1])
+        elif event[0] == "end":
+            out = torch.cat(current["out"]).double()
+            eps = ((current["x"] - event[1]) / current["sigma"].view(-1, 1, 1, 1)).double().flatten()
+            if out.shape[0] == 1:
+                scales.append((current["x"].shape[-1], 1.0, (eps - out.flatten()).abs().max().item()))
+            else:
+                basis = out.flatten(1).T  # the cond and uncond estimates, in Forge's batch order
+                coef = torch.linalg.lstsq(basis, eps[:, None]).solution.flatten()
+                residual = (basis @ coef - eps).abs().max().item()
+                scales.append((current["x"].shape[-1], round(coef.max().item(), 4), residual))
+            current = None
+    return scales
+
+
+@pytest.mark.parametrize("hr_cfg", [1.5, 1.0])
+def test_on_the_hires_pass_the_teacher_keeps_its_own_cfg(forge, hr_cfg):
+    """Forge's hires pass replaces the CFG scale by *Hires CFG Scale*: for the student only. The teacher
+    keeps its own (3 here); at Hires CFG 1 Forge computes no negative conditioning, and the teacher runs
+    the prompt alone (scale 1) rather than guiding against nothing."""
+    from modules import script_callbacks
+
+    from kdistpp.integrations.webui_teachers import SAME_CHECKPOINT
+
+    assert post(forge, "None", w=0.0).status_code == 200
+    unet_model = forge.sd_models.model_data.sd_model.forge_objects_original.unet.model
+    events = []
+
+    def before(params):
+        events.append(("start", params.x.detach().clone(), params.sigma.detach().clone()))
+
+    def after(params):
+        events.append(("end", params.x.detach().clone()))
+
+    hook = unet_model.diffusion_model.register_forward_hook(
+        lambda module, args, output: events.append(("unet", output.detach().clone())))
+    script_callbacks.on_cfg_denoiser(before)
+    script_callbacks.on_cfg_after_cfg(after)
+    try:
+        response = post(forge, SAME_CHECKPOINT, prompt="a red cube", guided_steps=1, enable_hr=True, hr_scale=2,
+                        hr_upscaler="Latent", hr_second_pass_steps=4, denoising_strength=0.6, hr_cfg=hr_cfg,
+                        hr_additional_modules=["Use same choices"])  # what the UI sends
+    finally:
+        hook.remove()
+        script_callbacks.remove_callbacks_for_function(before)
+        script_callbacks.remove_callbacks_for_function(after)
+    assert response.status_code == 200, response.text[:2000]
+    scales = cfg_scales(events)
+    assert all(residual < 1e-3 for _, _, residual in scales), scales  # each evaluation is such a combination
+    first = [s for width, s, _ in scales if width == 8]
+    hires = [s for width, s, _ in scales if width == 16]
+    assert first[:2] == [2.0, 3.0]  # the first pass: student at the CFG scale 2, teacher at its own 3
+    assert hires[:2] == [hr_cfg, 3.0 if hr_cfg != 1 else 1.0]
+    assert set(hires[2:]) == {hr_cfg}

@@ -208,6 +208,9 @@ class TeacherCall:
     def __call__(self, x, sigma, **extra_args):
         if "s_min_uncond" in extra_args:
             extra_args = {**extra_args, "s_min_uncond": 0.0}  # NGMS: the student's rule
+        if "uncond" in extra_args and extra_args["uncond"] is None:
+            # Forge's hires pass at Hires CFG 1 computes no negative conditioning: nothing to guide against
+            extra_args = {**extra_args, "cond_scale": 1.0}
         self.cfg.step = max(int(self.student_cfg.step) - 1, 0)
         with contextlib.ExitStack() as stack:
             stack.enter_context(without_prompt_networks())
@@ -248,7 +251,6 @@ def a1111_teacher(webui, student_cfg, title: str, denoiser_classes):
         return TeacherCall(teacher_cfg_denoiser(student_cfg, student_cfg.inner_model), student_cfg,
                            lambda x: None, lambda x: None, webui)
     model = load_teacher(webui, title)
-    check_architecture(title, model, student)
     constructor = getattr(model, "create_denoiser", None)  # SDXL models build their own, as in the webui
     if constructor is not None:
         wrap = constructor()
@@ -262,6 +264,7 @@ def a1111_teacher(webui, student_cfg, title: str, denoiser_classes):
             webui.sd_models.send_model_to_cpu(model)
 
     refuse_flow_model("teacher", wrap)
+    _check_or_release(webui, title, model, student)
     return TeacherCall(teacher_cfg_denoiser(student_cfg, wrap), student_cfg,
                        lambda x: webui.sd_models.send_model_to_device(model), leave, webui)
 
@@ -279,15 +282,17 @@ def forge_teacher(webui, student_cfg, title: str):
     from backend.sampling.sampling_function import sampling_prepare
 
     student = student_model(student_cfg)
-    if is_same_checkpoint(webui, title, student):
+    same = is_same_checkpoint(webui, title, student)
+    if same:
         engine = copy.copy(student)  # the student's engine, seen with its LoRA-free objects
         engine.forge_objects = student.forge_objects_original.shallow_copy()
     else:
         engine = load_forge_teacher(webui, title)
-        check_architecture(title, engine, student)
     wrap = k_diffusion.external.ForgeScheduleLinker(engine.forge_objects.unet.model.predictor)
     wrap.inner_model = engine
     refuse_flow_model("teacher", wrap)
+    if not same:
+        _check_or_release(webui, title, engine, student)
     student_unet = student.forge_objects.unet
     return TeacherCall(teacher_cfg_denoiser(student_cfg, wrap), student_cfg,
                        lambda x: sampling_prepare(engine.forge_objects.unet, x),
@@ -321,6 +326,15 @@ def check_architecture(title: str, teacher, student) -> None:
         raise ValueError(f"teacher {title!r} is an {teacher_arch} model but the student is an {student_arch} model: "
                          "the teacher is evaluated on the student's latents and prompt conditioning, so it must be "
                          "of the student's architecture; pick a teacher checkpoint of the student's family")
+
+
+def _check_or_release(webui, title, teacher, student) -> None:
+    """check_architecture; a refused teacher is not kept in memory."""
+    try:
+        check_architecture(title, teacher, student)
+    except ValueError:
+        release_teacher(webui)
+        raise
 
 
 def is_flow_model(model_wrap) -> bool:
