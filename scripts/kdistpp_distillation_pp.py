@@ -165,6 +165,8 @@ class DistillationPP(scripts.Script):
         for key in KEYS.values():  # an X/Y/Z plot's cells share one dict: drop the previous cell's values
             p.extra_generation_params.pop(key, None)
         settings = webui.settings
+        if settings.teacher is None:  # also with the webui's own samplers, which never reach the sampler function
+            webui_teachers.release_teacher(webui.webui_modules())
         if settings.teacher and settings.w > 0 and is_distpp_sampler(p.sampler_name):
             p.extra_generation_params.update({
                 KEYS["teacher"]: settings.teacher, KEYS["w"]: settings.w, KEYS["steps"]: settings.guided_steps,

@@ -10,6 +10,12 @@ from hypothesis import HealthCheck, settings
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+# The webui harnesses chdir into the host tree, as the webuis expect: host paths given relative to the
+# directory pytest started in are made absolute once, before any test reads them.
+for _host in ("KDISTPP_COMFYUI", "KDISTPP_A1111", "KDISTPP_FORGE"):
+    if os.environ.get(_host):
+        os.environ[_host] = os.path.abspath(os.environ[_host])
+
 # Tests compare two computations of the same thing; TF32 convolutions/matmuls on Ampere+ GPUs
 # differ from float32 by ~1e-3, which no float32 tolerance should absorb.
 torch.backends.cuda.matmul.allow_tf32 = False

@@ -160,6 +160,16 @@ def test_release_teacher_evicts_a_teacher_kept_beyond_the_limit(webui):
     assert names == [STUDENT] and webui.shared.sd_model.sd_checkpoint_info.model_name == STUDENT
 
 
+def test_a_generation_with_the_webuis_own_sampler_and_no_teacher_evicts_the_kept_teacher(webui):
+    """The webui's own samplers never reach the extension's sampler function: the panel's None is acted on
+    in the script's process()."""
+    assert post(webui, TEACHER).status_code == 200
+    model_named(webui, TEACHER)
+    assert post(webui, "None", w=0.0, sampler_name="Euler").status_code == 200
+    names = [m.sd_checkpoint_info.model_name for m in webui.sd_models.model_data.loaded_sd_models]
+    assert names == [STUDENT]
+
+
 def test_a_teacher_of_another_architecture_is_refused_before_any_model_call(webui):
     assert post(webui, "None", w=0.0).status_code == 200
     student = webui.shared.sd_model
