@@ -160,6 +160,9 @@ class DistillationPP(scripts.Script):
         values = {"teacher": teacher, "w": w, "steps": steps, "cfg": cfg}
         values.update(getattr(p, XYZ_ATTRIBUTE, {}))  # an X/Y/Z plot cell's value wins over the panel's
         teacher = None if values["teacher"] in (None, "None") else values["teacher"]
+        # the webui logs and swallows an exception raised here: without this reset a refused setting would
+        # leave the previous generation's teacher guiding this one, unrecorded
+        webui.settings = webui.Settings()
         webui.settings = webui.Settings(teacher, float(values["w"]), int(values["steps"]), float(values["cfg"]),
                                         form, direction, float(sigma_min), float(sigma_max))
         for key in KEYS.values():  # an X/Y/Z plot's cells share one dict: drop the previous cell's values

@@ -20,6 +20,7 @@ import webui_lora
 from webui_api import SCRIPT
 
 STUDENT, TEACHER, WIDE = "lora_student", "lora_teacher", "lora_wide"
+TEACHER2 = "lora_teacher2"
 PROMPT = "a red cube <lora:speed:1>"
 
 
@@ -43,6 +44,7 @@ def webui(tmp_path_factory):
         script_callbacks.before_ui_callback()  # as the webui's api_only() does: the Lora extension registers here
     models = a1111_host._started["models"]
     a1111_host.make_checkpoints(models, tmp / "clip48", {WIDE: 33}, context=48)  # another architecture
+    a1111_host.make_checkpoints(models, a1111_host._started["clip"], {TEACHER2: 44})
     sd_models.list_models()
     lora_dir = __import__("pathlib").Path(shared.cmd_opts.lora_dir)
     deltas = webui_lora.make_lora(models / f"{STUDENT}.safetensors", lora_dir / "speed.safetensors")
@@ -168,6 +170,33 @@ def test_a_generation_with_the_webuis_own_sampler_and_no_teacher_evicts_the_kept
     assert post(webui, "None", w=0.0, sampler_name="Euler").status_code == 200
     names = [m.sd_checkpoint_info.model_name for m in webui.sd_models.model_data.loaded_sd_models]
     assert names == [STUDENT]
+
+
+def loaded_names(webui):
+    return sorted(m.sd_checkpoint_info.model_name for m in webui.sd_models.model_data.loaded_sd_models)
+
+
+def test_picking_another_teacher_releases_the_one_kept_before(webui):
+    """With one checkpoint allowed, a teacher is kept beside the student: switching teachers (by hand or
+    along an X/Y/Z plot axis) must not keep each of them."""
+    assert post(webui, TEACHER).status_code == 200
+    assert post(webui, TEACHER2).status_code == 200
+    assert loaded_names(webui) == sorted([STUDENT, TEACHER2])
+    assert post(webui, "None", w=0.0).status_code == 200
+    assert loaded_names(webui) == [STUDENT]
+
+
+def test_a_refused_setting_leaves_no_teacher_from_the_generation_before(webui):
+    """The webui only logs an exception raised in a script's process(): a refused panel setting (a sigma
+    window from 3 to 1) must leave this generation unguided, not guided by the previous one's teacher."""
+    assert post(webui, TEACHER).status_code == 200
+    calls = webui_lora.Calls(model_named(webui, TEACHER).model.diffusion_model)
+    try:
+        response = post(webui, TEACHER, window=(3.0, 1.0))
+    finally:
+        calls.remove()
+    assert response.status_code == 200
+    assert calls.calls == [] and "DistillationPP" not in response.json()["info"]
 
 
 def test_a_teacher_of_another_architecture_is_refused_before_any_model_call(webui):

@@ -168,14 +168,10 @@ def cfg_scales(events):
     return scales
 
 
-@pytest.mark.parametrize("hr_cfg", [1.5, 1.0])
-def test_on_the_hires_pass_the_teacher_keeps_its_own_cfg(forge, hr_cfg):
-    """Forge's hires pass replaces the CFG scale by *Hires CFG Scale*: for the student only. The teacher
-    keeps its own (3 here); at Hires CFG 1 Forge computes no negative conditioning, and the teacher runs
-    the prompt alone (scale 1) rather than guiding against nothing."""
+def cfg_events(forge, teacher, **request):
+    """Posts a generation and records, per CFG evaluation (student's or teacher's), its x, sigma, UNet
+    outputs and combined result, for cfg_scales."""
     from modules import script_callbacks
-
-    from kdistpp.integrations.webui_teachers import SAME_CHECKPOINT
 
     assert post(forge, "None", w=0.0).status_code == 200
     unet_model = forge.sd_models.model_data.sd_model.forge_objects_original.unet.model
@@ -192,14 +188,35 @@ def test_on_the_hires_pass_the_teacher_keeps_its_own_cfg(forge, hr_cfg):
     script_callbacks.on_cfg_denoiser(before)
     script_callbacks.on_cfg_after_cfg(after)
     try:
-        response = post(forge, SAME_CHECKPOINT, prompt="a red cube", guided_steps=1, enable_hr=True, hr_scale=2,
-                        hr_upscaler="Latent", hr_second_pass_steps=4, denoising_strength=0.6, hr_cfg=hr_cfg,
-                        hr_additional_modules=["Use same choices"])  # what the UI sends
+        response = post(forge, teacher, **request)
     finally:
         hook.remove()
         script_callbacks.remove_callbacks_for_function(before)
         script_callbacks.remove_callbacks_for_function(after)
     assert response.status_code == 200, response.text[:2000]
+    return events
+
+
+def test_a_student_at_cfg_1_gets_a_teacher_at_its_own_cfg(forge):
+    """Distilled students run at CFG 1, where Forge computes no negative conditioning: the teacher's
+    guided evaluation still combines cond and uncond at the teacher's own scale (3 here)."""
+    from kdistpp.integrations.webui_teachers import SAME_CHECKPOINT
+
+    scales = cfg_scales(cfg_events(forge, SAME_CHECKPOINT, prompt="a red cube", guided_steps=1, cfg_scale=1.0))
+    assert all(residual < 1e-3 for _, _, residual in scales), scales
+    assert [s for _, s, _ in scales] == [1.0, 3.0, 1.0, 1.0, 1.0]  # student, teacher at step 0, then the student
+
+
+@pytest.mark.parametrize("hr_cfg", [1.5, 1.0])
+def test_on_the_hires_pass_the_teacher_keeps_its_own_cfg(forge, hr_cfg):
+    """Forge's hires pass replaces the CFG scale by *Hires CFG Scale*: for the student only. The teacher
+    keeps its own (3 here); at Hires CFG 1 Forge computes no negative conditioning, and the teacher runs
+    the prompt alone (scale 1) rather than guiding against nothing."""
+    from kdistpp.integrations.webui_teachers import SAME_CHECKPOINT
+
+    events = cfg_events(forge, SAME_CHECKPOINT, prompt="a red cube", guided_steps=1, enable_hr=True, hr_scale=2,
+                        hr_upscaler="Latent", hr_second_pass_steps=4, denoising_strength=0.6, hr_cfg=hr_cfg,
+                        hr_additional_modules=["Use same choices"])  # what the UI sends
     scales = cfg_scales(events)
     assert all(residual < 1e-3 for _, _, residual in scales), scales  # each evaluation is such a combination
     first = [s for width, s, _ in scales if width == 8]

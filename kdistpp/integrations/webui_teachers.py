@@ -102,6 +102,8 @@ def load_teacher(webui, title: str):
     another checkpoint (which evicts it under the user's limit). Nothing is written to the settings.
     """
     info = checkpoint_info(webui, title)
+    if _a1111_teacher.get("filename") not in (None, info.filename):
+        release_teacher(webui)  # another teacher was picked: at most one kept beyond the user's limit
     loaded = webui.sd_models.model_data.loaded_sd_models
     for model in loaded:
         if model.sd_checkpoint_info.filename == info.filename:  # the cache holds new info objects after a rescan
@@ -202,21 +204,26 @@ class TeacherCall:
     CFG) do not replace it; the student's last latent (live preview) is kept.
     """
 
-    def __init__(self, cfg_denoiser, student_cfg, enter, leave, webui=None):
+    def __init__(self, cfg_denoiser, student_cfg, enter, leave, webui=None, negative=None):
         self.cfg, self.student_cfg, self.enter, self.leave, self.webui = cfg_denoiser, student_cfg, enter, leave, webui
+        self.negative = negative  # () -> the negative conditioning where the host computed none, or None
 
     def __call__(self, x, sigma, **extra_args):
         if "s_min_uncond" in extra_args:
             extra_args = {**extra_args, "s_min_uncond": 0.0}  # NGMS: the student's rule
         if "uncond" in extra_args and extra_args["uncond"] is None:
-            # Forge's hires pass at Hires CFG 1 computes no negative conditioning: nothing to guide against
-            extra_args = {**extra_args, "cond_scale": 1.0}
+            # Forge computes no negative conditioning for a student at CFG 1 (the usual setting of a
+            # distilled model): the teacher gets it computed as Forge would; where even that is not
+            # possible (the hires pass at Hires CFG 1) there is nothing to guide against.
+            negative = self.negative() if self.negative is not None else None
+            extra_args = {**extra_args, "uncond": negative} if negative is not None else {**extra_args,
+                                                                                         "cond_scale": 1.0}
         self.cfg.step = max(int(self.student_cfg.step) - 1, 0)
         with contextlib.ExitStack() as stack:
             stack.enter_context(without_prompt_networks())
             stack.enter_context(self._own_cfg())
-            self.enter(x)
             try:
+                self.enter(x)  # inside: a failed move (out of memory) still restores the student's state
                 return self.cfg(x, sigma, **extra_args)
             finally:
                 self.leave(x)
@@ -230,6 +237,9 @@ class TeacherCall:
             if opts is not None and getattr(opts, "skip_early_cond", 0):
                 stack.enter_context(_setting(opts.data, "skip_early_cond", 0.0, item=True))
             p = getattr(self.student_cfg, "p", None)
+            if getattr(p, "refiner_checkpoint_info", None) is not None:
+                # the teacher is called at a lower sigma than the student: the refiner switch is the student's
+                stack.enter_context(_setting(p, "refiner_checkpoint_info", None))
             if getattr(p, "is_hr_pass", False):  # Forge replaces the CFG scale by hr_cfg on the hires pass
                 stack.enter_context(_setting(p, "is_hr_pass", False))
             sampler = getattr(self.student_cfg, "sampler", None)
@@ -263,8 +273,7 @@ def a1111_teacher(webui, student_cfg, title: str, denoiser_classes):
         if getattr(webui.shared.opts, "sd_checkpoints_keep_in_cpu", True):
             webui.sd_models.send_model_to_cpu(model)
 
-    refuse_flow_model("teacher", wrap)
-    _check_or_release(webui, title, model, student)
+    _check_or_release(webui, title, model, student, wrap)
     return TeacherCall(teacher_cfg_denoiser(student_cfg, wrap), student_cfg,
                        lambda x: webui.sd_models.send_model_to_device(model), leave, webui)
 
@@ -290,13 +299,38 @@ def forge_teacher(webui, student_cfg, title: str):
         engine = load_forge_teacher(webui, title)
     wrap = k_diffusion.external.ForgeScheduleLinker(engine.forge_objects.unet.model.predictor)
     wrap.inner_model = engine
-    refuse_flow_model("teacher", wrap)
-    if not same:
-        _check_or_release(webui, title, engine, student)
+    if same:
+        refuse_flow_model("teacher", wrap)
+    else:
+        _check_or_release(webui, title, engine, student, wrap)
     student_unet = student.forge_objects.unet
     return TeacherCall(teacher_cfg_denoiser(student_cfg, wrap), student_cfg,
                        lambda x: sampling_prepare(engine.forge_objects.unet, x),
-                       lambda x: sampling_prepare(student_unet, x), webui)
+                       lambda x: sampling_prepare(student_unet, x), webui,
+                       negative=forge_negative_conditioning(getattr(student_cfg, "p", None)))
+
+
+def forge_negative_conditioning(p):
+    """Forge skips the negative prompt when the CFG scale is 1 (`p.uc` None), the setting distilled students
+    run at; the teacher guides at its own scale, so it needs it. Returns a function computing it once per
+    generation the way Forge's `setup_conds` does at any other scale (same cache, prompt schedule, LoRA
+    text-encoder weights); it gives None on the hires pass, whose conditioning Forge builds differently."""
+    held = {}
+
+    def negative():
+        if p is None or getattr(p, "is_hr_pass", False) or not hasattr(p, "get_conds_with_caching"):
+            return None
+        if "uc" not in held:
+            from modules import prompt_parser
+
+            prompts = prompt_parser.SdConditioning(p.negative_prompts, width=p.width, height=p.height,
+                                                   is_negative_prompt=True,
+                                                   distilled_cfg_scale=getattr(p, "distilled_cfg_scale", None))
+            held["uc"] = p.get_conds_with_caching(prompt_parser.get_learned_conditioning, prompts,
+                                                  p.firstpass_steps, [p.cached_uc], p.extra_network_data)
+        return held["uc"]
+
+    return negative
 
 
 def _unet(model):
@@ -328,9 +362,10 @@ def check_architecture(title: str, teacher, student) -> None:
                          "of the student's architecture; pick a teacher checkpoint of the student's family")
 
 
-def _check_or_release(webui, title, teacher, student) -> None:
-    """check_architecture; a refused teacher is not kept in memory."""
+def _check_or_release(webui, title, teacher, student, wrap) -> None:
+    """refuse_flow_model and check_architecture; a refused teacher is not kept in memory."""
     try:
+        refuse_flow_model("teacher", wrap)
         check_architecture(title, teacher, student)
     except ValueError:
         release_teacher(webui)
