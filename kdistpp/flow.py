@@ -45,6 +45,12 @@ def to_flow(y: torch.Tensor, sigma: float) -> torch.Tensor:
     return y / (1 + sigma)
 
 
+def call_as_ve(flow_model, y: torch.Tensor, sigma: torch.Tensor, **extra_args) -> torch.Tensor:
+    """A flow denoiser evaluated as a VE one at a finite sigma: D(y / (1 + sigma), sigma / (1 + sigma))."""
+    scale = (1 + sigma.to(y.dtype)).reshape(-1, *([1] * (y.ndim - 1)))
+    return flow_model(y / scale, flow_sigma(sigma), **extra_args)
+
+
 class VEDenoiser:
     """A flow denoiser D(x, s) seen as a VE denoiser: D_ve(y, sigma) = D(y / (1 + sigma), sigma / (1 + sigma))."""
 
@@ -56,8 +62,7 @@ class VEDenoiser:
         if bool(torch.isinf(sigma).any()):
             raise ValueError("a VE denoiser cannot be called at sigma = infinity (s = 1): sample in flow "
                              "coordinates with parametrization='flow'")
-        scale = (1 + sigma.to(y.dtype)).reshape(-1, *([1] * (y.ndim - 1)))
-        return self.flow_model(y / scale, flow_sigma(sigma), **extra_args)
+        return call_as_ve(self.flow_model, y, sigma, **extra_args)
 
 
 def time_snr_shift(shift: float, t):

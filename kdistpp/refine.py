@@ -50,7 +50,7 @@ class Refinement:
         in VE coordinates, (1 - s)(x0h - x0s) in flow coordinates (the same move of the VE state)."""
         if self.shift is None:
             return x
-        return x + self.param.clean_weight(sigma) * self.shift  # weight 1.0 in VE: exact
+        return torch.add(x, self.shift, alpha=self.param.clean_weight(sigma))  # one kernel; alpha 1.0 in VE: exact
 
 
 @dataclass(frozen=True)

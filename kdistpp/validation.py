@@ -23,7 +23,7 @@ def is_real(value) -> bool:
     """A real scalar: a Python or numpy number, or a 0-d real tensor; not a bool."""
     if isinstance(value, torch.Tensor):
         return value.ndim == 0 and not value.is_complex() and value.dtype != torch.bool
-    if getattr(value, "ndim", None) == 0 and getattr(getattr(value, "dtype", None), "kind", "") in "fiu":
+    if getattr(value, "ndim", None) == 0 and getattr(getattr(value, "dtype", None), "kind", None) in ("f", "i", "u"):
         return True  # a 0-d numpy array
     return isinstance(value, numbers.Real) and not is_bool(value)
 

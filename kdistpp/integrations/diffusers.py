@@ -252,10 +252,10 @@ class DiffusersFlowTransformerDenoiser:
             kwargs["img_ids"] = _flux_image_ids(h, w, x.device, dtype)
             kwargs["guidance"] = (None if self.guidance is None else
                                   torch.full((b,), float(self.guidance), device=x.device, dtype=torch.float32))
-            hidden = pack_flux_latents(x32.to(dtype))
+            hidden = pack_flux_latents(x.to(dtype))  # no copy when x is already in the model's dtype
             timestep = timestep.to(dtype) / 1000  # as FluxPipeline rounds it: in the latents' dtype
         else:
-            hidden = x32.to(dtype)
+            hidden = x.to(dtype)
         out = self.transformer(hidden_states=hidden, timestep=timestep, return_dict=False, **kwargs)[0]
         if self.kind == "flux":
             out = unpack_flux_latents(out, h, w)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..flow import flow_sigma, to_ve
+from ..flow import call_as_ve, flow_sigma, to_ve
 from ..samplers import sample_euler_distpp
+from .sampling import step_conditioned
 from .trainer import SFDConfig
 from .trajectory import analytic_denoised
 
@@ -31,9 +32,7 @@ class FlowAsVE(nn.Module):
         self.flow_model = flow_model
 
     def forward(self, y: torch.Tensor, sigma: torch.Tensor, **extra_args) -> torch.Tensor:
-        sigma = sigma.to(y.dtype)
-        scale = (1 + sigma).reshape(-1, *([1] * (y.ndim - 1)))
-        return self.flow_model(y / scale, flow_sigma(sigma), **extra_args)
+        return call_as_ve(self.flow_model, y, sigma.to(y.dtype), **extra_args)
 
 
 def flow_timestamps(config: SFDConfig, num_steps: int | None = None, device="cpu") -> torch.Tensor:
@@ -45,17 +44,18 @@ def sfd_flow_denoiser(student, config: SFDConfig, num_steps: int | None = None):
     """The flow student as the samplers call it with parametrization='flow': SFD-v's `num_steps` bound
     in, and AFS's analytic estimate at s_max if trained with `afs=True`."""
     n = config.trained_steps(num_steps)
+    model = step_conditioned(student, config, n)
+    if not config.afs:
+        return model
     s_max = float(flow_timestamps(config, n)[0])
 
-    def model(x, s, **extra_args):
+    def first_step_analytic(x, s, **extra_args):  # reads s (a device sync) only when AFS needs it
         first = float(s.reshape(-1)[0]) if torch.is_tensor(s) else float(s)
-        if config.afs and abs(first - s_max) <= 1e-6:
+        if abs(first - s_max) <= 1e-6:
             return analytic_denoised(to_ve(x, s_max), config.sigma_max, config.sigma_data)
-        if config.step_conditioned:
-            extra_args = {**extra_args, "num_steps": torch.full((x.shape[0],), n, dtype=torch.long, device=x.device)}
-        return student(x, s, **extra_args)
+        return model(x, s, **extra_args)
 
-    return model
+    return first_step_analytic
 
 
 @torch.no_grad()

@@ -26,14 +26,20 @@ class AnalyticFirstStep:
 def sfd_denoiser(student, config: SFDConfig, num_steps: int | None = None):
     """The student as the samplers should call it: AFS at the first timestamp if trained with it, and
     SFD-v's `num_steps` conditioning bound in."""
-    n = config.trained_steps(num_steps)
-    model = student
-    if config.step_conditioned:
-
-        def model(x, sigma, **extra_args):
-            steps = torch.full((x.shape[0],), n, dtype=torch.long, device=x.device)
-            return student(x, sigma, num_steps=steps, **extra_args)
+    model = step_conditioned(student, config, config.trained_steps(num_steps))
     return AnalyticFirstStep(model, config.sigma_max, config.sigma_data) if config.afs else model
+
+
+def step_conditioned(student, config: SFDConfig, n: int):
+    """SFD-v's student with its step count `n` bound in (the plain student otherwise)."""
+    if not config.step_conditioned:
+        return student
+
+    def model(x, sigma, **extra_args):
+        steps = torch.full((x.shape[0],), n, dtype=torch.long, device=x.device)
+        return student(x, sigma, num_steps=steps, **extra_args)
+
+    return model
 
 
 @torch.no_grad()
