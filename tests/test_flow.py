@@ -165,6 +165,7 @@ def test_a_guided_flow_step_renoises_with_the_flow_state_and_moves_by_one_minus_
         torch.testing.assert_close(point, (1 - s1) * x0s + s1 * n, rtol=1e-12, atol=1e-12)
     else:
         assert level == pytest.approx(float(evaluated[1][0]))
+        torch.testing.assert_close(point, evaluated[0], rtol=0, atol=0)  # the state the student evaluated
 
 
 @pytest.mark.parametrize("name", ["euler", "consistency"])

@@ -168,7 +168,10 @@ def test_the_panel_defaults_with_a_teacher_run_at_any_step_count(webui, steps):
     defaults = [control.value for control in script().controls]
     assert defaults == ["None", 0.3, 1, 5.0, "interpolate", "student", 0.0, 0.0]
     for window_to in (0.0, 20.0):  # the window's "from" left at its default 0
-        post(webui, ["teacher", *defaults[1:-1], window_to], steps=steps)
+        info = post(webui, ["teacher", *defaults[1:-1], window_to], steps=steps)["info"]
+        # process() errors are only logged by the webui: the infotext shows the settings were taken
+        assert "DistillationPP teacher: teacher" in info and "DistillationPP w: 0.3" in info
+        assert ("DistillationPP sigma window: 0.0-20.0" in info) == (window_to > 0)
 
 
 # --- the panel -------------------------------------------------------------------------------------------------

@@ -279,16 +279,11 @@ def test_img2img_and_inpaint_with_a_teacher(comfy, node, mode):
         assert changed.any()
 
 
-class FlowSampling:
-    """A flow-matching model_sampling (ComfyUI's CONST, as SD3 and Flux use) for a tiny SD1.5 patcher."""
+def flow_sampling(comfy, patcher):
+    """ComfyUI's own ModelSamplingSD3 node on a tiny SD1.5 patcher: a flow-matching (CONST) model_sampling."""
+    import comfy_extras.nodes_model_advanced as advanced
 
-    def __new__(cls, comfy, patcher):
-        class Flow(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
-            pass
-
-        flow = patcher.clone()
-        flow.add_object_patch("model_sampling", Flow(flow.model.model_config))
-        return flow
+    return advanced.ModelSamplingSD3().patch(patcher, 3.0)[0]
 
 
 @pytest.mark.parametrize("which", ["sampled", "teacher"])
@@ -301,9 +296,9 @@ def test_a_flow_and_a_ve_model_together_are_refused_at_sampling_time_before_any_
     teacher, student = tiny_sd15(comfy, 0), tiny_sd15(comfy, 5)
     sig = sigmas(comfy, student)
     if which == "sampled":
-        student, flow, ve = FlowSampling(comfy, student), SAMPLED, TEACHER
+        student, flow, ve = flow_sampling(comfy, student), SAMPLED, TEACHER
     else:
-        teacher, flow, ve = FlowSampling(comfy, teacher), TEACHER, SAMPLED
+        teacher, flow, ve = flow_sampling(comfy, teacher), TEACHER, SAMPLED
     sampler = distpp(node, teacher, "euler", 0.3)  # building it checks nothing
     calls = [Calls(teacher), Calls(student)]
     try:

@@ -124,7 +124,10 @@ def test_dpmpp_2m_steps_over_a_repeated_sigma_as_first_order_steps():
 
 
 def test_a_bad_teacher_output_at_the_2s_midpoint_names_the_step_sigma_and_the_evaluation_sigma():
+    seen = []
+
     def teacher(x, s, **k):
+        seen.append(float(s.flatten()[0]))
         return torch.full_like(x, float("nan"))
 
     with pytest.raises(kdistpp.TeacherOutputError) as info:
@@ -132,3 +135,8 @@ def test_a_bad_teacher_output_at_the_2s_midpoint_names_the_step_sigma_and_the_ev
                                                  disable=True)
     message = str(info.value)
     assert f"step sigma={SIG[0]:.4g}" in message and "evaluated at sigma=" in message
+    # the 2S midpoint exp(-(t + t_down) / 2), t = -log sigma, with eta = 1's sigma_down, written out here
+    s0, s1 = SIG[0], SIG[1]
+    down = math.sqrt(s1 ** 2 - min(s1, math.sqrt(s1 ** 2 * (s0 ** 2 - s1 ** 2) / s0 ** 2)) ** 2)
+    assert seen[0] == pytest.approx(math.sqrt(s0 * down), rel=1e-5)
+    assert f"evaluated at sigma={seen[0]:.4g}" in message

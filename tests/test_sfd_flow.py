@@ -86,7 +86,7 @@ def test_the_converted_teacher_trajectory_is_the_flow_ode_and_flow_ddim_at_the_s
     teacher = GaussianFlow().to(DEVICE)
     z = torch.randn(256, len(MU), generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(DEVICE)
     config = SFDConfig(num_steps=5, substeps=16)
-    s = [float(flow.flow_sigma(float(t))) for t in config.timestamps().double()]  # exact, not via float32
+    s = [float(t) / (1 + float(t)) for t in config.timestamps().double()]  # flow s = sigma / (1 + sigma), exact
     assert torch.allclose(flow_timestamps(config).double(), torch.tensor(s, dtype=torch.float64), rtol=1e-6)
     x0 = z * s[0]  # the flow state SFD starts from: unit noise times s_max (sigma_max in VE)
     exact = [exact_flow_ode(x0, s[0], v) for v in s]
