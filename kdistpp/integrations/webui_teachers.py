@@ -219,9 +219,7 @@ class TeacherCall:
             extra_args = {**extra_args, "uncond": negative} if negative is not None else {**extra_args,
                                                                                          "cond_scale": 1.0}
         self.cfg.step = max(int(self.student_cfg.step) - 1, 0)
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(without_prompt_networks())
-            stack.enter_context(self._own_cfg())
+        with without_prompt_networks(), self._own_cfg():
             try:
                 self.enter(x)  # inside: a failed move (out of memory) still restores the student's state
                 return self.cfg(x, sigma, **extra_args)
