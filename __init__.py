@@ -1,5 +1,6 @@
 """ComfyUI entry point: ComfyUI-Manager (or `git clone`) puts this repository in custom_nodes/,
-and ComfyUI imports this file. The node uses the kdistpp package of this checkout, which needs
+and ComfyUI imports this file and awaits its `comfy_entrypoint` (the V3 schema's extension
+holding the Distillation++ Sampler and Guider nodes). The node uses the kdistpp package of this checkout, which needs
 only torch, numpy, scipy and tqdm (ComfyUI has them); an already imported kdistpp is kept.
 """
 
@@ -15,6 +16,6 @@ if "kdistpp" not in sys.modules:
     sys.modules["kdistpp"] = _module
     _spec.loader.exec_module(_module)
 
-from kdistpp.integrations.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from kdistpp.integrations.comfyui import comfy_entrypoint  # noqa: E402  (ComfyUI's V3 entry point)
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["comfy_entrypoint"]

@@ -38,9 +38,9 @@ def comfy():
 
 @pytest.fixture(scope="module")
 def node(comfy):
-    from kdistpp.integrations.comfyui import DistillationPPSampler
+    from kdistpp.integrations.comfyui_nodes import DistillationPPSampler
 
-    return DistillationPPSampler()
+    return DistillationPPSampler
 
 
 class Calls:
@@ -82,7 +82,7 @@ def distpp(node, teacher, base, w, **kw):
     options = dict(teacher_positive=conditioning(1), teacher_negative=conditioning(2), teacher_cfg=3.0,
                    base_sampler=base, w=w, guided_steps=1, form="interpolate", renoise="next")
     options.update(kw)
-    return getattr(node, node.FUNCTION)(teacher, **options)[0]
+    return node.execute(teacher, **options).result[0]
 
 
 @pytest.mark.parametrize("base", BASES)
@@ -717,7 +717,8 @@ def test_a_clone_or_copy_of_the_repository_loads_as_a_custom_node(comfy, tmp_pat
     try:
         ok = asyncio.run(nodes.load_custom_node(str(target)))
         assert ok, "ComfyUI reported IMPORT FAILED"
-        assert "KdistppDistillationPPSampler" in nodes.NODE_CLASS_MAPPINGS
+        for node_id in ("KdistppDistillationPPSampler", "KdistppDistillationPPGuider"):  # from comfy_entrypoint
+            assert nodes.NODE_CLASS_MAPPINGS[node_id].GET_SCHEMA().node_id == node_id
         assert sys.modules["kdistpp"].__file__.startswith(str(target))
     finally:
         nodes.NODE_CLASS_MAPPINGS.clear()

@@ -1,6 +1,8 @@
-"""ComfyUI node: a Distillation++ SAMPLER for SamplerCustom / SamplerCustomAdvanced.
+"""What the ComfyUI nodes run: a Distillation++ SAMPLER for SamplerCustom / SamplerCustomAdvanced,
+and a Distillation++ GUIDER that refines the student's estimate inside any ComfyUI sampler (the
+nodes themselves, in ComfyUI's V3 schema, are in comfyui_nodes).
 
-The node takes the teacher MODEL, the teacher's positive/negative conditioning and CFG, and the
+The SAMPLER node takes the teacher MODEL, the teacher's positive/negative conditioning and CFG, and the
 Distillation++ settings; it returns a SAMPLER. The student is the model SamplerCustom samples (with
 its own conditioning, CFG, patches and memory management): when sampling starts, before any model
 call, that model and the teacher are checked (same latent space, same parametrization), and an
@@ -23,21 +25,28 @@ same name; the renoise noise and the renoise='random' level have their own gener
 the same seed, so guiding shifts neither the ancestral noise nor the global RNG, and a teacher A/B
 at a fixed seed differs by the teacher alone.
 
-This module imports without ComfyUI; the node only needs it when it runs. Install: docs/comfyui.md.
+The GUIDER is ComfyUI's CFGGuider for the student plus the teacher: `GuidedEvaluations` says which
+model evaluation of the sampler's run is refined (one per guided step), `teacher_guided` refines it
+(the refined estimate replaces the student's), the teacher and the seeds are as above.
+
+This module imports without ComfyUI; the nodes only need it when they run. Install: docs/comfyui.md.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from types import SimpleNamespace
 
 import torch
 
-from ..guided_steps import SigmaWindow
+from ..guided_denoiser import teacher_guided
+from ..guided_steps import GuidanceWarning, SigmaWindow
 from ..refine import DIRECTIONS, FORMS
 from ..registry import BY_NAME, REGISTRY
 
 RENOISE = ("next", "current", "random")
+BASE_SAMPLERS = [e.name for e in REGISTRY]  # the SAMPLER node's base_sampler choices
 CATEGORY = "sampling/custom_sampling/samplers"
 RENOISE_SEED_OFFSET = 0x5EED  # the renoise generator's seed = ComfyUI's seed + this; its own stream
 SEED_RANGE = 2**64  # ComfyUI's seeds are 0 ... 2**64 - 1; torch.Generator.manual_seed takes those (and negatives)
@@ -61,21 +70,31 @@ def comfy_modules():
 class ComfyTeacher:
     """The teacher as a kdistpp denoiser: one call = one ComfyUI `CFGGuider.sample` with a one-step sampler.
 
-    `student` is the KSamplerX0Inpaint that ComfyUI hands the sampler function: it carries the
-    student's guider (its patcher, for restoring its weights), latent image and noise.
+    `student_guider` is the guider sampling the student (its patcher, for restoring its weights); `noise`,
+    `latent` (as `CFGGuider.sample` takes it), `sigmas`, `seed` and `denoise_mask` are the student's run's.
     """
 
-    def __init__(self, teacher_patcher, positive, negative, cfg: float, student, sigmas, extra_args: dict):
+    def __init__(self, teacher_patcher, positive, negative, cfg: float, student_guider, noise, latent, sigmas, seed,
+                 denoise_mask):
         self.comfy = comfy_modules()
         self.guider = self.comfy.samplers.CFGGuider(teacher_patcher)
         self.guider.set_conds(positive, negative)
         self.guider.set_cfg(cfg)
-        self.student, self.sigmas = student, sigmas
-        self.seed = extra_args.get("seed")
-        mask = extra_args.get("denoise_mask")
+        self.student_guider, self.noise, self.latent, self.sigmas, self.seed = student_guider, noise, latent, sigmas, seed
+        mask = denoise_mask
         self.mask = mask[:, :1] if mask is not None and mask.ndim == 4 else mask  # as a user mask: one channel
         self.calls = 0
         self.student_memory = None  # (memory_required, minimum_memory_required) of the student's sampling
+
+    @classmethod
+    def for_sampler(cls, teacher_patcher, positive, negative, cfg: float, student, sigmas, extra_args: dict):
+        """The teacher of a SAMPLER's run: `student` is the KSamplerX0Inpaint that ComfyUI hands the sampler
+        function (the student's guider, its noise, and its latent after `process_latent_in`)."""
+        inner = student.inner_model.inner_model
+        latent = student.latent_image
+        latent = inner.process_latent_out(latent) if torch.count_nonzero(latent) > 0 else latent
+        return cls(teacher_patcher, positive, negative, cfg, student.inner_model, student.noise, latent, sigmas,
+                   extra_args.get("seed"), extra_args.get("denoise_mask"))
 
     def __call__(self, x, sigma, **_student_extra_args):
         result = {}
@@ -84,13 +103,11 @@ class ComfyTeacher:
             result["denoised"] = model(x.to(noise), sigma.to(noise), **(extra_args or {}))
             return noise  # the guider post-processes this; the estimate is taken from `result`
 
-        student_guider = self.student.inner_model
+        student_guider = self.student_guider
         inner = student_guider.inner_model  # the student's BaseModel: latent format of both (checked)
-        latent = self.student.latent_image
-        latent = inner.process_latent_out(latent) if torch.count_nonzero(latent) > 0 else latent
         current = getattr(inner, "current_patcher", None)
         try:
-            self.guider.sample(self.student.noise, latent, self.comfy.samplers.KSAMPLER(one_call), self.sigmas,
+            self.guider.sample(self.noise, self.latent, self.comfy.samplers.KSAMPLER(one_call), self.sigmas,
                                denoise_mask=self.mask, disable_pbar=True, seed=self.seed)
         finally:
             # A LoRA student is a clone of its teacher: one BaseModel, whose weights the teacher's load
@@ -110,7 +127,7 @@ class ComfyTeacher:
         extra = list(getattr(guider, "loaded_models", None) or [])  # CFGGuider.outer_sample keeps them there
         conds = getattr(guider, "conds", None) or {}
         if self.student_memory is None:
-            memory, minimum = helpers.estimate_memory(patcher, self.student.noise.shape, conds)
+            memory, minimum = helpers.estimate_memory(patcher, self.noise.shape, conds)
             _, inference = helpers.get_additional_models(conds, patcher.model_dtype())
             self.student_memory = memory + inference, minimum + inference
         memory, minimum = self.student_memory
@@ -137,18 +154,23 @@ def renoise_generator(x, seed) -> torch.Generator | None:
     return torch.Generator(device=x.device).manual_seed(renoise_seed(seed))
 
 
+def check_guided_steps(guidance_steps, sigmas, node: str, runner: str) -> None:
+    """guided_steps past the schedule fail with the node's input named (the core names its own argument)."""
+    steps = len(sigmas) - 1
+    if not isinstance(guidance_steps, SigmaWindow) and guidance_steps > steps:
+        raise ValueError(f"guided_steps={guidance_steps} (an input of the {node} node) is beyond the {steps} "
+                         f"steps this {runner} runs; use 0 to {steps}")
+
+
 def sample_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, *, teacher_model, positive, negative,
                   teacher_cfg, base, w, guidance_steps, form, renoise, direction="student"):
     """The SAMPLER's function, called by ComfyUI's KSAMPLER.sample with the student wrapped as `model`."""
     comfy = comfy_modules()
     parametrization = check_models(comfy, sampled_patcher(model), teacher_model)
-    steps = len(sigmas) - 1
-    if not isinstance(guidance_steps, SigmaWindow) and guidance_steps > steps:  # named as the node names it
-        raise ValueError(f"guided_steps={guidance_steps} (an input of the {NODE_NAME} node) is beyond the {steps} "
-                         f"steps this sampler runs; use 0 to {steps}")
+    check_guided_steps(guidance_steps, sigmas, NODE_NAME, "sampler")
     extra_args = {} if extra_args is None else extra_args
     seed = extra_args.get("seed")
-    teacher = ComfyTeacher(teacher_model, positive, negative, teacher_cfg, model, sigmas, extra_args)
+    teacher = ComfyTeacher.for_sampler(teacher_model, positive, negative, teacher_cfg, model, sigmas, extra_args)
     takes_noise = "noise_sampler" in inspect.signature(BY_NAME[base].fn).parameters
     noise = {"noise_sampler": comfy_noise_sampler(comfy.k_sampling, x, seed)} if takes_noise else {}
     return BY_NAME[base].fn(model, x, sigmas, extra_args, callback, disable, teacher=teacher, w=w,
@@ -158,9 +180,78 @@ def sample_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None
                             parametrization=parametrization, **noise)
 
 
+class GuidedEvaluations:
+    """Which model evaluations of a ComfyUI sampler's run the teacher refines, each guided sigma once.
+
+    Step k of a run lasts from the sampler's report of step k-1 (ComfyUI's callback with i = k-1;
+    step 0 from the start) to its report of step k. Guided step k is refined at the first evaluation
+    at sigma_k (to `teacher_guided`'s relative 1e-4) made once step k-1 is reported: the evaluation
+    the step's update starts from (Euler, DPM++ 2M/3M SDE, res_multistep, LCM...), the predictor's
+    evaluation of a predictor-corrector step (Heun, DPM 2, SEEDS, sa_solver), the corrector's
+    evaluation that UniPC reuses as the next step's history. Evaluations at other sigmas (midpoints,
+    Heun's corrector at sigma_{k+1} before step k+1 starts) and repeats at sigma_k (sa_solver PECE's
+    re-evaluation) pass through unrefined. The refinement itself is `teacher_guided`'s: the refined
+    estimate replaces the student's (direction 'refined').
+    """
+
+    def __init__(self, guided, plain):
+        self.guided, self.plain = guided, plain  # a TeacherGuidedDenoiser and the student it wraps
+        self.reported = 0  # steps the sampler has reported done
+        self.refined: list[tuple[int, float]] = []  # (step, sigma) of each refined evaluation, in order
+
+    def callback(self, user_callback):
+        """ComfyUI's sampler callback, counting the steps reported, then the user's (the latent preview)."""
+        def report(i, denoised, x, total_steps):
+            self.reported = max(self.reported, int(i) + 1)
+            if user_callback is not None:
+                user_callback(i, denoised, x, total_steps)
+        return report
+
+    def __call__(self, x, sigma, **extra_args):
+        i = self.guided.step_of(sigma)
+        if i is None or i > self.reported or any(j == i for j, _ in self.refined):
+            return self.plain(x, sigma, **extra_args)
+        self.refined.append((i, float(sigma.reshape(-1)[0])))
+        return self.guided(x, sigma, **extra_args)
+
+    def check_every_guided_step_was_refined(self, sampler_name: str) -> None:
+        """Warns (GuidanceWarning) when the run never evaluated a guided step's sigma once its step had
+        started: a sampler choosing its own sigmas (dpm_fast, dpm_adaptive) or reporting no steps."""
+        weights = self.guided.guidance.weights
+        missed = [i for i, v in enumerate(weights) if v != 0.0 and all(j != i for j, _ in self.refined)]
+        if missed:
+            schedule = self.guided.guidance.run.sigmas
+            warnings.warn(f"the {GUIDER_NAME}: sampler {sampler_name} never evaluated the student at guided step "
+                          f"{missed[0]}'s sigma {schedule[missed[0]]:.4g} within that step, so that step was not "
+                          "refined; pick a sampler that steps through the schedule's sigmas", GuidanceWarning,
+                          stacklevel=2)
+
+
+def guided_evaluations(comfy, guider, teacher_model, positive, negative, teacher_cfg, noise, latent, sigmas,
+                       denoise_mask, seed, *, w, guidance_steps, form, renoise) -> GuidedEvaluations:
+    """The Distillation++ guider's run: the models checked and the guidance planned before any model call,
+    the teacher run through ComfyUI as in the SAMPLER node, the renoise noise from its seeded generator."""
+    parametrization = check_models(comfy, guider.model_patcher, teacher_model, sampled=GUIDER_SAMPLED,
+                                   teacher_input=GUIDER_TEACHER, node="Distillation++ Guider")
+    check_guided_steps(guidance_steps, sigmas, GUIDER_NAME, "guider")
+    teacher = ComfyTeacher(teacher_model, positive, negative, teacher_cfg, guider, noise, latent, sigmas, seed,
+                           denoise_mask)
+
+    def plain(x, sigma, model_options=None, seed=None):
+        return comfy.samplers.CFGGuider.predict_noise(guider, x, sigma, model_options or {}, seed)
+
+    guided = teacher_guided(plain, teacher, sigmas, w=w, guidance_steps=guidance_steps, form=form, renoise=renoise,
+                            teacher_extra_args={}, parametrization=parametrization,
+                            renoise_generator=None if form == "guidance" else renoise_generator(noise, seed))
+    return GuidedEvaluations(guided, plain)
+
+
 NODE_NAME = "Distillation++ Sampler (kdistpp)"
+GUIDER_NAME = "Distillation++ Guider (kdistpp)"
 SAMPLED = "the student (SamplerCustom's `model` input, the model it samples)"
 TEACHER = "the teacher (the `teacher` input of the Distillation++ Sampler node)"
+GUIDER_SAMPLED = "the student (the `model` input of the Distillation++ Guider node)"
+GUIDER_TEACHER = "the teacher (the `teacher` input of the Distillation++ Guider node)"
 
 
 def sampled_patcher(model):
@@ -169,13 +260,13 @@ def sampled_patcher(model):
     return model.inner_model.model_patcher
 
 
-def same_latent_space(student, teacher) -> None:
+def same_latent_space(student, teacher, sampled=SAMPLED, teacher_input=TEACHER, node="Distillation++ Sampler") -> None:
     s = type(getattr(getattr(student, "model", None), "latent_format", None))
     t = type(getattr(getattr(teacher, "model", None), "latent_format", None))
     if s is not t:
-        raise ValueError(f"the student and the teacher work in different latent spaces: {SAMPLED} is {s.__name__}, "
-                         f"{TEACHER} is {t.__name__}; connect a teacher of the student's family to the Distillation++ "
-                         "Sampler's `teacher` input (e.g. SDXL base for SDXL-Lightning)")
+        raise ValueError(f"the student and the teacher work in different latent spaces: {sampled} is {s.__name__}, "
+                         f"{teacher_input} is {t.__name__}; connect a teacher of the student's family to the {node}'s "
+                         "`teacher` input (e.g. SDXL base for SDXL-Lightning)")
 
 
 def parametrization_of(model_sampling_module, patcher) -> str:
@@ -189,25 +280,27 @@ PARAMETRIZATION_NAMES = {"flow": "a rectified-flow model (CONST model sampling: 
                          "ve": "a VE/epsilon/v model (SD 1.x, SDXL, ...)"}
 
 
-def same_parametrization(model_sampling_module, student, teacher) -> str:
+def same_parametrization(model_sampling_module, student, teacher, sampled=SAMPLED, teacher_input=TEACHER,
+                         node="Distillation++ Sampler") -> str:
     """The parametrization both models share, or a ValueError naming the inputs: the refinement
     renoises the student's estimate at the teacher's sigma, which means one thing in both only when
     both build their state from x0 and noise the same way."""
     s, t = parametrization_of(model_sampling_module, student), parametrization_of(model_sampling_module, teacher)
     if s != t:
-        raise ValueError(f"the student and the teacher are parametrized differently: {SAMPLED} is "
-                         f"{PARAMETRIZATION_NAMES[s]} ({type(student.model).__name__}), {TEACHER} is "
+        raise ValueError(f"the student and the teacher are parametrized differently: {sampled} is "
+                         f"{PARAMETRIZATION_NAMES[s]} ({type(student.model).__name__}), {teacher_input} is "
                          f"{PARAMETRIZATION_NAMES[t]} ({type(teacher.model).__name__}); connect a teacher of the "
-                         "student's family to the Distillation++ Sampler's `teacher` input (e.g. Flux dev for a "
+                         f"student's family to the {node}'s `teacher` input (e.g. Flux dev for a "
                          "Flux schnell-style student, SDXL base for SDXL-Lightning)")
     return s
 
 
-def check_models(comfy, student, teacher) -> str:
+def check_models(comfy, student, teacher, **names) -> str:
     """The checks on the model actually sampled and the teacher, before any model call; returns the
-    parametrization ('ve' or 'flow') to sample them with."""
-    parametrization = same_parametrization(comfy.model_sampling, student, teacher)
-    same_latent_space(student, teacher)
+    parametrization ('ve' or 'flow') to sample them with. `names`: how the error names the inputs
+    (sampled, teacher_input, node), the SAMPLER node's by default."""
+    parametrization = same_parametrization(comfy.model_sampling, student, teacher, **names)
+    same_latent_space(student, teacher, **names)
     return parametrization
 
 
@@ -216,62 +309,10 @@ def guided_steps_option(guided_steps: int, sigma_min: float = 0.0, sigma_max: fl
     return SigmaWindow(sigma_min, sigma_max) if sigma_max > 0 else guided_steps
 
 
-class DistillationPPSampler:
-    """Distillation++ (Park et al. 2024): the teacher refines the student's first step(s)."""
+async def comfy_entrypoint():
+    """ComfyUI's V3 entry point: the extension holding both nodes (kdistpp.integrations.comfyui_nodes,
+    which needs ComfyUI's comfy_api), or a clear error outside ComfyUI."""
+    comfy_modules()
+    from .comfyui_nodes import KdistppExtension
 
-    DESCRIPTION = ("Distillation++ (Park et al. 2024): on the first step(s) the distilled student's estimate is "
-                   "renoised, denoised by its teacher at the teacher's CFG, and moved a fraction w toward it; the "
-                   "sampler then continues. Feed the SAMPLER to SamplerCustom with the student model: the student "
-                   "is the model SamplerCustom samples (checked against the teacher when sampling starts). One "
-                   "teacher call per guided step; at w = 0 it is ComfyUI's own sampler of the same name, same seed.")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "teacher": ("MODEL", {"tooltip": "the base model of the student SamplerCustom samples (e.g. SDXL base "
-                                             "for SDXL-Lightning / DMD2 / LCM); checked against it when sampling "
-                                             "starts"}),
-            "teacher_positive": ("CONDITIONING", {"tooltip": "the teacher's prompt (encode with the teacher's CLIP)"}),
-            "teacher_negative": ("CONDITIONING", {"tooltip": "the teacher's negative prompt"}),
-            "teacher_cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1,
-                                      "tooltip": "the teacher's CFG scale (the paper: 7.5 for SDXL)"}),
-            "base_sampler": ([e.name for e in REGISTRY], {"default": "euler", "tooltip": "the solver the refinement "
-                             "is inserted into; 'consistency' is ComfyUI's lcm (LCM, DMD2)"}),
-            "w": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01,
-                            "tooltip": "teacher weight (the paper's lambda): Lightning 0.1, Turbo 0.02-0.1, "
-                                       "DMD2 0.01 and LCM 0.01-0.02 with form eps; 0 = the plain sampler"}),
-            "guided_steps": ("INT", {"default": 1, "min": 0, "max": 100,
-                                     "tooltip": "the first N steps are refined (the paper: 1); more than the "
-                                                "schedule's steps fails when sampling starts"}),
-            "form": (list(FORMS), {"default": "interpolate", "tooltip": "interpolate = eq. 9 (renoise, teacher, "
-                                   "lerp); guidance = eq. 10 (teacher at the student's point); eps = the authors' "
-                                   "mixing for consistency students (LCM, DMD2)"}),
-            "renoise": (list(RENOISE), {"default": "next", "tooltip": "the teacher's noise level: the next sigma "
-                                        "(the paper's decreasing schedule), the current one, or random"}),
-        }, "optional": {
-            "direction": (list(DIRECTIONS), {"default": "student", "tooltip": "student = the authors' update (keep "
-                                             "the student's noise, replace its clean estimate); refined = the refined "
-                                             "estimate everywhere (a smaller step for the same w)"}),
-            "guide_sigma_min": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.01,
-                                          "tooltip": "with guide_sigma_max > 0: guide every step whose sigma lies in "
-                                                     "[min, max] instead of the first N steps"}),
-            "guide_sigma_max": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.01,
-                                          "tooltip": "0 = off (use guided_steps); else the upper end of the sigma "
-                                                     "window to guide"}),
-        }}
-
-    RETURN_TYPES = ("SAMPLER",)
-    FUNCTION = "build"
-    CATEGORY = CATEGORY
-
-    def build(self, teacher, teacher_positive, teacher_negative, teacher_cfg, base_sampler, w, guided_steps,
-              form, renoise, direction="student", guide_sigma_min=0.0, guide_sigma_max=0.0):
-        comfy = comfy_modules()
-        steps = guided_steps_option(guided_steps, guide_sigma_min, guide_sigma_max)
-        options = dict(teacher_model=teacher, positive=teacher_positive, negative=teacher_negative, teacher_cfg=teacher_cfg,
-                       base=base_sampler, w=w, guidance_steps=steps, form=form, renoise=renoise, direction=direction)
-        return (comfy.samplers.KSAMPLER(sample_distpp, extra_options=options),)
-
-
-NODE_CLASS_MAPPINGS = {"KdistppDistillationPPSampler": DistillationPPSampler}
-NODE_DISPLAY_NAME_MAPPINGS = {"KdistppDistillationPPSampler": NODE_NAME}
+    return KdistppExtension()
