@@ -57,13 +57,14 @@ def comfy_modules():
     try:
         import comfy.k_diffusion.sampling as k_sampling
         import comfy.model_management as management
+        import comfy.model_patcher as model_patcher
         import comfy.model_sampling as model_sampling
         import comfy.sampler_helpers as sampler_helpers
         import comfy.samplers as samplers
     except ImportError as err:
         raise RuntimeError("the kdistpp Distillation++ node runs inside ComfyUI (comfy.samplers was not found); "
                            "install it into ComfyUI's custom_nodes as docs/comfyui.md describes") from err
-    return SimpleNamespace(samplers=samplers, management=management, k_sampling=k_sampling,
+    return SimpleNamespace(samplers=samplers, management=management, k_sampling=k_sampling, model_patcher=model_patcher,
                            model_sampling=model_sampling, sampler_helpers=sampler_helpers)
 
 
@@ -181,50 +182,113 @@ def sample_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None
 
 
 class GuidedEvaluations:
-    """Which model evaluations of a ComfyUI sampler's run the teacher refines, each guided sigma once.
+    """Which model evaluations of a ComfyUI sampler's run the teacher refines: one per guided step.
 
-    Step k of a run lasts from the sampler's report of step k-1 (ComfyUI's callback with i = k-1;
-    step 0 from the start) to its report of step k. Guided step k is refined at the first evaluation
-    at sigma_k (to `teacher_guided`'s relative 1e-4) made once step k-1 is reported: the evaluation
-    the step's update starts from (Euler, DPM++ 2M/3M SDE, res_multistep, LCM...), the predictor's
-    evaluation of a predictor-corrector step (Heun, DPM 2, SEEDS, sa_solver), the corrector's
-    evaluation that UniPC reuses as the next step's history. Evaluations at other sigmas (midpoints,
-    Heun's corrector at sigma_{k+1} before step k+1 starts) and repeats at sigma_k (sa_solver PECE's
-    re-evaluation) pass through unrefined. The refinement itself is `teacher_guided`'s: the refined
-    estimate replaces the student's (direction 'refined').
+    Guided step k is refined at the evaluation the sampler reports as step k: ComfyUI's samplers call
+    their callback with i = k right after the evaluation their step-k update starts from (Euler, DPM++
+    2M/3M SDE, res_multistep, er_sde, LCM, ...; the first, predictor, evaluation of Heun, DPM 2, SEEDS,
+    sa_solver and sa_solver PECE), and UniPC right after its evaluation at t_k, which corrects its
+    step-k state and is the next step's history. Which evaluation that is comes from a dry run of the
+    same sampler on the same sigmas before the real one (`DryRunFirst`: a stand-in model returning
+    zeros, no model call): the real run refines the same occurrence at sigma_k (to `teacher_guided`'s
+    relative 1e-4). Other evaluations pass through unrefined: at other sigmas (midpoints, SEEDS'
+    stages) and at sigma_k but belonging to another step (Heun's corrector of step k-1 lands on
+    sigma_k, so does DPM 2 / DPM++ 2S ancestral's midpoint at eta 1) or repeating it (sa_solver PECE's
+    re-evaluation). The refinement is `teacher_guided`'s: the refined estimate replaces the student's.
     """
 
     def __init__(self, guided, plain):
         self.guided, self.plain = guided, plain  # a TeacherGuidedDenoiser and the student it wraps
-        self.reported = 0  # steps the sampler has reported done
+        self.chosen: dict[int, int] = {}  # guided step k -> which evaluation at sigma_k is refined (0 = the first)
+        self.seen: dict[int, int] = {}  # guided step k -> the real run's evaluations at sigma_k so far
         self.refined: list[tuple[int, float]] = []  # (step, sigma) of each refined evaluation, in order
 
-    def callback(self, user_callback):
-        """ComfyUI's sampler callback, counting the steps reported, then the user's (the latent preview)."""
-        def report(i, denoised, x, total_steps):
-            self.reported = max(self.reported, int(i) + 1)
-            if user_callback is not None:
-                user_callback(i, denoised, x, total_steps)
-        return report
+    @property
+    def active(self) -> bool:
+        return any(v != 0.0 for v in self.guided.guidance.weights)
+
+    def choose(self, log: list[tuple[str, int | None]]) -> None:
+        """Picks, per guided step k, the occurrence at sigma_k that the dry run's sampler reported as step k
+        (the evaluation just before its callback with i = k), else the first at sigma_k."""
+        for k, v in enumerate(self.guided.guidance.weights):
+            if v == 0.0:
+                continue
+            at_k = [j for j, event in enumerate(log) if event == ("eval", k)]
+            report = next((j for j, event in enumerate(log) if event == ("step", k)), None)
+            if report is not None and report > 0 and log[report - 1] == ("eval", k):
+                self.chosen[k] = at_k.index(report - 1)
+            elif at_k:
+                self.chosen[k] = 0
 
     def __call__(self, x, sigma, **extra_args):
-        i = self.guided.step_of(sigma)
-        if i is None or i > self.reported or any(j == i for j, _ in self.refined):
+        k = self.guided.step_of(sigma)
+        if k is None:
             return self.plain(x, sigma, **extra_args)
-        self.refined.append((i, float(sigma.reshape(-1)[0])))
+        n = self.seen[k] = self.seen.get(k, -1) + 1
+        if self.chosen.get(k) != n:
+            return self.plain(x, sigma, **extra_args)
+        self.refined.append((k, float(sigma.reshape(-1)[0])))
         return self.guided(x, sigma, **extra_args)
 
     def check_every_guided_step_was_refined(self, sampler_name: str) -> None:
-        """Warns (GuidanceWarning) when the run never evaluated a guided step's sigma once its step had
-        started: a sampler choosing its own sigmas (dpm_fast, dpm_adaptive) or reporting no steps."""
+        """Warns (GuidanceWarning) when the run never evaluated a guided step's sigma where the dry run did:
+        a sampler choosing its own sigmas (dpm_fast, dpm_adaptive) evaluates only the schedule's start."""
         weights = self.guided.guidance.weights
         missed = [i for i, v in enumerate(weights) if v != 0.0 and all(j != i for j, _ in self.refined)]
         if missed:
             schedule = self.guided.guidance.run.sigmas
             warnings.warn(f"the {GUIDER_NAME}: sampler {sampler_name} never evaluated the student at guided step "
-                          f"{missed[0]}'s sigma {schedule[missed[0]]:.4g} within that step, so that step was not "
+                          f"{missed[0]}'s sigma {schedule[missed[0]]:.4g} as that step, so that step was not "
                           "refined; pick a sampler that steps through the schedule's sigmas", GuidanceWarning,
                           stacklevel=2)
+
+
+class StandIn:
+    """The guider as the dry run's sampler sees it: zeros for an estimate, each evaluation's guided step
+    (or None) and each reported step logged; anything else is the guider's."""
+
+    def __init__(self, guider, evaluations: GuidedEvaluations):
+        self.guider, self.evaluations, self.log = guider, evaluations, []
+
+    def __call__(self, x, sigma, model_options=None, seed=None):
+        self.log.append(("eval", self.evaluations.guided.step_of(sigma)))
+        zeros = torch.zeros_like(x)
+        # the CFG++ samplers read the unconditional estimate through ComfyUI's post-CFG hook: give them one
+        for fn in (model_options or {}).get("sampler_post_cfg_function", []):
+            zeros = fn({"denoised": zeros, "cond": None, "uncond": None, "cond_scale": 1.0, "model": None,
+                        "uncond_denoised": zeros, "cond_denoised": zeros, "sigma": sigma,
+                        "model_options": model_options, "input": x})
+        return zeros
+
+    def report(self, i, denoised, x, total_steps):
+        self.log.append(("step", int(i)))
+
+    def __getattr__(self, name):
+        return getattr(self.guider, name)
+
+
+class DryRunFirst:
+    """A ComfyUI SAMPLER that, asked to sample, first runs the wrapped sampler dry (on a `StandIn`, with
+    copies of the arguments it may change: sigmas, extra_args and its model_options) so that
+    `GuidedEvaluations` learns which evaluation each step reports, then runs it for real, unchanged.
+    The samplers draw their noise from generators seeded by the run's seed, so the dry run leaves the
+    real run's noise as it was."""
+
+    def __init__(self, sampler, evaluations: GuidedEvaluations, clone_model_options):
+        self.sampler, self.evaluations, self.clone_model_options = sampler, evaluations, clone_model_options
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        stand_in = StandIn(model_wrap, self.evaluations)
+        dry_args = {**extra_args, "model_options": self.clone_model_options(extra_args.get("model_options", {}))}
+        self.sampler.sample(stand_in, sigmas.clone(), dry_args, stand_in.report, noise, latent_image, denoise_mask,
+                            True)
+        self.evaluations.choose(stand_in.log)
+        return self.sampler.sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
+                                   disable_pbar)
+
+    def __getattr__(self, name):
+        return getattr(self.sampler, name)
 
 
 def guided_evaluations(comfy, guider, teacher_model, positive, negative, teacher_cfg, noise, latent, sigmas,

@@ -14,8 +14,8 @@ import comfy.samplers
 from comfy_api.latest import ComfyExtension, io
 
 from ..refine import DIRECTIONS, FORMS
-from .comfyui import (BASE_SAMPLERS, CATEGORY, GUIDER_NAME, NODE_NAME, RENOISE, comfy_modules, guided_evaluations,
-                      guided_steps_option, sample_distpp)
+from .comfyui import (BASE_SAMPLERS, CATEGORY, GUIDER_NAME, NODE_NAME, RENOISE, DryRunFirst, comfy_modules,
+                      guided_evaluations, guided_steps_option, sample_distpp)
 
 SAMPLER_ID = "KdistppDistillationPPSampler"
 GUIDER_ID = "KdistppDistillationPPGuider"
@@ -121,12 +121,18 @@ class Guider_DistillationPP(comfy.samplers.CFGGuider):
     def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed,
                      latent_shapes=None):
         # `latent_image` as CFGGuider.sample passed it on (before process_latent_in): what the teacher's sample takes
-        self.evaluations = guided_evaluations(comfy_modules(), self, *self.teacher, noise, latent_image, sigmas,
-                                              denoise_mask, seed, **self.settings)
+        comfy = comfy_modules()
+        self.evaluations = guided_evaluations(comfy, self, *self.teacher, noise, latent_image, sigmas, denoise_mask,
+                                              seed, **self.settings)
+        if not self.evaluations.active:  # w = 0 or no guided step: CFGGuider's run, untouched
+            return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
+                                        disable_pbar, seed, latent_shapes=latent_shapes)
         self.running = True
         try:
-            samples = super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask,
-                                           self.evaluations.callback(callback), disable_pbar, seed,
+            samples = super().inner_sample(noise, latent_image, device,
+                                           DryRunFirst(sampler, self.evaluations,
+                                                       comfy.model_patcher.create_model_options_clone),
+                                           sigmas, denoise_mask, callback, disable_pbar, seed,
                                            latent_shapes=latent_shapes)
         finally:
             self.running = False
@@ -135,7 +141,7 @@ class Guider_DistillationPP(comfy.samplers.CFGGuider):
         return samples
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (CFGGuider's signature)
-        if not getattr(self, "running", False):
+        if not self.running:
             return super().predict_noise(x, timestep, model_options, seed)
         return self.evaluations(x, timestep, model_options=model_options, seed=seed)
 
