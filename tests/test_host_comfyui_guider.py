@@ -365,3 +365,42 @@ def test_both_nodes_are_v3_nodes_with_the_first_releases_inputs_and_a_tooltip_on
     for node in nodes:
         assert all(spec[1].get("tooltip") for group in node.INPUT_TYPES().values() for spec in group.values())
         assert "w = 0" in node.GET_SCHEMA().description
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_teacher_identical_to_the_student_changes_nothing(comfy, models, name):
+    """The student as its own teacher, with the student's conditioning and CFG, in form 'guidance' (the teacher
+    at the student's own point) and w 0.5: every sampler gives CFGGuider's latent bit for bit, so the refined
+    run differs from the plain one by the teacher alone: the dry run, the teacher's run through ComfyUI and
+    the refinement leave the sampler's noise and state as they were."""
+    student, _ = models["sd1"]
+    shape = FAMILIES["sd1"][1]
+    theirs = advanced(comfy, cfg_guider(student, "sd1", cfg=2.0), name, schedule(student, "sd1"), shape)
+    the_guider = guider_node().execute(student, conditioning(1), conditioning(2), 2.0, student, conditioning(1),
+                                       conditioning(2), 2.0, w=0.5, guided_steps=GUIDED, form="guidance",
+                                       renoise="next").result[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", kdistpp.GuidanceWarning)  # dpm_fast / dpm_adaptive: step 1 not refined
+        ours = advanced(comfy, the_guider, name, schedule(student, "sd1"), shape)
+    assert torch.equal(ours, theirs)
+    assert the_guider.evaluations.refined  # the teacher was called
+
+
+@pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m_sde", "er_sde"])
+def test_renoise_noise_follows_the_seed_and_leaves_the_global_rng_alone(comfy, models, name):
+    """Form interpolate draws its renoise noise from a generator seeded from ComfyUI's seed: the same seed gives
+    the same latent, another seed another, and the global RNG is where an unguided run leaves it."""
+    student, teacher = models["sd1"]
+    shape = FAMILIES["sd1"][1]
+
+    def run(w, seed):
+        torch.manual_seed(123)
+        out = advanced(comfy, guider(student, teacher, "sd1", w), name, schedule(student, "sd1"), shape, seed=seed)
+        return out, torch.get_rng_state()
+
+    first, state = run(0.5, 3)
+    again, _ = run(0.5, 3)
+    other, _ = run(0.5, 4)
+    _, plain_state = run(0.0, 3)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert torch.equal(state, plain_state)
