@@ -430,3 +430,27 @@ def workflow_to_prompt(workflow: dict, object_info: dict) -> dict:
                 inputs[name] = [str(source), slot]
         prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs, "_meta": {"title": node.get("title", kind)}}
     return prompt
+
+
+# ------------------------------------------------------------------------------ the nodes' inputs
+
+# The inputs of the nodes' first release (V1), in order: saved workflows store widget values in this order.
+SAMPLER_INPUTS_V1 = {
+    "required": [("teacher", "MODEL", None), ("teacher_positive", "CONDITIONING", None),
+                 ("teacher_negative", "CONDITIONING", None), ("teacher_cfg", "FLOAT", 5.0),
+                 ("base_sampler", ["euler", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m", "consistency"],
+                  "euler"), ("w", "FLOAT", 0.3), ("guided_steps", "INT", 1),
+                 ("form", ["interpolate", "guidance", "eps"], "interpolate"),
+                 ("renoise", ["next", "current", "random"], "next")],
+    "optional": [("direction", ["student", "refined"], "student"), ("guide_sigma_min", "FLOAT", 0.0),
+                 ("guide_sigma_max", "FLOAT", 0.0)],
+}
+
+
+def as_listed(spec: dict) -> dict:
+    """An INPUT_TYPES dict as (name, type, default) per group, a combo as its options (V1's form)."""
+    out = {}
+    for group, inputs in spec.items():
+        out[group] = [(name, value[1]["options"] if value[0] == "COMBO" else value[0], value[1].get("default"))
+                      for name, value in inputs.items()]
+    return out

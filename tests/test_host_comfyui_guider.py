@@ -19,6 +19,7 @@ import torch
 
 import kdistpp
 from comfy_models import FLOW_LATENT, WAN_LATENT, conditioning, flow_conditioning, lora_clone, tiny_flow, tiny_sd15
+from comfy_server import SAMPLER_INPUTS_V1, as_listed
 from hosts import import_comfy
 
 FAMILIES = {"sd1": ("karras", (1, 4, 8, 8), conditioning), "flux": ("simple", FLOW_LATENT, flow_conditioning)}
@@ -315,28 +316,6 @@ def test_a_teacher_of_another_kind_and_guided_steps_past_the_schedule_are_refuse
     with pytest.raises(ValueError, match=r"guided_steps=9 \(an input of the Distillation\+\+ Guider"):
         advanced(comfy, guider(student, teacher, "sd1", 0.3, guided_steps=9), "euler", schedule(student, "sd1"),
                  sd1[1])
-
-
-# The inputs of the nodes' first release (V1), in order: saved workflows store widget values in this order.
-SAMPLER_INPUTS_V1 = {
-    "required": [("teacher", "MODEL", None), ("teacher_positive", "CONDITIONING", None),
-                 ("teacher_negative", "CONDITIONING", None), ("teacher_cfg", "FLOAT", 5.0),
-                 ("base_sampler", ["euler", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m", "consistency"],
-                  "euler"), ("w", "FLOAT", 0.3), ("guided_steps", "INT", 1),
-                 ("form", ["interpolate", "guidance", "eps"], "interpolate"),
-                 ("renoise", ["next", "current", "random"], "next")],
-    "optional": [("direction", ["student", "refined"], "student"), ("guide_sigma_min", "FLOAT", 0.0),
-                 ("guide_sigma_max", "FLOAT", 0.0)],
-}
-
-
-def as_listed(spec: dict) -> dict:
-    """An INPUT_TYPES dict as (name, type, default) per group, a combo as its options (V1's form)."""
-    out = {}
-    for group, inputs in spec.items():
-        out[group] = [(name, value[1]["options"] if value[0] == "COMBO" else value[0], value[1].get("default"))
-                      for name, value in inputs.items()]
-    return out
 
 
 def test_both_nodes_are_v3_nodes_with_the_first_releases_inputs_and_a_tooltip_on_each(comfy):

@@ -32,7 +32,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from comfy_server import start, workflow_to_prompt
+from comfy_server import SAMPLER_INPUTS_V1, as_listed, start, workflow_to_prompt
 from hosts import REPO
 
 EXAMPLES = REPO / "example_workflows"
@@ -43,6 +43,8 @@ SDXL = ["sdxl_lightning_distillation_pp", "dmd2_consistency_distillation_pp"]
 FLOW = ["qwen_image_lightning_distillation_pp", "wan22_two_experts_distillation_pp"]
 COMFY_SAMPLER = {"euler": "euler", "consistency": "lcm"}
 NODE = "KdistppDistillationPPSampler"
+GUIDER = "KdistppDistillationPPGuider"
+GUIDED = ["qwen_image_lightning_guider_distillation_pp"]  # the Distillation++ Guider with SamplerCustomAdvanced
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,7 @@ def prompt(name: str, object_info: dict, size: int = 64) -> dict:
             node["inputs"]["width"] = node["inputs"]["height"] = size
         if "length" in node["inputs"]:
             node["inputs"]["length"] = 5  # two latent frames
-    return tiny_loaders(p) if name in FLOW else p
+    return tiny_loaders(p) if name in FLOW + GUIDED else p
 
 
 def tiny_loaders(p: dict) -> dict:
@@ -175,7 +177,7 @@ def teacher_first(p: dict, sampler_id: str, base: str) -> dict:
 
 def test_example_workflows_are_served_as_the_custom_nodes_templates(server):
     names = sorted(path.stem for path in EXAMPLES.glob("*.json"))
-    assert len(names) == 4
+    assert len(names) == 5
     templates = server.get("/workflow_templates")
     assert sorted(templates["kdistpp"]) == names  # the template browser's list for this custom node
     for name in names:
@@ -193,7 +195,8 @@ def test_each_workflow_has_a_note_naming_every_model_file_its_loaders_use(object
         assert files and all(f in notes for f in files), (path.name, files)
 
 
-@pytest.mark.parametrize("name", ["qwen_image_lightning_distillation_pp", "wan22_two_experts_distillation_pp"])
+@pytest.mark.parametrize("name", ["qwen_image_lightning_distillation_pp", "wan22_two_experts_distillation_pp",
+                                  "qwen_image_lightning_guider_distillation_pp"])
 def test_flow_workflows_validate_on_the_server_except_for_the_model_files(server, object_info, name):
     """ComfyUI validates a whole prompt before running it: the only errors left are the model files
     this test server does not have (every link, type and other widget value is accepted)."""
@@ -314,6 +317,57 @@ def test_bad_teachers_and_settings_are_comfyuis_node_errors_naming_the_input(ser
     assert e["node_type"] == "SamplerCustom" and e["exception_type"].endswith("ValueError")
     assert "guided_steps=10 (an input of the Distillation++ Sampler" in e["exception_message"]
     assert "beyond the 4 steps" in e["exception_message"]
+
+
+def with_cfg_guider(p: dict) -> dict:
+    """The prompt with ComfyUI's own CFGGuider (the student, its conditioning and CFG) where the Distillation++
+    Guider was."""
+    q = copy.deepcopy(p)
+    for node_id in ids(q, GUIDER):
+        inputs = q[node_id]["inputs"]
+        q[node_id] = {"class_type": "CFGGuider", "inputs": {k: inputs[k] for k in ("model", "positive", "negative",
+                                                                                   "cfg")}}
+    return q
+
+
+def test_object_info_lists_both_v3_nodes_with_their_inputs(object_info):
+    """/object_info, which the page builds its nodes from: the Distillation++ Sampler with the first release's
+    inputs (names, types, defaults, order: saved workflows' widget values follow it), the Distillation++ Guider
+    with CFGGuider's inputs, the teacher's and the settings; a tooltip on every input."""
+    sampler, guider = object_info[NODE], object_info[GUIDER]
+    assert as_listed(sampler["input"]) == SAMPLER_INPUTS_V1
+    assert sampler["input_order"] == {group: [n for n, _, _ in inputs] for group, inputs in SAMPLER_INPUTS_V1.items()}
+    assert (sampler["output"], sampler["category"]) == (["SAMPLER"], "sampling/custom_sampling/samplers")
+    assert guider["input_order"]["required"][:4] == object_info["CFGGuider"]["input_order"]["required"]
+    assert guider["input_order"]["required"][4:] == [n for n, _, _ in SAMPLER_INPUTS_V1["required"]
+                                                     if n != "base_sampler"]
+    assert guider["input_order"]["optional"] == ["guide_sigma_min", "guide_sigma_max"]
+    assert (guider["output"], guider["category"]) == (["GUIDER"], "sampling/custom_sampling/guiders")
+    for node in (sampler, guider):
+        assert all(spec[1].get("tooltip") for group in node["input"].values() for spec in group.values())
+
+
+@pytest.mark.parametrize("sampler_name", ["res_multistep", "er_sde"])
+def test_the_guider_workflow_at_w0_is_comfyuis_cfgguider_and_its_teacher_changes_it(server, object_info,
+                                                                                    sampler_name):
+    """The guider example (Qwen-Image-Lightning, SamplerCustomAdvanced) with its sampler (res_multistep) and with
+    er_sde: at w = 0 the image is CFGGuider's in the guider's place, pixel for pixel (another seed changes it);
+    with the workflow's own settings the teacher changes the latent."""
+    p = prompt(GUIDED[0], object_info)
+    p[one(p, "KSamplerSelect")]["inputs"]["sampler_name"] = sampler_name
+    plain = with_cfg_guider(p)
+    zero = copy.deepcopy(p)
+    zero[one(zero, GUIDER)]["inputs"]["w"] = 0.0
+    theirs = image(server, plain)
+    assert theirs.std() > 5
+    np.testing.assert_array_equal(image(server, zero), theirs)
+    other = copy.deepcopy(plain)
+    other[one(other, "RandomNoise")]["inputs"]["noise_seed"] += 1
+    assert np.abs(image(server, other) - theirs).max() > 20
+    guided, guided_latent = image_and_latent(server, p)
+    _, plain_latent = image_and_latent(server, plain)
+    assert guided.std() > 5
+    assert np.abs(guided_latent - plain_latent).max() > 1e-3 * np.abs(plain_latent).max()
 
 
 def test_the_converter_gives_the_pages_own_api_prompt(server, object_info):
