@@ -1,9 +1,10 @@
 """ComfyUI's page in a real browser: ComfyUI's own server (main.py --cpu) with this repository as a custom
 node, its frontend (comfyui-frontend-package) rendered by headless Chromium and driven as a user drives it.
 
-What a user sees is compared with what the node declares (kdistpp.integrations.comfyui, read here in
-Python) and with the files of example_workflows/: the node is found by the search box, each input shows its
-own tooltip where it is drawn, and an example workflow opens from the template browser and runs to an image.
+What a user sees is compared with what the nodes declare (the V3 schemas, as the server's /object_info
+gives them to the page) and with the files of example_workflows/: each node (the Distillation++ Sampler and
+the Distillation++ Guider) is found by the search box and each of its inputs shows its own tooltip where it
+is drawn, and an example workflow opens from the template browser and runs to an image.
 With KDISTPP_SCREENSHOTS=<folder> the same runs save the docs' screenshots (tools/screenshots.py).
 """
 
@@ -20,6 +21,8 @@ import browser
 from hosts import REPO, require
 
 NODE_TYPE = "KdistppDistillationPPSampler"
+GUIDER_TYPE = "KdistppDistillationPPGuider"
+NODE_TYPES = (NODE_TYPE, GUIDER_TYPE)
 EXAMPLES = REPO / "example_workflows"
 
 SEARCH_BOX = "input[placeholder='Search Nodes...']"
@@ -74,12 +77,12 @@ def open_page(driver, server) -> None:
         "ComfyUI's page ready")
 
 
-def node_definition():
-    from kdistpp.integrations import comfyui
-
-    types = comfyui.DistillationPPSampler.INPUT_TYPES()
-    inputs = {**types["required"], **types["optional"]}
-    return comfyui, {name: spec[1]["tooltip"] for name, spec in inputs.items()}
+def node_definition(server, node_type: str = NODE_TYPE) -> tuple[dict, dict]:
+    """The node's definition as the server gives it to the page (/object_info), and each input's tooltip."""
+    info = server.get("/object_info")[node_type]
+    order = info["input_order"].get("required", []) + info["input_order"].get("optional", [])
+    specs = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+    return info, {name: specs[name][1]["tooltip"] for name in order}
 
 
 def search_and_add(driver, query: str = "Distillation", screenshot: str | None = None) -> list[str]:
@@ -114,23 +117,41 @@ def search_and_add(driver, query: str = "Distillation", screenshot: str | None =
     return results
 
 
-def test_the_node_search_finds_the_node_and_adds_it(server, driver):
-    comfyui, _ = node_definition()
+# the query a user types for each node, and the screenshots its runs save for the docs
+QUERIES = {NODE_TYPE: ("Distillation++ Sampler", "comfyui_search", "comfyui_node"),
+           GUIDER_TYPE: ("Distillation++ Guider", None, None)}
+
+
+def test_the_node_search_lists_both_nodes(server, driver):
     open_page(driver, server)
-    results = search_and_add(driver, screenshot="comfyui_search")
-    title, category = comfyui.NODE_NAME, comfyui.CATEGORY.replace("/", " > ")
+    results = search_and_add(driver, "Distillation")
+    for node_type in NODE_TYPES:
+        info, _ = node_definition(server, node_type)
+        title, category = info["display_name"], info["category"].replace("/", " > ")
+        assert any(title in r and category in r and "kdistpp" in r for r in results), (title, results)
+
+
+@pytest.mark.parametrize("node_type", NODE_TYPES)
+def test_the_node_search_finds_the_node_and_adds_it(server, driver, node_type):
+    info, _ = node_definition(server, node_type)
+    query, screenshot, _ = QUERIES[node_type]
+    open_page(driver, server)
+    results = search_and_add(driver, query, screenshot=screenshot)
+    title, category = info["display_name"], info["category"].replace("/", " > ")
     assert any(title in r and category in r and "kdistpp" in r for r in results), results
     nodes = browser.wait_for(driver, lambda d: d.execute_script(
         "return app.graph.nodes.map(n => [n.type, n.title])") or None, 10, "the added node")
-    assert nodes == [[NODE_TYPE, title]]
+    assert nodes == [[node_type, title]]
 
 
-def test_the_added_node_shows_each_input_with_its_tooltip(server, driver):
-    comfyui, tooltips = node_definition()
+@pytest.mark.parametrize("node_type", NODE_TYPES)
+def test_the_added_node_shows_each_input_with_its_tooltip(server, driver, node_type):
+    info, tooltips = node_definition(server, node_type)
+    query, _, screenshot = QUERIES[node_type]
     open_page(driver, server)
-    search_and_add(driver)
+    search_and_add(driver, query)
     node_id = browser.wait_for(driver, lambda d: d.execute_script(
-        f"return app.graph.nodes.find(n => n.type === '{NODE_TYPE}')?.id ?? null"), 10, "the added node")
+        "return app.graph.nodes.find(n => n.type === arguments[0])?.id ?? null", node_type), 10, "the added node")
     driver.execute_script(TO_PAGE)
     # where each input is drawn: its socket, or for a widget input the middle of its widget
     places = driver.execute_script("""
@@ -141,7 +162,10 @@ def test_the_added_node_shows_each_input_with_its_tooltip(server, driver):
                               : node.getConnectionPos(true, i);
             return [slot.name, __toPage(at)];
         });""", node_id)
-    assert [name for name, _ in places] == list(tooltips)  # every declared input, in the declared order
+    # every declared input, in the declared order, the page drawing the sockets before the widgets
+    specs = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+    widget = {name: specs[name][0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO") for name in tooltips}
+    assert [name for name, _ in places] == [n for n in tooltips if not widget[n]] + [n for n in tooltips if widget[n]]
 
     def tooltip(d):
         shown = d.execute_script("const t = document.querySelector('.node-tooltip');"
@@ -154,10 +178,10 @@ def test_the_added_node_shows_each_input_with_its_tooltip(server, driver):
         browser.wait_for(driver, lambda d: tooltip(d) is None, 10, "the tooltip hidden off the node")
         browser.hover(driver, x, y)
         seen[name] = browser.wait_for(driver, tooltip, 10, f"the tooltip of {name}")
-        if name == "w":
+        if name == "w" and screenshot:
             box = driver.execute_script("return __box([app.graph.getNodeById(arguments[0]).getBounding(),"
                                         "document.querySelector('.node-tooltip').getBoundingClientRect()])", node_id)
-            browser.screenshot(driver, "comfyui_node", tuple(box))
+            browser.screenshot(driver, screenshot, tuple(box))
     assert seen == tooltips
 
     # the node's title shows the node's description
@@ -166,7 +190,7 @@ def test_the_added_node_shows_each_input_with_its_tooltip(server, driver):
     browser.hover(driver, x - 400, y)
     browser.wait_for(driver, lambda d: tooltip(d) is None, 10, "the tooltip hidden off the node")
     browser.hover(driver, x, y)
-    assert browser.wait_for(driver, tooltip, 10, "the title's tooltip") == comfyui.DistillationPPSampler.DESCRIPTION
+    assert browser.wait_for(driver, tooltip, 10, "the title's tooltip") == info["description"]
 
 
 def example_names() -> list[str]:
@@ -205,8 +229,8 @@ def load_template(driver, server, name: str) -> None:
     card = browser.wait_for(driver, lambda d: d.find_element(By.CSS_SELECTOR, selector), 30, f"the card of {name}")
     card.click()
     browser.wait_for(driver, lambda d: d.execute_script(
-        "return app.graph.nodes.some(n => n.type === arguments[0]) && !document.querySelector('[role=dialog] "
-        "[data-testid^=\"template-workflow-\"]')", NODE_TYPE), 30, f"{name} loaded on the canvas")
+        "return app.graph.nodes.some(n => arguments[0].includes(n.type)) && !document.querySelector('[role=dialog] "
+        "[data-testid^=\"template-workflow-\"]')", list(NODE_TYPES)), 30, f"{name} loaded on the canvas")
     time.sleep(0.5)  # the page checks the workflow as it loads: let a warning show
 
 
@@ -231,7 +255,7 @@ def test_each_example_workflow_opens_from_the_template_browser(server, driver, n
                                   "(n.widgets || []).map(w => w.value)])")
     assert sorted((n[0], n[1]) for n in shown) == sorted((n["id"], n["type"]) for n in workflow["nodes"])
     for node in workflow["nodes"]:
-        if node["type"] == NODE_TYPE:  # the node's settings as saved, in its widgets
+        if node["type"] in NODE_TYPES:  # the node's settings as saved, in its widgets
             page = next(n for n in shown if n[0] == node["id"])
             assert page[2] == node["widgets_values"], (name, node["id"])
     assert warnings_shown(driver) == []
