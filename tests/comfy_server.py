@@ -447,6 +447,17 @@ SAMPLER_INPUTS_V1 = {
 }
 
 
+# ... and the ranges of its number widgets (min, max, step; an INT's step is the page's default)
+SAMPLER_RANGES_V1 = {"teacher_cfg": (0.0, 30.0, 0.1), "w": (0.0, 1.0, 0.01), "guided_steps": (0, 100, None),
+                     "guide_sigma_min": (0.0, 1000.0, 0.01), "guide_sigma_max": (0.0, 1000.0, 0.01)}
+
+
+def ranges(spec: dict) -> dict:
+    """The (min, max, step) of each number input of an INPUT_TYPES dict."""
+    return {name: (value[1].get("min"), value[1].get("max"), value[1].get("step"))
+            for inputs in spec.values() for name, value in inputs.items() if value[0] in ("INT", "FLOAT")}
+
+
 def as_listed(spec: dict) -> dict:
     """An INPUT_TYPES dict as (name, type, default) per group, a combo as its options (V1's form)."""
     out = {}

@@ -19,7 +19,7 @@ import torch
 
 import kdistpp
 from comfy_models import FLOW_LATENT, WAN_LATENT, conditioning, flow_conditioning, lora_clone, tiny_flow, tiny_sd15
-from comfy_server import SAMPLER_INPUTS_V1, as_listed
+from comfy_server import SAMPLER_INPUTS_V1, SAMPLER_RANGES_V1, as_listed, ranges
 from hosts import import_comfy
 
 FAMILIES = {"sd1": ("karras", (1, 4, 8, 8), conditioning), "flux": ("simple", FLOW_LATENT, flow_conditioning)}
@@ -333,7 +333,7 @@ def test_both_nodes_are_v3_nodes_with_the_first_releases_inputs_and_a_tooltip_on
     schemas = {n.GET_SCHEMA().node_id: n for n in nodes}
     assert set(schemas) == {"KdistppDistillationPPSampler", "KdistppDistillationPPGuider"}
     sampler, the_guider = schemas["KdistppDistillationPPSampler"], schemas["KdistppDistillationPPGuider"]
-    assert as_listed(sampler.INPUT_TYPES()) == SAMPLER_INPUTS_V1
+    assert as_listed(sampler.INPUT_TYPES()) == SAMPLER_INPUTS_V1 and ranges(sampler.INPUT_TYPES()) == SAMPLER_RANGES_V1
     assert sampler.GET_SCHEMA().outputs[0].io_type == "SAMPLER"
     guider_inputs = as_listed(the_guider.INPUT_TYPES())
     assert [n for n, _, _ in guider_inputs["required"]] == [

@@ -32,7 +32,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from comfy_server import SAMPLER_INPUTS_V1, as_listed, start, workflow_to_prompt
+from comfy_server import SAMPLER_INPUTS_V1, SAMPLER_RANGES_V1, as_listed, ranges, start, workflow_to_prompt
 from hosts import REPO
 
 EXAMPLES = REPO / "example_workflows"
@@ -335,7 +335,7 @@ def test_object_info_lists_both_v3_nodes_with_their_inputs(object_info):
     inputs (names, types, defaults, order: saved workflows' widget values follow it), the Distillation++ Guider
     with CFGGuider's inputs, the teacher's and the settings; a tooltip on every input."""
     sampler, guider = object_info[NODE], object_info[GUIDER]
-    assert as_listed(sampler["input"]) == SAMPLER_INPUTS_V1
+    assert as_listed(sampler["input"]) == SAMPLER_INPUTS_V1 and ranges(sampler["input"]) == SAMPLER_RANGES_V1
     assert sampler["input_order"] == {group: [n for n, _, _ in inputs] for group, inputs in SAMPLER_INPUTS_V1.items()}
     assert (sampler["output"], sampler["category"]) == (["SAMPLER"], "sampling/custom_sampling/samplers")
     assert guider["input_order"]["required"][:4] == object_info["CFGGuider"]["input_order"]["required"]
