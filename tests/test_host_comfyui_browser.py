@@ -118,13 +118,13 @@ def search_and_add(driver, query: str = "Distillation", screenshot: str | None =
 
 
 # the query a user types for each node, and the screenshots its runs save for the docs
-QUERIES = {NODE_TYPE: ("Distillation++ Sampler", "comfyui_search", "comfyui_node"),
-           GUIDER_TYPE: ("Distillation++ Guider", None, None)}
+QUERIES = {NODE_TYPE: ("Distillation++ Sampler", None, "comfyui_node"),
+           GUIDER_TYPE: ("Distillation++ Guider", None, "comfyui_guider_node")}
 
 
 def test_the_node_search_lists_both_nodes(server, driver):
     open_page(driver, server)
-    results = search_and_add(driver, "Distillation")
+    results = search_and_add(driver, "Distillation", screenshot="comfyui_search")
     for node_type in NODE_TYPES:
         info, _ = node_definition(server, node_type)
         title, category = info["display_name"], info["category"].replace("/", " > ")

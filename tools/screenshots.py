@@ -23,7 +23,7 @@ RUNS = (  # (host variable, venv python variable, default venv, test file, extra
     ("KDISTPP_A1111", "KDISTPP_A1111_PYTHON", ".venv-a1111", "tests/test_host_a1111_browser.py",
      ["-p", "no:cacheprovider"]),
 )
-SHOTS = ("comfyui_search.png", "comfyui_node.png", "comfyui_templates.png", "comfyui_workflow.png",
+SHOTS = ("comfyui_search.png", "comfyui_node.png", "comfyui_guider_node.png", "comfyui_templates.png", "comfyui_workflow.png",
          "webui_panel.png", "webui_generate.png")
 
 

@@ -170,7 +170,9 @@ class DistillationPPGuider(io.ComfyNode):
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="the student's CFG scale (1 for most distilled students: one call per step)"),
                 *teacher_inputs("(this node's model input)"),
-                weight_input(" (ComfyUI's CFGGuider)"),
+                weight_input(" (ComfyUI's CFGGuider). The refined estimate replaces the student's inside the sampler, "
+                             "so a step moves by 1 - sigma_next / sigma times what the Distillation++ Sampler's w "
+                             "moves it (1 on a flow model's first step from s = 1)"),
                 *settings_inputs(),
                 *window_inputs(),
             ],
