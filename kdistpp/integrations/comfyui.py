@@ -81,7 +81,8 @@ class ComfyTeacher:
         self.guider = self.comfy.samplers.CFGGuider(teacher_patcher)
         self.guider.set_conds(positive, negative)
         self.guider.set_cfg(cfg)
-        self.student_guider, self.noise, self.latent, self.sigmas, self.seed = student_guider, noise, latent, sigmas, seed
+        self.student_guider, self.noise, self.latent = student_guider, noise, latent
+        self.sigmas, self.seed = sigmas, seed
         mask = denoise_mask
         self.mask = mask[:, :1] if mask is not None and mask.ndim == 4 else mask  # as a user mask: one channel
         self.calls = 0
@@ -231,8 +232,8 @@ class GuidedEvaluations:
         return self.guided(x, sigma, **extra_args)
 
     def check_every_guided_step_was_refined(self, sampler_name: str) -> None:
-        """Warns (GuidanceWarning) when the run never evaluated a guided step's sigma where the dry run did:
-        a sampler choosing its own sigmas (dpm_fast, dpm_adaptive) evaluates only the schedule's start."""
+        """Warns (GuidanceWarning) when a guided step was never refined, e.g. by a sampler choosing its own
+        sigmas (dpm_fast, dpm_adaptive), which evaluates only the schedule's first sigma among them."""
         weights = self.guided.guidance.weights
         missed = [i for i, v in enumerate(weights) if v != 0.0 and all(j != i for j, _ in self.refined)]
         if missed:
