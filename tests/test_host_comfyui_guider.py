@@ -383,3 +383,35 @@ def test_renoise_noise_follows_the_seed_and_leaves_the_global_rng_alone(comfy, m
     _, plain_state = run(0.0, 3)
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert torch.equal(state, plain_state)
+
+
+@pytest.mark.parametrize("name", ["res_multistep", "heun", "uni_pc"])
+def test_a_lora_student_keeps_its_patches_around_every_teacher_call(comfy, name):
+    """A LoRA student (`load_lora_for_models`, LoraLoader's path) of its own teacher: one UNet, patched for
+    the student at each of its evaluations and unpatched for each teacher call (read at the shared UNet:
+    the weights it runs with, and the batch: the teacher's CFG 3 is one batch of two)."""
+    teacher = tiny_sd15(comfy, 0)
+    student = lora_clone(comfy, teacher, 1)
+    unet = teacher.model.diffusion_model
+    base = float(unet.input_blocks[1][1].transformer_blocks[0].attn1.to_q.weight.double().sum())  # before any load
+    seen = []
+
+    def hook(module, args):
+        weight = module.input_blocks[1][1].transformer_blocks[0].attn1.to_q.weight
+        seen.append((args[0].shape[0], float(weight.double().sum())))
+
+    handle = unet.register_forward_pre_hook(hook)
+    try:
+        plain = advanced(comfy, cfg_guider(student, "sd1"), name, schedule(student, "sd1"), FAMILIES["sd1"][1])
+        plain_calls = list(seen)
+        seen.clear()
+        guided = advanced(comfy, guider(student, teacher, "sd1", 0.5), name, schedule(student, "sd1"),
+                          FAMILIES["sd1"][1])
+    finally:
+        handle.remove()
+    lora = plain_calls[0][1]
+    assert lora != pytest.approx(base) and all(c == (1, pytest.approx(lora)) for c in plain_calls)
+    teacher_calls = [c for c in seen if c[0] == 2]
+    assert len(teacher_calls) == GUIDED and all(c[1] == pytest.approx(base) for c in teacher_calls)
+    assert [c for c in seen if c[0] == 1] == [(1, pytest.approx(lora))] * len(plain_calls)  # student: patched
+    assert not torch.equal(guided, plain)
