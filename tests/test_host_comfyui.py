@@ -3,7 +3,7 @@ and tiny rectified-flow (CONST) Flux, SD3, Wan 2.1, Qwen-Image, Lumina 2, Z-Imag
 
 Everything runs through ComfyUI's own code: models built by `comfy.supported_models`, LoRA students
 by `comfy.sd.load_lora_for_models` (LoraLoader's path), sampling by the `SamplerCustom` node with
-the SAMPLER our node's FUNCTION returns, and ComfyUI's model management. Needs ComfyUI's
+the SAMPLER the V3 node's `execute` returns, and ComfyUI's model management. Needs ComfyUI's
 requirements: `.ci/run` runs this file in .venv-comfyui; elsewhere it skips with the reason.
 
 Tolerance at w = 0: ComfyUI keeps sigmas as float32 tensors, kdistpp does its scalar step math in
