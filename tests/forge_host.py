@@ -82,3 +82,90 @@ def start(tmp: Path, seeds: dict[str, int]):
     make_checkpoints(root, data / "models" / "Stable-diffusion", seeds)
     _started.update(root=root, models=data / "models" / "Stable-diffusion", api=webui_api())
     return _started["api"]
+
+
+# SDXL: Forge recognises a checkpoint by its UNet's shape (huggingface_guess's model list) and builds its text
+# encoders and VAE from the configs of the matched entry's folder. A tiny SDXL is registered there as an
+# entry of its own (a subclass of huggingface_guess's SDXL, so Forge's loader picks its StableDiffusionXL
+# engine), whose folder holds SDXL's tokenizers and scheduler with small text-encoder and VAE configs.
+SDXL_UNET = {"in_channels": 4, "model_channels": 32, "out_channels": 4, "num_res_blocks": [1, 1],
+             "channel_mult": [1, 2], "num_classes": "sequential", "num_heads": -1, "num_head_channels": 16,
+             "use_spatial_transformer": True, "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
+             "transformer_depth_middle": 1, "context_dim": 2048, "use_linear_in_transformer": True,
+             "adm_in_channels": 2816}  # SDXL's context (CLIP-L 768 + CLIP-G 1280) and vector (pooled 1280 + sizes)
+SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+def sdxl_repo(root: Path, folder: Path) -> Path:
+    """Forge's SDXL folder (backend/huggingface) with 2-layer text encoders of SDXL's widths and a small VAE."""
+    import json
+    import shutil
+
+    source = root / "backend" / "huggingface" / SDXL_REPO
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("model_index.json", "scheduler", "tokenizer", "tokenizer_2", "unet"):
+        (shutil.copytree if (source / name).is_dir() else shutil.copy)(source / name, folder / name)
+    for name, changes in (("text_encoder", {"num_hidden_layers": 2, "intermediate_size": 64, "num_attention_heads": 4}),
+                          ("text_encoder_2", {"num_hidden_layers": 2, "intermediate_size": 64,
+                                              "num_attention_heads": 4}),
+                          ("vae", {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1})):
+        config = json.loads((source / name / "config.json").read_text())
+        (folder / name).mkdir(parents=True)
+        (folder / name / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+def register_tiny_sdxl(root: Path, folder: Path):
+    """Adds the tiny SDXL to huggingface_guess's model list (first, once); returns its entry class."""
+    from huggingface_guess import model_list
+
+    for entry in model_list.models:
+        if getattr(entry, "kdistpp_tiny", False):
+            return entry
+    repo = sdxl_repo(root, folder)
+    unet_config = {"model_channels": SDXL_UNET["model_channels"], "use_linear_in_transformer": True,
+                   "transformer_depth": SDXL_UNET["transformer_depth"], "context_dim": SDXL_UNET["context_dim"],
+                   "adm_in_channels": SDXL_UNET["adm_in_channels"], "use_temporal_attention": False}
+    entry = type("TinySDXL", (model_list.SDXL,), {"huggingface_repo": str(repo), "unet_config": unet_config,
+                                                  "kdistpp_tiny": True})
+    model_list.models.insert(0, entry)
+    return entry
+
+
+def make_sdxl_checkpoints(root: Path, models_dir: Path, seeds: dict[str, int], folder: Path) -> None:
+    """SDXL-format checkpoints (sgm key names, as Forge saves an SDXL engine) built from Forge's own classes:
+    its UNet with SDXL_UNET, its VAE and the text encoders from the tiny folder's configs."""
+    import safetensors.torch
+    from huggingface_guess import model_list
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from backend.nn.unet import IntegratedUNet2DConditionModel
+    from backend.nn.vae import IntegratedAutoencoderKL
+
+    repo = Path(register_tiny_sdxl(root, folder).huggingface_repo)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    vae = IntegratedAutoencoderKL.from_config(IntegratedAutoencoderKL.load_config(repo / "vae"))
+    fill(vae, 1)
+    clip_l = CLIPTextModel(CLIPTextConfig.from_pretrained(repo / "text_encoder"))
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(repo / "text_encoder_2"))
+    fill(clip_l, 2)
+    fill(clip_g, 3)
+    text = {**{f"clip_l.transformer.{k}": v for k, v in clip_l.state_dict().items()},
+            **{f"clip_g.transformer.{k}": v for k, v in clip_g.state_dict().items()}}
+    shared = {**{f"first_stage_model.{k}": v for k, v in vae.state_dict().items()},
+              **model_list.SDXL.process_clip_state_dict_for_saving(None, text)}  # Forge's own SDXL save format
+    for name, seed in seeds.items():
+        unet = IntegratedUNet2DConditionModel(**SDXL_UNET)
+        fill(unet, seed)
+        state = {**shared, **{f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}}
+        state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+        safetensors.torch.save_file(state, str(models_dir / f"{name}.safetensors"))
+
+
+def add_sdxl_checkpoints(seeds: dict[str, int]) -> Path:
+    """Tiny SDXL checkpoints added to the started Forge's models folder, which is rescanned; returns the folder."""
+    from modules import sd_models
+
+    make_sdxl_checkpoints(_started["root"], _started["models"], seeds, _started["models"].parent / "tiny-sdxl")
+    sd_models.list_models()
+    return _started["models"]
