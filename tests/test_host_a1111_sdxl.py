@@ -9,15 +9,18 @@ sampler, or with the UNet evaluated directly on a call's inputs.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-import torch
 
 import a1111_host
+import webui_lora
 from kdistpp.registry import REGISTRY
-from webui_api import generate, same_image
+from webui_api import SCRIPT, generate, same_image
 from webui_sdxl import CfgEvaluations, check_guided_evaluations
 
 STUDENT, TEACHER = "xl_student", "xl_teacher"
+LORA_PROMPT = "a red cube <lora:xl_speed:1>"  # a kohya-format speed LoRA on the SDXL student's UNet
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +29,23 @@ def webui(tmp_path_factory):
     from fastapi.testclient import TestClient
     from modules import sd_models
 
-    a1111_host.add_sdxl_checkpoints({STUDENT: 11, TEACHER: 22})
-    return type("Webui", (), {"shared": shared, "client": TestClient(app), "sd_models": sd_models})
+    from modules import extra_networks, script_callbacks
+    from sgm.util import instantiate_from_config
+
+    if "lora" not in extra_networks.extra_network_registry:
+        script_callbacks.before_ui_callback()  # as the webui's api_only() does: the Lora extension registers here
+    models = a1111_host.add_sdxl_checkpoints({STUDENT: 11, TEACHER: 22})
+    deltas = webui_lora.make_lora(models / f"{STUDENT}.safetensors",
+                                  Path(shared.cmd_opts.lora_dir) / "xl_speed.safetensors")
+
+    def unet(name, deltas=None):  # the SDXL UNet evaluated directly, with known weights
+        config = a1111_host.sdxl_config(Path("unused"))["model"]["params"]["network_config"]
+        module = instantiate_from_config(config).eval()
+        module.load_state_dict(webui_lora.unet_state(models / f"{name}.safetensors", deltas))
+        return module
+
+    refs = {"student+lora": unet(STUDENT, deltas), "student": unet(STUDENT)}
+    return type("Webui", (), {"shared": shared, "client": TestClient(app), "sd_models": sd_models, "refs": refs})
 
 
 def xl(webui, sampler, **kwargs):
@@ -66,3 +84,51 @@ def test_each_teacher_call_gets_sdxls_full_conditioning_at_the_teachers_cfg(webu
     check_guided_evaluations(recorded.evaluations, STUDENT, TEACHER)
     assert not same_image(guided, plain)
     assert webui.shared.sd_model.sd_checkpoint_info.model_name == STUDENT
+
+
+def test_a_speed_lora_student_with_its_checkpoint_as_teacher(webui):
+    """An SDXL speed LoRA in the prompt is the student; "Same checkpoint, without the prompt's LoRAs" is its
+    teacher: each call's output is reproduced by the SDXL UNet evaluated directly with the checkpoint's
+    weights (teacher calls) or the checkpoint's plus the LoRA's deltas computed from the file (student calls)."""
+    from kdistpp.integrations.webui_teachers import SAME_CHECKPOINT
+
+    plain = xl(webui, "Euler Distillation++", prompt=LORA_PROMPT)[0]  # loads the student and the LoRA
+    student = webui.shared.sd_model
+    calls = webui_lora.Calls(student.model.diffusion_model)
+    try:
+        guided = xl(webui, "Euler Distillation++", prompt=LORA_PROMPT, teacher=SAME_CHECKPOINT, w=0.5,
+                    guided_steps=2)[0]
+    finally:
+        calls.remove()
+    assert webui_lora.which_weights(calls.calls, webui.refs, lambda unet, a, k: unet(*a, **k)) == [
+        "student+lora", "student", "student+lora", "student", "student+lora", "student+lora"]
+    assert all(k["context"].shape[-1] == 2048 and k["y"].shape[-1] == 2816 for _, k, _ in calls.calls)
+    assert not same_image(guided, plain) and webui.shared.sd_model is student
+
+
+@pytest.mark.parametrize("student, teacher", [(STUDENT, "teacher"), ("student", TEACHER)], ids=["sd1-teacher",
+                                                                                                  "sdxl-teacher"])
+def test_a_teacher_of_the_other_family_is_refused_before_any_model_call(webui, student, teacher):
+    """SD1 and SDXL differ in latents' meaning, text conditioning (a 768-or-so-wide tensor against SDXL's
+    dict) and UNet: either way round the teacher is refused, naming both, before any UNet call."""
+    xl(webui, "Euler", settings={"sd_model_checkpoint": student})
+    model = webui.shared.sd_model
+    calls = webui_lora.Calls(model.model.diffusion_model)
+    try:
+        response = webui.client.post("/sdapi/v1/txt2img", json=request(student, teacher))
+    finally:
+        calls.remove()
+    assert response.status_code == 500
+    families = {STUDENT: "SDXL (text context 2048)", "student": "SD1 (text context 32)",
+                TEACHER: "SDXL (text context 2048)", "teacher": "SD1 (text context 32)"}
+    assert (f"teacher {teacher!r} is an {families[teacher]} model but the student is an {families[student]} model"
+            in response.text), response.text[:2000]
+    assert calls.calls == []
+    assert webui.shared.sd_model is model
+
+
+def request(student, teacher, **body):
+    return {"prompt": "a red cube", "steps": 4, "width": 64, "height": 64, "seed": 5, "cfg_scale": 2.0,
+            "sampler_name": "Euler Distillation++", "override_settings": {"sd_model_checkpoint": student},
+            "alwayson_scripts": {SCRIPT: {"args": [teacher, 0.5, 1, 3.0, "interpolate", "student", 0.0, 0.0]}},
+            **body}
