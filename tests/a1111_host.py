@@ -111,7 +111,7 @@ def sdxl_config(clip_dir: Path, refiner_style: bool = False) -> dict:
     unet = {"target": "sgm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
         "adm_in_channels": SDXL_VECTOR, "num_classes": "sequential", "use_checkpoint": False, "in_channels": 4,
         "out_channels": 4, "model_channels": 32, "attention_resolutions": [2], "num_res_blocks": 1,
-        "channel_mult": [1, 2], "num_head_channels": 16, "use_spatial_transformer": True,
+        "channel_mult": [1, 2], "num_head_channels": 64, "use_spatial_transformer": True,
         "use_linear_in_transformer": True, "transformer_depth": [0, 1], "context_dim": SDXL_CONTEXT,
         "spatial_transformer_attn_type": "softmax", "legacy": False}}
     size = {"target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND", "params": {"outdim": 256}}

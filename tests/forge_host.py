@@ -89,10 +89,11 @@ def start(tmp: Path, seeds: dict[str, int]):
 # entry of its own (a subclass of huggingface_guess's SDXL, so Forge's loader picks its StableDiffusionXL
 # engine), whose folder holds SDXL's tokenizers and scheduler with small text-encoder and VAE configs.
 SDXL_UNET = {"in_channels": 4, "model_channels": 32, "out_channels": 4, "num_res_blocks": [1, 1],
-             "channel_mult": [1, 2], "num_classes": "sequential", "num_heads": -1, "num_head_channels": 16,
+             "channel_mult": [1, 2], "num_classes": "sequential", "num_heads": -1, "num_head_channels": 64,
              "use_spatial_transformer": True, "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
              "transformer_depth_middle": 1, "context_dim": 2048, "use_linear_in_transformer": True,
              "adm_in_channels": 2816}  # SDXL's context (CLIP-L 768 + CLIP-G 1280) and vector (pooled 1280 + sizes)
+# (64-channel attention heads: what Forge gives every SDXL-family UNet it recognises)
 SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 
 

@@ -8,14 +8,19 @@ evaluated directly on a call's inputs.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 import forge_host
+import webui_lora
 from kdistpp.registry import REGISTRY
-from webui_api import generate, same_image
+from webui_api import SCRIPT, generate, same_image
 from webui_sdxl import CfgEvaluations, check_guided_evaluations
 
 STUDENT, TEACHER = "xl_student", "xl_teacher"
+LORA_PROMPT = "a red cube <lora:xl_speed:1>"  # a kohya-format speed LoRA on the SDXL student's UNet
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +29,23 @@ def forge(tmp_path_factory):
     from fastapi.testclient import TestClient
     from modules import sd_models
 
-    forge_host.add_sdxl_checkpoints({STUDENT: 11, TEACHER: 22})
-    return type("Forge", (), {"shared": shared, "client": TestClient(app), "sd_models": sd_models})
+    from modules import extra_networks, script_callbacks
+
+    from backend.nn.unet import IntegratedUNet2DConditionModel
+
+    if "lora" not in extra_networks.extra_network_registry:
+        script_callbacks.before_ui_callback()  # as Forge's api_only() does: the Lora extension registers here
+    models = forge_host.add_sdxl_checkpoints({STUDENT: 11, TEACHER: 22})
+    deltas = webui_lora.make_lora(models / f"{STUDENT}.safetensors",
+                                  Path(shared.cmd_opts.lora_dir) / "xl_speed.safetensors")
+
+    def unet(name, deltas=None):  # the SDXL UNet evaluated directly, with known weights
+        module = IntegratedUNet2DConditionModel(**forge_host.SDXL_UNET).eval()
+        module.load_state_dict(webui_lora.unet_state(models / f"{name}.safetensors", deltas))
+        return module
+
+    refs = {"student+lora": unet(STUDENT, deltas), "student": unet(STUDENT)}
+    return type("Forge", (), {"shared": shared, "client": TestClient(app), "sd_models": sd_models, "refs": refs})
 
 
 def xl(forge, sampler, **kwargs):
@@ -63,3 +83,57 @@ def test_each_teacher_call_gets_sdxls_full_conditioning_at_the_teachers_cfg(forg
     check_guided_evaluations(recorded.evaluations, STUDENT, TEACHER)
     assert not same_image(guided, plain)
     assert forge.sd_models.model_data.sd_model.sd_checkpoint_info.model_name == STUDENT
+
+
+def evaluate(unet, args, kwargs):
+    return unet(args[0].float(), args[1].float(), context=kwargs["context"].float(), y=kwargs["y"].float())
+
+
+def test_a_speed_lora_student_with_its_checkpoint_as_teacher(forge):
+    """An SDXL speed LoRA in the prompt is the student (Forge's Lora extension patches a clone of the UNet
+    patcher); "Same checkpoint, without the prompt's LoRAs" is its teacher: each call's output is reproduced
+    by the SDXL UNet evaluated directly with the checkpoint's weights (teacher calls) or the checkpoint's plus
+    the LoRA's deltas computed from the file (student calls)."""
+    from kdistpp.integrations.webui_teachers import SAME_CHECKPOINT
+
+    plain = xl(forge, "Euler Distillation++", prompt=LORA_PROMPT)[0]  # loads the student and the LoRA
+    engine = forge.sd_models.model_data.sd_model
+    calls = webui_lora.Calls(engine.forge_objects_original.unet.model.diffusion_model)
+    try:
+        guided = xl(forge, "Euler Distillation++", prompt=LORA_PROMPT, teacher=SAME_CHECKPOINT, w=0.5,
+                    guided_steps=2)[0]
+    finally:
+        calls.remove()
+    assert webui_lora.which_weights(calls.calls, forge.refs, evaluate) == [
+        "student+lora", "student", "student+lora", "student", "student+lora", "student+lora"]
+    assert all(k["context"].shape[-1] == 2048 and k["y"].shape[-1] == 2816 for _, k, _ in calls.calls)
+    assert not same_image(guided, plain) and forge.sd_models.model_data.sd_model is engine
+
+
+@pytest.mark.parametrize("student, teacher", [(STUDENT, "teacher"), ("student", TEACHER)], ids=["sd1-teacher",
+                                                                                                  "sdxl-teacher"])
+def test_a_teacher_of_the_other_family_is_refused_before_any_model_call(forge, student, teacher):
+    """SD1 and SDXL differ in latents' meaning, text conditioning and UNet: either way round the teacher
+    (an engine from Forge's loader) is refused, naming both, before any UNet call, and is not kept."""
+    from kdistpp.integrations import webui_teachers
+
+    xl(forge, "Euler", settings={"sd_model_checkpoint": student})
+    engine = forge.sd_models.model_data.sd_model
+    calls = webui_lora.Calls(engine.forge_objects_original.unet.model.diffusion_model)
+    families = {STUDENT: "SDXL (text context 2048)", "student": "SD1 (text context 768)",
+                TEACHER: "SDXL (text context 2048)", "teacher": "SD1 (text context 768)"}
+    message = f"teacher {teacher!r} is an {families[teacher]} model but the student is an {families[student]} model"
+    try:
+        with pytest.raises(ValueError, match=re.escape(message)):  # Forge's API passes the error on
+            forge.client.post("/sdapi/v1/txt2img", json=request(student, teacher))
+    finally:
+        calls.remove()
+    assert calls.calls == []
+    assert forge.sd_models.model_data.sd_model is engine and "engine" not in webui_teachers._forge_teacher
+
+
+def request(student, teacher, **body):
+    return {"prompt": "a red cube", "steps": 4, "width": 64, "height": 64, "seed": 5, "cfg_scale": 2.0,
+            "sampler_name": "Euler Distillation++", "override_settings": {"sd_model_checkpoint": student},
+            "alwayson_scripts": {SCRIPT: {"args": [teacher, 0.5, 1, 3.0, "interpolate", "student", 0.0, 0.0]}},
+            **body}
