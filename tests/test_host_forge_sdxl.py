@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import forge_host
 import webui_lora
@@ -19,7 +20,7 @@ from kdistpp.registry import REGISTRY
 from webui_api import SCRIPT, generate, same_image
 from webui_sdxl import CfgEvaluations, check_guided_evaluations
 
-STUDENT, TEACHER = "xl_student", "xl_teacher"
+STUDENT, TEACHER, REFINER = "xl_student", "xl_teacher", "xl_refiner"
 LORA_PROMPT = "a red cube <lora:xl_speed:1>"  # a kohya-format speed LoRA on the SDXL student's UNet
 
 
@@ -35,7 +36,7 @@ def forge(tmp_path_factory):
 
     if "lora" not in extra_networks.extra_network_registry:
         script_callbacks.before_ui_callback()  # as Forge's api_only() does: the Lora extension registers here
-    models = forge_host.add_sdxl_checkpoints({STUDENT: 11, TEACHER: 22})
+    models = forge_host.add_sdxl_checkpoints({STUDENT: 11, TEACHER: 22, REFINER: 33})
     deltas = webui_lora.make_lora(models / f"{STUDENT}.safetensors",
                                   Path(shared.cmd_opts.lora_dir) / "xl_speed.safetensors")
 
@@ -44,7 +45,8 @@ def forge(tmp_path_factory):
         module.load_state_dict(webui_lora.unet_state(models / f"{name}.safetensors", deltas))
         return module
 
-    refs = {"student+lora": unet(STUDENT, deltas), "student": unet(STUDENT)}
+    refs = {"student+lora": unet(STUDENT, deltas), "student": unet(STUDENT), "teacher": unet(TEACHER),
+            "refiner": unet(REFINER)}
     return type("Forge", (), {"shared": shared, "client": TestClient(app), "sd_models": sd_models, "refs": refs})
 
 
@@ -104,7 +106,8 @@ def test_a_speed_lora_student_with_its_checkpoint_as_teacher(forge):
                     guided_steps=2)[0]
     finally:
         calls.remove()
-    assert webui_lora.which_weights(calls.calls, forge.refs, evaluate) == [
+    refs = {k: forge.refs[k] for k in ("student", "student+lora")}
+    assert webui_lora.which_weights(calls.calls, refs, evaluate) == [
         "student+lora", "student", "student+lora", "student", "student+lora", "student+lora"]
     assert all(k["context"].shape[-1] == 2048 and k["y"].shape[-1] == 2816 for _, k, _ in calls.calls)
     assert not same_image(guided, plain) and forge.sd_models.model_data.sd_model is engine
@@ -132,8 +135,64 @@ def test_a_teacher_of_the_other_family_is_refused_before_any_model_call(forge, s
     assert forge.sd_models.model_data.sd_model is engine and "engine" not in webui_teachers._forge_teacher
 
 
-def request(student, teacher, **body):
+def request(student, teacher, guided_steps=1, **body):
     return {"prompt": "a red cube", "steps": 4, "width": 64, "height": 64, "seed": 5, "cfg_scale": 2.0,
             "sampler_name": "Euler Distillation++", "override_settings": {"sd_model_checkpoint": student},
-            "alwayson_scripts": {SCRIPT: {"args": [teacher, 0.5, 1, 3.0, "interpolate", "student", 0.0, 0.0]}},
-            **body}
+            "alwayson_scripts": {SCRIPT: {"args": [teacher, 0.5, guided_steps, 3.0, "interpolate", "student", 0.0,
+                                                   0.0]}}, **body}
+
+
+class AllUNetCalls(webui_lora.Calls):
+    """Every forward of any of Forge's UNets, whichever engine runs it (the refiner switch loads a new one)."""
+
+    def __init__(self):
+        from backend.nn.unet import IntegratedUNet2DConditionModel
+
+        self.calls = []
+        self.handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, a, k, out: self.record(m, a, k, out) if isinstance(m, IntegratedUNet2DConditionModel) else None,
+            with_kwargs=True)
+
+
+def refiner_request(teacher, guided_steps):
+    return request(STUDENT, teacher, guided_steps=guided_steps, refiner_checkpoint=REFINER, refiner_switch_at=0.5)
+
+
+@pytest.mark.parametrize("teacher", [TEACHER, "same"])
+def test_guided_steps_before_the_refiner_switch_are_the_teachers(forge, teacher):
+    """Forge's refiner (another SDXL checkpoint, a new engine) takes over halfway (Euler, 4 steps: steps 2
+    and 3); the two guided steps before it call the teacher's weights."""
+    from kdistpp.integrations.webui_teachers import SAME_CHECKPOINT
+
+    teacher = SAME_CHECKPOINT if teacher == "same" else teacher
+    assert forge.client.post("/sdapi/v1/txt2img", json=refiner_request(teacher, 2)).status_code == 200
+    calls = AllUNetCalls()
+    try:
+        response = forge.client.post("/sdapi/v1/txt2img", json=refiner_request(teacher, 2))
+    finally:
+        calls.remove()
+    assert response.status_code == 200, response.text[:2000]
+    refs = {k: forge.refs[k] for k in ("student", "teacher", "refiner")}
+    expected_teacher = "student" if teacher == SAME_CHECKPOINT else "teacher"
+    assert webui_lora.which_weights(calls.calls, refs, evaluate) == [
+        "student", expected_teacher, "student", expected_teacher, "refiner", "refiner"]
+    assert f"Refiner: {REFINER}" in response.json()["info"]
+
+
+@pytest.mark.parametrize("teacher", [TEACHER, "same"])
+def test_a_guided_step_after_the_refiner_switch_is_refused(forge, teacher):
+    """A third guided step would come after the switch, where the sampled model is the refiner: it is refused
+    with the reason, before the teacher runs."""
+    from kdistpp.integrations.webui_teachers import SAME_CHECKPOINT
+
+    teacher = SAME_CHECKPOINT if teacher == "same" else teacher
+    calls = AllUNetCalls()
+    try:
+        with pytest.raises(ValueError, match="a guided step comes after the refiner switch"):
+            forge.client.post("/sdapi/v1/txt2img", json=refiner_request(teacher, 3))
+    finally:
+        calls.remove()
+    refs = {k: forge.refs[k] for k in ("student", "teacher", "refiner")}
+    expected_teacher = "student" if teacher == SAME_CHECKPOINT else "teacher"
+    assert webui_lora.which_weights(calls.calls, refs, evaluate) == [
+        "student", expected_teacher, "student", expected_teacher, "refiner"]
