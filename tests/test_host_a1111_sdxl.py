@@ -17,8 +17,8 @@ import torch
 import a1111_host
 import webui_lora
 from kdistpp.registry import REGISTRY
-from webui_api import SCRIPT, generate, same_image
-from webui_sdxl import CfgEvaluations, check_guided_evaluations
+from webui_api import SCRIPT, generate, init_image, same_image
+from webui_sdxl import CfgEvaluations, check_guided_evaluations, check_teacher_evaluations
 
 STUDENT, TEACHER, REFINER = "xl_student", "xl_teacher", "xl_refiner"
 LORA_PROMPT = "a red cube <lora:xl_speed:1>"  # a kohya-format speed LoRA on the SDXL student's UNet
@@ -196,3 +196,44 @@ def test_a_guided_step_after_the_refiner_switch_is_refused(webui, teacher):
     expected_teacher = "student" if teacher == SAME_CHECKPOINT else "teacher"
     assert webui_lora.which_weights(calls.calls, refs, evaluate) == [
         "student", expected_teacher, "student", expected_teacher, "refiner"]
+
+
+def recorded_generation(webui, **request):
+    """A generation with the teacher (loaded before), its CFG evaluations recorded; returns (image, evaluations)."""
+    xl(webui, "Euler a Distillation++", teacher=TEACHER, w=0.5, **request)  # loads the teacher
+    recorded = CfgEvaluations({name: model_named(webui, name).model.diffusion_model for name in (STUDENT, TEACHER)})
+    try:
+        image = xl(webui, "Euler a Distillation++", teacher=TEACHER, w=0.5, **request)[0]
+    finally:
+        recorded.remove()
+    return image, recorded.evaluations
+
+
+HIRES = {"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 4,
+         "denoising_strength": 0.6}
+
+
+def test_hires_fix(webui):
+    """At w = 0 the webui's own Hires fix image; guided, the teacher guides the first step of each pass, with
+    that pass's SDXL conditioning (the hires pass's vector carries the upscaled size)."""
+    base = xl(webui, "Euler a", **HIRES)[0]
+    assert base.shape == (128, 128, 3)
+    assert same_image(xl(webui, "Euler a Distillation++", **HIRES)[0], base)
+    guided, evaluations = recorded_generation(webui, **HIRES)
+    order = check_teacher_evaluations(evaluations, STUDENT, TEACHER)
+    widths = [e["x"].shape[-1] for e in evaluations]
+    assert [(w, name) for w, name in zip(widths, order) if name == TEACHER] == [(8, TEACHER), (16, TEACHER)]
+    first, hires = evaluations[order.index(TEACHER)], evaluations[len(order) - 1 - order[::-1].index(TEACHER)]
+    assert not torch.equal(first["calls"][0]["y"], hires["calls"][0]["y"])  # the size embedding differs per pass
+    assert not same_image(guided, base)
+
+
+def test_img2img(webui):
+    """img2img at w = 0 is the webui's own; guided, one teacher evaluation with the student's conditioning."""
+    request = {"init_images": [init_image()], "denoising_strength": 0.6, "route": "img2img"}
+    xl(webui, "Euler a", **request)  # the webui's first img2img differs from later ones
+    base = xl(webui, "Euler a", **request)[0]
+    assert same_image(xl(webui, "Euler a Distillation++", **request)[0], base)
+    guided, evaluations = recorded_generation(webui, **request)
+    assert check_teacher_evaluations(evaluations, STUDENT, TEACHER).count(TEACHER) == 1
+    assert not same_image(guided, base)

@@ -17,8 +17,8 @@ import torch
 import forge_host
 import webui_lora
 from kdistpp.registry import REGISTRY
-from webui_api import SCRIPT, generate, same_image
-from webui_sdxl import CfgEvaluations, check_guided_evaluations
+from webui_api import SCRIPT, generate, init_image, same_image
+from webui_sdxl import CfgEvaluations, check_guided_evaluations, check_teacher_evaluations
 
 STUDENT, TEACHER, REFINER = "xl_student", "xl_teacher", "xl_refiner"
 LORA_PROMPT = "a red cube <lora:xl_speed:1>"  # a kohya-format speed LoRA on the SDXL student's UNet
@@ -196,3 +196,49 @@ def test_a_guided_step_after_the_refiner_switch_is_refused(forge, teacher):
     expected_teacher = "student" if teacher == SAME_CHECKPOINT else "teacher"
     assert webui_lora.which_weights(calls.calls, refs, evaluate) == [
         "student", expected_teacher, "student", expected_teacher, "refiner"]
+
+
+def recorded_generation(forge, **request):
+    """A generation with the teacher (loaded before), its CFG evaluations recorded; returns (image, evaluations)."""
+    from kdistpp.integrations import webui_teachers
+
+    xl(forge, "Euler a Distillation++", teacher=TEACHER, w=0.5, **request)  # loads the teacher
+    student = forge.sd_models.model_data.sd_model
+    recorded = CfgEvaluations({
+        STUDENT: student.forge_objects_original.unet.model.diffusion_model,
+        TEACHER: webui_teachers._forge_teacher["engine"].forge_objects.unet.model.diffusion_model})
+    try:
+        image = xl(forge, "Euler a Distillation++", teacher=TEACHER, w=0.5, **request)[0]
+    finally:
+        recorded.remove()
+    return image, recorded.evaluations
+
+
+HIRES = {"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 4,
+         "denoising_strength": 0.6, "hr_cfg": 2.0, "hr_additional_modules": ["Use same choices"]}
+
+
+def test_hires_fix(forge):
+    """At w = 0 Forge's own Hires fix image; guided, the teacher guides the first step of each pass, with
+    that pass's SDXL conditioning (the hires pass's vector carries the upscaled size)."""
+    base = xl(forge, "Euler a", **HIRES)[0]
+    assert base.shape == (128, 128, 3)
+    assert same_image(xl(forge, "Euler a Distillation++", **HIRES)[0], base)
+    guided, evaluations = recorded_generation(forge, **HIRES)
+    order = check_teacher_evaluations(evaluations, STUDENT, TEACHER)
+    widths = [e["x"].shape[-1] for e in evaluations]
+    assert [(w, name) for w, name in zip(widths, order) if name == TEACHER] == [(8, TEACHER), (16, TEACHER)]
+    first, hires = evaluations[order.index(TEACHER)], evaluations[len(order) - 1 - order[::-1].index(TEACHER)]
+    assert not torch.equal(first["calls"][0]["y"], hires["calls"][0]["y"])  # the size embedding differs per pass
+    assert not same_image(guided, base)
+
+
+def test_img2img(forge):
+    """img2img at w = 0 is Forge's own; guided, one teacher evaluation with the student's conditioning."""
+    request = {"init_images": [init_image()], "denoising_strength": 0.6, "route": "img2img"}
+    xl(forge, "Euler a", **request)
+    base = xl(forge, "Euler a", **request)[0]
+    assert same_image(xl(forge, "Euler a Distillation++", **request)[0], base)
+    guided, evaluations = recorded_generation(forge, **request)
+    assert check_teacher_evaluations(evaluations, STUDENT, TEACHER).count(TEACHER) == 1
+    assert not same_image(guided, base)

@@ -60,21 +60,33 @@ def cfg_scale(evaluation) -> tuple[float, float]:
     return coef.max().item(), (basis @ coef - eps).abs().max().item()
 
 
-def check_guided_evaluations(evaluations, student: str, teacher: str, student_cfg=2.0, teacher_cfg=3.0) -> None:
-    """Euler, 4 steps, the first 2 guided: student 0, teacher 0, student 1, teacher 1, student 2, student 3.
-    Each evaluation runs the prompt and the negative prompt with SDXL's full conditioning; the teacher's
-    are the student's of the step it guides, combined at the teacher's own CFG scale."""
-    assert [[c["unet"] for c in e["calls"]] for e in evaluations] == [
-        [student], [teacher], [student], [teacher], [student], [student]]
-    for e in evaluations:
+def check_teacher_evaluations(evaluations, student: str, teacher: str, student_cfg=2.0, teacher_cfg=3.0) -> list:
+    """Each evaluation runs the prompt and the negative prompt with SDXL's full conditioning (the UNet's
+    calls of an evaluation together: context (2, 77, 2048), y (2, 2816)); each teacher evaluation directly
+    follows a student evaluation, gets that evaluation's conditioning and combines it at the teacher's own
+    CFG scale (the student's at its own). Returns the evaluations' models in order."""
+    order = []
+    for i, e in enumerate(evaluations):
+        names = {c["unet"] for c in e["calls"]}
+        assert len(names) == 1, names
+        order.append(names.pop())
         context = torch.cat([c["context"] for c in e["calls"]])
         y = torch.cat([c["y"] for c in e["calls"]])
         assert context.shape == (2, 77, 2048) and y.shape == (2, 2816)  # prompt and negative prompt
         assert not torch.equal(y[0], y[1])  # the pooled text embedding is in the vector
-    for s, t in ((evaluations[0], evaluations[1]), (evaluations[2], evaluations[3])):
-        for key in ("context", "y"):
-            assert torch.equal(torch.cat([c[key] for c in t["calls"]]), torch.cat([c[key] for c in s["calls"]]))
-    scales = [cfg_scale(e) for e in evaluations]
-    assert all(residual < 1e-3 for _, residual in scales), scales
-    expected = [student_cfg, teacher_cfg, student_cfg, teacher_cfg, student_cfg, student_cfg]
-    assert [s for s, _ in scales] == pytest.approx(expected, abs=1e-2)
+        scale, residual = cfg_scale(e)
+        assert residual < 1e-3 and scale == pytest.approx(teacher_cfg if order[-1] == teacher else student_cfg,
+                                                           abs=1e-2), (i, scale, residual)
+        if order[-1] == teacher:
+            assert i > 0 and order[i - 1] == student
+            for key in ("context", "y"):
+                assert torch.equal(torch.cat([c[key] for c in e["calls"]]),
+                                   torch.cat([c[key] for c in evaluations[i - 1]["calls"]]))
+    return order
+
+
+def check_guided_evaluations(evaluations, student: str, teacher: str) -> None:
+    """Euler, 4 steps, the first 2 guided: student 0, teacher 0, student 1, teacher 1, student 2, student 3,
+    each as check_teacher_evaluations requires."""
+    assert check_teacher_evaluations(evaluations, student, teacher) == [student, teacher, student, teacher,
+                                                                         student, student]
