@@ -78,6 +78,7 @@ class SgmStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 SDXL_CONTEXT, SDXL_VECTOR = 2048, 2816  # SDXL's cross-attention width (CLIP-L 768 + OpenCLIP-G 1280) and vector
+REFINER_VECTOR = 2560  # the refiner's vector: pooled OpenCLIP-G 1280 + sizes and crop 4 x 256 + aesthetic score 256
 CLIP_L_WIDTH, CLIP_G_WIDTH = 768, 1280
 OPEN_CLIP_ARCH = "kdistpp-tiny-bigG"  # a 2-layer OpenCLIP text tower of bigG's width, registered with open_clip
 
@@ -104,15 +105,17 @@ def register_open_clip_arch(tmp: Path) -> None:
     open_clip.add_model_config(path)
 
 
-def sdxl_config(clip_dir: Path, refiner_style: bool = False) -> dict:
+def sdxl_config(clip_dir: Path, refiner: bool = False) -> dict:
     """SDXL's sd_xl_base.yaml with a small UNet (two levels, attention on the second and in the middle as SDXL
     has it on its deeper levels; context 2048 and vector 2816 kept), a small VAE and small text encoders.
-    `clip_dir` holds the tiny HF CLIP-L (FrozenCLIPEmbedder's `version`)."""
+    `clip_dir` holds the tiny HF CLIP-L (FrozenCLIPEmbedder's `version`). refiner=True: sd_xl_refiner.yaml's
+    architecture instead (OpenCLIP-G alone: context 1280; its vector with the aesthetic score: 2560)."""
     unet = {"target": "sgm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
-        "adm_in_channels": SDXL_VECTOR, "num_classes": "sequential", "use_checkpoint": False, "in_channels": 4,
+        "adm_in_channels": REFINER_VECTOR if refiner else SDXL_VECTOR, "num_classes": "sequential", "use_checkpoint": False, "in_channels": 4,
         "out_channels": 4, "model_channels": 32, "attention_resolutions": [2], "num_res_blocks": 1,
         "channel_mult": [1, 2], "num_head_channels": 64, "use_spatial_transformer": True,
-        "use_linear_in_transformer": True, "transformer_depth": [0, 1], "context_dim": SDXL_CONTEXT,
+        "use_linear_in_transformer": True, "transformer_depth": [0, 1],
+        "context_dim": CLIP_G_WIDTH if refiner else SDXL_CONTEXT,
         "spatial_transformer_attn_type": "softmax", "legacy": False}}
     size = {"target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND", "params": {"outdim": 256}}
     embedders = [
@@ -124,6 +127,8 @@ def sdxl_config(clip_dir: Path, refiner_style: bool = False) -> dict:
         {"is_trainable": False, "input_key": "original_size_as_tuple", **size},
         {"is_trainable": False, "input_key": "crop_coords_top_left", **size},
         {"is_trainable": False, "input_key": "target_size_as_tuple", **size}]
+    if refiner:  # OpenCLIP-G, the original size, the crop and the aesthetic score
+        embedders = [*embedders[1:4], {"is_trainable": False, "input_key": "aesthetic_score", **size}]
     vae = {"target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper", "params": {
         "embed_dim": 4, "monitor": "val/rec_loss", "lossconfig": {"target": "torch.nn.Identity"}, "ddconfig": {
             "attn_type": "vanilla", "double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3,
@@ -140,8 +145,9 @@ def sdxl_config(clip_dir: Path, refiner_style: bool = False) -> dict:
         "first_stage_config": vae}}}
 
 
-def make_sdxl_checkpoints(models_dir: Path, clip_dir: Path, seeds: dict[str, int]) -> None:
-    """One SDXL .safetensors + .yaml per name; all share the VAE and text encoders, their UNets differ by seed."""
+def make_sdxl_checkpoints(models_dir: Path, clip_dir: Path, seeds: dict[str, int], refiner: bool = False) -> None:
+    """One SDXL .safetensors + .yaml per name; all share the VAE and text encoders, their UNets differ by seed.
+    refiner=True: of the refiner's architecture (`sdxl_config`)."""
     import safetensors.torch
     from omegaconf import OmegaConf
     from sgm.util import instantiate_from_config
@@ -149,7 +155,7 @@ def make_sdxl_checkpoints(models_dir: Path, clip_dir: Path, seeds: dict[str, int
     models_dir.mkdir(parents=True, exist_ok=True)
     if not (clip_dir / "config.json").is_file():
         tiny_clip(clip_dir, CLIP_L_WIDTH, layers=2)
-    config = OmegaConf.create(sdxl_config(clip_dir))
+    config = OmegaConf.create(sdxl_config(clip_dir, refiner))
     model = instantiate_from_config(config.model)
     fill(model.first_stage_model, 1)
     fill(model.conditioner, 3)
@@ -255,7 +261,7 @@ def start(tmp: Path, seeds: dict[str, int]):
     return _started["api"]
 
 
-def add_sdxl_checkpoints(seeds: dict[str, int]) -> Path:
+def add_sdxl_checkpoints(seeds: dict[str, int], refiner: bool = False) -> Path:
     """SDXL checkpoints (`make_sdxl_checkpoints`) added to the started webui's models folder, which is
     rescanned; returns the folder. Skips where the webui runs without its sgm clone."""
     if sgm_root() is None or any(isinstance(finder, SgmStub) for finder in sys.meta_path):
@@ -263,6 +269,6 @@ def add_sdxl_checkpoints(seeds: dict[str, int]) -> Path:
     from modules import sd_models
 
     models, clip_dir = _started["models"], _started["tmp"] / "clip_sdxl"
-    make_sdxl_checkpoints(models, clip_dir, seeds)
+    make_sdxl_checkpoints(models, clip_dir, seeds, refiner)
     sd_models.list_models()
     return models

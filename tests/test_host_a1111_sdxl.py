@@ -21,6 +21,7 @@ from webui_api import SCRIPT, generate, init_image, same_image
 from webui_sdxl import CfgEvaluations, check_guided_evaluations, check_teacher_evaluations
 
 STUDENT, TEACHER, REFINER = "xl_student", "xl_teacher", "xl_refiner"
+REFINER_ARCH = "xl_refiner_arch"  # of SDXL's refiner architecture: context 1280, vector 2560
 LORA_PROMPT = "a red cube <lora:xl_speed:1>"  # a kohya-format speed LoRA on the SDXL student's UNet
 
 
@@ -36,17 +37,18 @@ def webui(tmp_path_factory):
     if "lora" not in extra_networks.extra_network_registry:
         script_callbacks.before_ui_callback()  # as the webui's api_only() does: the Lora extension registers here
     models = a1111_host.add_sdxl_checkpoints({STUDENT: 11, TEACHER: 22, REFINER: 33})
+    a1111_host.add_sdxl_checkpoints({REFINER_ARCH: 44}, refiner=True)
     deltas = webui_lora.make_lora(models / f"{STUDENT}.safetensors",
                                   Path(shared.cmd_opts.lora_dir) / "xl_speed.safetensors")
 
-    def unet(name, deltas=None):  # the SDXL UNet evaluated directly, with known weights
-        config = a1111_host.sdxl_config(Path("unused"))["model"]["params"]["network_config"]
+    def unet(name, deltas=None, refiner=False):  # the SDXL UNet evaluated directly, with known weights
+        config = a1111_host.sdxl_config(Path("unused"), refiner)["model"]["params"]["network_config"]
         module = instantiate_from_config(config).eval()
         module.load_state_dict(webui_lora.unet_state(models / f"{name}.safetensors", deltas))
         return module
 
     refs = {"student+lora": unet(STUDENT, deltas), "student": unet(STUDENT), "teacher": unet(TEACHER),
-            "refiner": unet(REFINER)}
+            "refiner": unet(REFINER), REFINER_ARCH: unet(REFINER_ARCH, refiner=True)}
     return type("Webui", (), {"shared": shared, "client": TestClient(app), "sd_models": sd_models, "refs": refs})
 
 
@@ -153,33 +155,49 @@ class AllUNetCalls(webui_lora.Calls):
             lambda m, a, k, out: self.record(m, a, k, out) if isinstance(m, UNetModel) else None, with_kwargs=True)
 
 
-def refiner_request(teacher, guided_steps):
-    return request(STUDENT, teacher, guided_steps=guided_steps, refiner_checkpoint=REFINER, refiner_switch_at=0.5)
+def refiner_request(teacher, guided_steps, refiner):
+    return request(STUDENT, teacher, guided_steps=guided_steps, refiner_checkpoint=refiner, refiner_switch_at=0.5)
 
 
-@pytest.mark.parametrize("teacher", [TEACHER, "same"])
-def test_guided_steps_before_the_refiner_switch_are_the_teachers(webui, teacher):
-    """The refiner (another SDXL checkpoint) takes over halfway (Euler, 4 steps: steps 2 and 3); the two
-    guided steps before it call the teacher's weights, on the student's conditioning."""
+def which_weights(calls, refs):
+    """For each UNet call, the checkpoint whose UNet reproduces it: among the base-architecture checkpoints
+    for calls with SDXL's 2048-wide context, the refiner-architecture one for the others (1280 wide)."""
+    base = {k: refs[k] for k in ("student", "teacher", "refiner")}
+    names = []
+    for call in calls:
+        wide = call[1]["context"].shape[-1] == 2048
+        names += webui_lora.which_weights([call], base if wide else {"refiner": refs[REFINER_ARCH]}, evaluate)
+    return names
+
+
+REFINER_CASES = [(TEACHER, REFINER), ("same", REFINER), (TEACHER, REFINER_ARCH)]
+
+
+@pytest.mark.parametrize("teacher, refiner", REFINER_CASES, ids=["teacher", "same", "refiner-architecture"])
+def test_guided_steps_before_the_refiner_switch_are_the_teachers(webui, teacher, refiner):
+    """The refiner takes over halfway (Euler, 4 steps: steps 2 and 3); the two guided steps before it call
+    the teacher's weights (the base's with the same-checkpoint teacher). A refiner of SDXL's refiner
+    architecture runs on its own conditioning (context 1280, vector 2560), the teacher on the base's."""
     from kdistpp.integrations.webui_teachers import SAME_CHECKPOINT
 
     teacher = SAME_CHECKPOINT if teacher == "same" else teacher
-    assert webui.client.post("/sdapi/v1/txt2img", json=refiner_request(teacher, 2)).status_code == 200
+    assert webui.client.post("/sdapi/v1/txt2img", json=refiner_request(teacher, 2, refiner)).status_code == 200
     calls = AllUNetCalls()
     try:
-        response = webui.client.post("/sdapi/v1/txt2img", json=refiner_request(teacher, 2))
+        response = webui.client.post("/sdapi/v1/txt2img", json=refiner_request(teacher, 2, refiner))
     finally:
         calls.remove()
     assert response.status_code == 200, response.text[:2000]
-    refs = {k: webui.refs[k] for k in ("student", "teacher", "refiner")}
     expected_teacher = "student" if teacher == SAME_CHECKPOINT else "teacher"
-    assert webui_lora.which_weights(calls.calls, refs, evaluate) == [
+    assert which_weights(calls.calls, webui.refs) == [
         "student", expected_teacher, "student", expected_teacher, "refiner", "refiner"]
-    assert f"Refiner: {REFINER}" in response.json()["info"]
+    widths = [(k["context"].shape[-1], k["y"].shape[-1]) for _, k, _ in calls.calls]
+    assert widths == [(2048, 2816)] * 4 + [(1280, 2560) if refiner == REFINER_ARCH else (2048, 2816)] * 2
+    assert f"Refiner: {refiner}" in response.json()["info"]
 
 
-@pytest.mark.parametrize("teacher", [TEACHER, "same"])
-def test_a_guided_step_after_the_refiner_switch_is_refused(webui, teacher):
+@pytest.mark.parametrize("teacher, refiner", REFINER_CASES, ids=["teacher", "same", "refiner-architecture"])
+def test_a_guided_step_after_the_refiner_switch_is_refused(webui, teacher, refiner):
     """A third guided step would come after the switch, where the sampled model is the refiner: it is refused
     with the reason, before the teacher runs."""
     from kdistpp.integrations.webui_teachers import SAME_CHECKPOINT
@@ -187,14 +205,13 @@ def test_a_guided_step_after_the_refiner_switch_is_refused(webui, teacher):
     teacher = SAME_CHECKPOINT if teacher == "same" else teacher
     calls = AllUNetCalls()
     try:
-        response = webui.client.post("/sdapi/v1/txt2img", json=refiner_request(teacher, 3))
+        response = webui.client.post("/sdapi/v1/txt2img", json=refiner_request(teacher, 3, refiner))
     finally:
         calls.remove()
     assert response.status_code == 500
     assert "a guided step comes after the refiner switch" in response.text, response.text[:2000]
-    refs = {k: webui.refs[k] for k in ("student", "teacher", "refiner")}
     expected_teacher = "student" if teacher == SAME_CHECKPOINT else "teacher"
-    assert webui_lora.which_weights(calls.calls, refs, evaluate) == [
+    assert which_weights(calls.calls, webui.refs) == [
         "student", expected_teacher, "student", expected_teacher, "refiner"]
 
 
