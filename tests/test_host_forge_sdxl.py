@@ -21,6 +21,7 @@ from webui_api import SCRIPT, generate, init_image, same_image
 from webui_sdxl import CfgEvaluations, check_guided_evaluations, check_teacher_evaluations
 
 STUDENT, TEACHER, REFINER = "xl_student", "xl_teacher", "xl_refiner"
+REFINER_ARCH = "xl_refiner_arch"  # of SDXL's refiner architecture: context 1280, vector 2560
 LORA_PROMPT = "a red cube <lora:xl_speed:1>"  # a kohya-format speed LoRA on the SDXL student's UNet
 
 
@@ -37,16 +38,18 @@ def forge(tmp_path_factory):
     if "lora" not in extra_networks.extra_network_registry:
         script_callbacks.before_ui_callback()  # as Forge's api_only() does: the Lora extension registers here
     models = forge_host.add_sdxl_checkpoints({STUDENT: 11, TEACHER: 22, REFINER: 33})
+    forge_host.add_sdxl_checkpoints({REFINER_ARCH: 44}, refiner=True)
     deltas = webui_lora.make_lora(models / f"{STUDENT}.safetensors",
                                   Path(shared.cmd_opts.lora_dir) / "xl_speed.safetensors")
 
-    def unet(name, deltas=None):  # the SDXL UNet evaluated directly, with known weights
-        module = IntegratedUNet2DConditionModel(**forge_host.SDXL_UNET).eval()
+    def unet(name, deltas=None, refiner=False):  # the SDXL UNet evaluated directly, with known weights
+        module = IntegratedUNet2DConditionModel(**(forge_host.SDXL_REFINER_UNET if refiner
+                                                   else forge_host.SDXL_UNET)).eval()
         module.load_state_dict(webui_lora.unet_state(models / f"{name}.safetensors", deltas))
         return module
 
     refs = {"student+lora": unet(STUDENT, deltas), "student": unet(STUDENT), "teacher": unet(TEACHER),
-            "refiner": unet(REFINER)}
+            "refiner": unet(REFINER), REFINER_ARCH: unet(REFINER_ARCH, refiner=True)}
     return type("Forge", (), {"shared": shared, "client": TestClient(app), "sd_models": sd_models, "refs": refs})
 
 
@@ -154,33 +157,49 @@ class AllUNetCalls(webui_lora.Calls):
             with_kwargs=True)
 
 
-def refiner_request(teacher, guided_steps):
-    return request(STUDENT, teacher, guided_steps=guided_steps, refiner_checkpoint=REFINER, refiner_switch_at=0.5)
+def refiner_request(teacher, guided_steps, refiner):
+    return request(STUDENT, teacher, guided_steps=guided_steps, refiner_checkpoint=refiner, refiner_switch_at=0.5)
 
 
-@pytest.mark.parametrize("teacher", [TEACHER, "same"])
-def test_guided_steps_before_the_refiner_switch_are_the_teachers(forge, teacher):
-    """Forge's refiner (another SDXL checkpoint, a new engine) takes over halfway (Euler, 4 steps: steps 2
-    and 3); the two guided steps before it call the teacher's weights."""
+def which_weights(calls, refs):
+    """For each UNet call, the checkpoint whose UNet reproduces it: among the base-architecture checkpoints
+    for calls with SDXL's 2048-wide context, the refiner-architecture one for the others (1280 wide)."""
+    base = {k: refs[k] for k in ("student", "teacher", "refiner")}
+    names = []
+    for call in calls:
+        wide = call[1]["context"].shape[-1] == 2048
+        names += webui_lora.which_weights([call], base if wide else {"refiner": refs[REFINER_ARCH]}, evaluate)
+    return names
+
+
+REFINER_CASES = [(TEACHER, REFINER), ("same", REFINER), (TEACHER, REFINER_ARCH)]
+
+
+@pytest.mark.parametrize("teacher, refiner", REFINER_CASES, ids=["teacher", "same", "refiner-architecture"])
+def test_guided_steps_before_the_refiner_switch_are_the_teachers(forge, teacher, refiner):
+    """Forge's refiner (a new engine) takes over halfway (Euler, 4 steps: steps 2 and 3); the two guided steps
+    before it call the teacher's weights (the base's with the same-checkpoint teacher). A refiner of SDXL's
+    refiner architecture runs on its own conditioning (context 1280, vector 2560), the teacher on the base's."""
     from kdistpp.integrations.webui_teachers import SAME_CHECKPOINT
 
     teacher = SAME_CHECKPOINT if teacher == "same" else teacher
-    assert forge.client.post("/sdapi/v1/txt2img", json=refiner_request(teacher, 2)).status_code == 200
+    assert forge.client.post("/sdapi/v1/txt2img", json=refiner_request(teacher, 2, refiner)).status_code == 200
     calls = AllUNetCalls()
     try:
-        response = forge.client.post("/sdapi/v1/txt2img", json=refiner_request(teacher, 2))
+        response = forge.client.post("/sdapi/v1/txt2img", json=refiner_request(teacher, 2, refiner))
     finally:
         calls.remove()
     assert response.status_code == 200, response.text[:2000]
-    refs = {k: forge.refs[k] for k in ("student", "teacher", "refiner")}
     expected_teacher = "student" if teacher == SAME_CHECKPOINT else "teacher"
-    assert webui_lora.which_weights(calls.calls, refs, evaluate) == [
+    assert which_weights(calls.calls, forge.refs) == [
         "student", expected_teacher, "student", expected_teacher, "refiner", "refiner"]
-    assert f"Refiner: {REFINER}" in response.json()["info"]
+    widths = [(k["context"].shape[-1], k["y"].shape[-1]) for _, k, _ in calls.calls]
+    assert widths == [(2048, 2816)] * 4 + [(1280, 2560) if refiner == REFINER_ARCH else (2048, 2816)] * 2
+    assert f"Refiner: {refiner}" in response.json()["info"]
 
 
-@pytest.mark.parametrize("teacher", [TEACHER, "same"])
-def test_a_guided_step_after_the_refiner_switch_is_refused(forge, teacher):
+@pytest.mark.parametrize("teacher, refiner", REFINER_CASES, ids=["teacher", "same", "refiner-architecture"])
+def test_a_guided_step_after_the_refiner_switch_is_refused(forge, teacher, refiner):
     """A third guided step would come after the switch, where the sampled model is the refiner: it is refused
     with the reason, before the teacher runs."""
     from kdistpp.integrations.webui_teachers import SAME_CHECKPOINT
@@ -189,14 +208,12 @@ def test_a_guided_step_after_the_refiner_switch_is_refused(forge, teacher):
     calls = AllUNetCalls()
     try:
         with pytest.raises(ValueError, match="a guided step comes after the refiner switch"):
-            forge.client.post("/sdapi/v1/txt2img", json=refiner_request(teacher, 3))
+            forge.client.post("/sdapi/v1/txt2img", json=refiner_request(teacher, 3, refiner))
     finally:
         calls.remove()
-    refs = {k: forge.refs[k] for k in ("student", "teacher", "refiner")}
     expected_teacher = "student" if teacher == SAME_CHECKPOINT else "teacher"
-    assert webui_lora.which_weights(calls.calls, refs, evaluate) == [
+    assert which_weights(calls.calls, forge.refs) == [
         "student", expected_teacher, "student", expected_teacher, "refiner"]
-
 
 def recorded_generation(forge, **request):
     """A generation with the teacher (loaded before), its CFG evaluations recorded; returns (image, evaluations)."""
