@@ -113,8 +113,8 @@ def sdxl_config(clip_dir: Path, refiner: bool = False) -> dict:
     unet = {"target": "sgm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
         "adm_in_channels": REFINER_VECTOR if refiner else SDXL_VECTOR, "num_classes": "sequential",
         "use_checkpoint": False, "in_channels": 4, "out_channels": 4, "model_channels": 32,
-        "attention_resolutions": [2], "num_res_blocks": 1, "channel_mult": [1, 2], "num_head_channels": 64, "use_spatial_transformer": True,
-        "use_linear_in_transformer": True, "transformer_depth": [0, 1],
+        "attention_resolutions": [2], "num_res_blocks": 1, "channel_mult": [1, 2], "num_head_channels": 64,
+        "use_spatial_transformer": True, "use_linear_in_transformer": True, "transformer_depth": [0, 1],
         "context_dim": CLIP_G_WIDTH if refiner else SDXL_CONTEXT,
         "spatial_transformer_attn_type": "softmax", "legacy": False}}
     size = {"target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND", "params": {"outdim": 256}}
