@@ -82,3 +82,105 @@ def start(tmp: Path, seeds: dict[str, int]):
     make_checkpoints(root, data / "models" / "Stable-diffusion", seeds)
     _started.update(root=root, models=data / "models" / "Stable-diffusion", api=webui_api())
     return _started["api"]
+
+
+# SDXL: Forge recognises a checkpoint by its UNet's shape (huggingface_guess's model list) and builds its text
+# encoders and VAE from the configs of the matched entry's folder. A tiny SDXL is registered there as an
+# entry of its own (a subclass of huggingface_guess's SDXL, so Forge's loader picks its StableDiffusionXL
+# engine), whose folder holds SDXL's tokenizers and scheduler with small text-encoder and VAE configs.
+SDXL_UNET = {"in_channels": 4, "model_channels": 32, "out_channels": 4, "num_res_blocks": [1, 1],
+             "channel_mult": [1, 2], "num_classes": "sequential", "num_heads": -1, "num_head_channels": 64,
+             "use_spatial_transformer": True, "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
+             "transformer_depth_middle": 1, "context_dim": 2048, "use_linear_in_transformer": True,
+             "adm_in_channels": 2816}  # SDXL's context (CLIP-L 768 + CLIP-G 1280) and vector (pooled 1280 + sizes)
+# (64-channel attention heads: what Forge gives every SDXL-family UNet it recognises)
+# the refiner's architecture: CLIP-G alone (context 1280), its vector with the aesthetic score (2560)
+SDXL_REFINER_UNET = {**SDXL_UNET, "context_dim": 1280, "adm_in_channels": 2560}
+SDXL_REPOS = {False: "stabilityai/stable-diffusion-xl-base-1.0", True: "stabilityai/stable-diffusion-xl-refiner-1.0"}
+TINY_TEXT_ENCODER = {"num_hidden_layers": 2, "intermediate_size": 64, "num_attention_heads": 4}
+
+
+def sdxl_repo(root: Path, folder: Path, refiner: bool = False) -> Path:
+    """Forge's SDXL (or SDXL refiner) folder of backend/huggingface, with 2-layer text encoders of SDXL's widths
+    and a small VAE."""
+    import json
+    import shutil
+
+    source = root / "backend" / "huggingface" / SDXL_REPOS[refiner]
+    folder.mkdir(parents=True, exist_ok=True)
+    encoders = [p.name for p in source.iterdir() if p.name.startswith("text_encoder")]
+    for path in source.iterdir():
+        if path.name not in (*encoders, "vae"):
+            (shutil.copytree if path.is_dir() else shutil.copy)(path, folder / path.name)
+    for name, changes in ([(e, TINY_TEXT_ENCODER) for e in encoders]
+                          + [("vae", {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1})]):
+        config = json.loads((source / name / "config.json").read_text())
+        (folder / name).mkdir(parents=True)
+        (folder / name / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+def register_tiny_sdxl(root: Path, folder: Path, refiner: bool = False):
+    """Adds the tiny SDXL (or SDXL refiner) to huggingface_guess's model list (first, once); returns its entry
+    class, a subclass of huggingface_guess's SDXL (SDXLRefiner) so that Forge's loader builds its engine."""
+    from huggingface_guess import model_list
+
+    for entry in model_list.models:
+        if getattr(entry, "kdistpp_tiny", None) == ("refiner" if refiner else "base"):
+            return entry
+    repo = sdxl_repo(root, folder, refiner)
+    unet = SDXL_REFINER_UNET if refiner else SDXL_UNET
+    unet_config = {"model_channels": unet["model_channels"], "use_linear_in_transformer": True,
+                   "transformer_depth": unet["transformer_depth"], "context_dim": unet["context_dim"],
+                   "adm_in_channels": unet["adm_in_channels"], "use_temporal_attention": False}
+    base = model_list.SDXLRefiner if refiner else model_list.SDXL
+    entry = type(f"Tiny{base.__name__}", (base,), {"huggingface_repo": str(repo), "unet_config": unet_config,
+                                                     "kdistpp_tiny": "refiner" if refiner else "base"})
+    model_list.models.insert(0, entry)
+    return entry
+
+
+def make_sdxl_checkpoints(root: Path, models_dir: Path, seeds: dict[str, int], folder: Path,
+                          refiner: bool = False) -> None:
+    """SDXL-format checkpoints (sgm key names, as Forge saves an SDXL engine) built from Forge's own classes:
+    its UNet with SDXL_UNET, its VAE and the text encoders from the tiny folder's configs. refiner=True: of
+    the refiner's architecture (SDXL_REFINER_UNET, CLIP-G alone)."""
+    import safetensors.torch
+    from huggingface_guess import model_list
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from backend.nn.unet import IntegratedUNet2DConditionModel
+    from backend.nn.vae import IntegratedAutoencoderKL
+
+    repo = Path(register_tiny_sdxl(root, folder, refiner).huggingface_repo)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    vae = IntegratedAutoencoderKL.from_config(IntegratedAutoencoderKL.load_config(repo / "vae"))
+    fill(vae, 1)
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(
+        repo / ("text_encoder" if refiner else "text_encoder_2")))
+    fill(clip_g, 3)
+    text = {f"clip_g.transformer.{k}": v for k, v in clip_g.state_dict().items()}
+    if not refiner:
+        clip_l = CLIPTextModel(CLIPTextConfig.from_pretrained(repo / "text_encoder"))
+        fill(clip_l, 2)
+        text.update({f"clip_l.transformer.{k}": v for k, v in clip_l.state_dict().items()})
+    save_format = model_list.SDXLRefiner if refiner else model_list.SDXL  # Forge's own SDXL save formats
+    shared = {**{f"first_stage_model.{k}": v for k, v in vae.state_dict().items()},
+              **save_format.process_clip_state_dict_for_saving(None, text)}
+    for name, seed in seeds.items():
+        unet = IntegratedUNet2DConditionModel(**(SDXL_REFINER_UNET if refiner else SDXL_UNET))
+        fill(unet, seed)
+        state = {**shared, **{f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}}
+        state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+        safetensors.torch.save_file(state, str(models_dir / f"{name}.safetensors"))
+
+
+def add_sdxl_checkpoints(seeds: dict[str, int], refiner: bool = False) -> Path:
+    """Tiny SDXL checkpoints (refiner=True: of the refiner's architecture) added to the started Forge's models
+    folder, which is rescanned; returns the folder."""
+    from modules import sd_models
+
+    folder = _started["models"].parent / ("tiny-sdxl-refiner" if refiner else "tiny-sdxl")
+    make_sdxl_checkpoints(_started["root"], _started["models"], seeds, folder, refiner)
+    sd_models.list_models()
+    return _started["models"]

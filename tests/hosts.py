@@ -29,7 +29,7 @@ def fill(module, seed: int) -> None:
         for name, p in module.named_parameters():
             if name.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-            elif p.ndim == 1:  # norm scales
+            elif p.ndim <= 1:  # norm scales (and scalars: OpenCLIP's logit scale)
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)

@@ -235,6 +235,7 @@ class TeacherCall:
             if opts is not None and getattr(opts, "skip_early_cond", 0):
                 stack.enter_context(_setting(opts.data, "skip_early_cond", 0.0, item=True))
             p = getattr(self.student_cfg, "p", None)
+            refuse_after_refiner_switch(self.webui, p)
             if getattr(p, "refiner_checkpoint_info", None) is not None:
                 # the teacher is called at a lower sigma than the student: the refiner switch is the student's
                 stack.enter_context(_setting(p, "refiner_checkpoint_info", None))
@@ -247,6 +248,25 @@ class TeacherCall:
             if state is not None and hasattr(state, "current_latent"):
                 stack.enter_context(_setting(state, "current_latent", state.current_latent))
             yield
+
+
+def refuse_after_refiner_switch(webui, p) -> None:
+    """A guided step after the webui's refiner switch is refused (ValueError) before the teacher runs.
+
+    At the switch the webui makes the refiner the sampled model (and may reuse or evict the cached
+    checkpoints the teacher lives in): the teacher guides the base checkpoint's steps, so guided steps
+    must come before the switch. The switch has happened when the active checkpoint is the refiner
+    and the generation started on another (`p.sd_model_name`, set by the webui at the start)."""
+    refiner = getattr(p, "refiner_checkpoint_info", None)
+    model_data = getattr(getattr(webui, "sd_models", None), "model_data", None)
+    active = getattr(getattr(model_data, "sd_model", None), "sd_checkpoint_info", None)
+    if refiner is None or active is None or active.filename != refiner.filename:
+        return
+    if refiner.name_for_extra == getattr(p, "sd_model_name", None):  # the refiner is the base checkpoint itself
+        return
+    raise ValueError(f"Distillation++: a guided step comes after the refiner switch (Refiner {refiner.short_title!r}, "
+                     f"switch at {p.refiner_switch_at}): the teacher guides the base checkpoint's steps only; guide "
+                     "fewer steps, or a sigma window above the switch, or switch to the refiner later")
 
 
 def a1111_teacher(webui, student_cfg, title: str, denoiser_classes):
