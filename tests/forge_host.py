@@ -40,6 +40,8 @@ def make_checkpoints(root: Path, models_dir: Path, seeds: dict[str, int]) -> Non
 
     repo = root / "backend" / "huggingface" / "runwayml" / "stable-diffusion-v1-5"
     models_dir.mkdir(parents=True, exist_ok=True)
+    if not seeds:
+        return
     vae = IntegratedAutoencoderKL.from_config(IntegratedAutoencoderKL.load_config(repo / "vae"))
     fill(vae, 1)
     clip = CLIPTextModel(CLIPTextConfig.from_pretrained(repo / "text_encoder"))
@@ -82,3 +84,129 @@ def start(tmp: Path, seeds: dict[str, int]):
     make_checkpoints(root, data / "models" / "Stable-diffusion", seeds)
     _started.update(root=root, models=data / "models" / "Stable-diffusion", api=webui_api())
     return _started["api"]
+
+
+# Flow models (Flux, Chroma, SD3/3.5). Forge builds a checkpoint's text encoders and VAE from the config files in
+# its backend/huggingface/ (T5-XXL alone is 4.7B parameters), and its model guess (huggingface_guess) hard-codes
+# the full-size Flux transformer (12B). The harness copies that folder with the flow models' text-encoder and
+# VAE configs made small, points Forge's loader at the copy, and has the guess read the Flux transformer's
+# sizes from the checkpoint. Everything else is Forge's: its loader, engines, predictors, model classes.
+FLUX = {"in_channels": 16, "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0,
+        "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [4, 14, 14], "theta": 10000,
+        "qkv_bias": True}
+TINY_CONFIGS = {  # config.json keys, per model class the config builds
+    "CLIPTextModel": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1,
+                      "projection_dim": 32},
+    "T5EncoderModel": {"d_model": 32, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2,  # Forge wants > 16 tensors
+                       "num_decoder_layers": 2},
+    "AutoencoderKL": {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1},
+}
+FLOW_REPOS = ["black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell", "Chroma",
+              "stabilityai/stable-diffusion-3-medium-diffusers"]
+
+
+def small_flow_configs(root: Path, target: Path) -> Path:
+    """A copy of Forge's backend/huggingface/ whose flow models' text encoders and VAE are small."""
+    import json
+    import shutil
+
+    if not target.exists():
+        shutil.copytree(root / "backend" / "huggingface", target / "huggingface")
+    for repo in FLOW_REPOS:
+        index = json.loads((target / "huggingface" / repo / "model_index.json").read_text())
+        for component, spec in index.items():
+            if isinstance(spec, list) and spec[1] in ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel",
+                                                      "AutoencoderKL"):
+                path = target / "huggingface" / repo / component / "config.json"
+                config = json.loads(path.read_text())
+                config.update(TINY_CONFIGS["CLIPTextModel" if spec[1].startswith("CLIP") else spec[1]])
+                path.write_text(json.dumps(config))
+    return target
+
+
+def flux_sizes_from_checkpoint(detect):
+    """huggingface_guess's detect_unet_config, with a Flux transformer's sizes read from its weights (the
+    guess writes the full-size numbers whatever the checkpoint holds). A full-size Flux is left as guessed."""
+
+    def detect_sizes(state_dict, key_prefix):
+        config = detect(state_dict, key_prefix)
+        if not config or config.get("image_model") != "flux":
+            return config
+        p, keys = key_prefix, list(state_dict.keys())
+        hidden = state_dict[f"{p}img_in.weight"].shape[0]
+        if hidden == 3072:
+            return config
+        head = state_dict[f"{p}double_blocks.0.img_attn.norm.key_norm.scale"].shape[0]
+        config.update(in_channels=state_dict[f"{p}img_in.weight"].shape[1] // 4, hidden_size=hidden,
+                      vec_in_dim=state_dict[f"{p}vector_in.in_layer.weight"].shape[1],
+                      context_in_dim=state_dict[f"{p}txt_in.weight"].shape[1], num_heads=hidden // head,
+                      mlp_ratio=state_dict[f"{p}double_blocks.0.img_mlp.0.weight"].shape[0] / hidden,
+                      depth=len({k.split(".")[len(p.split(".")) ] for k in keys if k.startswith(f"{p}double_blocks.")}),
+                      depth_single_blocks=len({k.split(".")[len(p.split("."))] for k in keys
+                                               if k.startswith(f"{p}single_blocks.")}),
+                      axes_dim=[head // 8, head * 7 // 16, head * 7 // 16])  # Flux's 16/56/56 split of 128
+        return config
+
+    return detect_sizes
+
+
+def use_small_flow_configs(tmp: Path) -> None:
+    """Points Forge's loader at small_flow_configs and its model guess at flux_sizes_from_checkpoint (once)."""
+    import backend.loader
+    import huggingface_guess.detection as detection
+
+    if not _started.get("flow"):
+        backend.loader.dir_path = str(small_flow_configs(_started["root"], tmp / "forge_configs"))
+        detection.detect_unet_config = flux_sizes_from_checkpoint(detection.detect_unet_config)
+        _started["flow"] = True
+
+
+def _prefixed(prefix: str, module) -> dict:
+    return {f"{prefix}{k}": v for k, v in module.state_dict().items()}
+
+
+def flux_text_and_vae(configs: Path, repo: str) -> dict:
+    """The small CLIP-L, T5 and VAE of a Flux checkpoint, in the single-file keys Forge reads."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from backend.nn.clip import IntegratedCLIP
+    from backend.nn.t5 import IntegratedT5
+    from backend.nn.vae import IntegratedAutoencoderKL
+    from backend.utils import read_arbitrary_config
+
+    folder = configs / "huggingface" / repo
+    vae = IntegratedAutoencoderKL.from_config(IntegratedAutoencoderKL.load_config(folder / "vae"))
+    fill(vae, 1)
+    clip = IntegratedCLIP(CLIPTextModel, CLIPTextConfig.from_pretrained(folder / "text_encoder"), add_text_projection=True)
+    fill(clip.transformer, 2)  # its 0-d logit_scale stays as built
+    t5 = IntegratedT5(read_arbitrary_config(folder / "text_encoder_2"))
+    fill(t5.transformer, 3)
+    return {**_prefixed("vae.", vae), **_prefixed("text_encoders.clip_l.", clip),
+            **_prefixed("text_encoders.t5xxl.", t5)}
+
+
+def make_flux_checkpoints(tmp: Path, checkpoints: dict[str, tuple[str, int]]) -> None:
+    """Flux checkpoints {name: (variant, seed)}: 'dev' (guidance-distilled: a guidance embedding) or 'schnell',
+    a tiny transformer of Forge's own class beside small text encoders and VAE; then Forge rescans its models."""
+    import safetensors.torch
+
+    from backend.nn.flux import IntegratedFluxTransformer2DModel
+    from modules import sd_models
+
+    use_small_flow_configs(tmp)
+    configs = Path(__import__("backend.loader").loader.dir_path)
+    shared = flux_text_and_vae(configs, "black-forest-labs/FLUX.1-dev")
+    for name, (variant, seed) in checkpoints.items():
+        model = IntegratedFluxTransformer2DModel(**FLUX, guidance_embed=variant == "dev")
+        fill(model, seed)
+        state = {**shared, **_prefixed("model.diffusion_model.", model)}
+        state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+        safetensors.torch.save_file(state, str(_started["models"] / f"{name}.safetensors"))
+    sd_models.list_models()
+
+
+def start_flow(tmp: Path, flux: dict[str, tuple[str, int]]):
+    """Forge started (start) with the flow checkpoints of make_flux_checkpoints; returns (modules.shared, app)."""
+    api = start(tmp, {})
+    make_flux_checkpoints(tmp, flux)
+    return api

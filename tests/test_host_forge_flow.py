@@ -1,0 +1,153 @@
+"""Flux students and teachers in the real Forge webui (dfdcbab): requests through its API route.
+
+tests/forge_host.py starts the pinned Forge on tiny Flux checkpoints that Forge's own loader builds into its
+Flux engines (FLUX.1-dev: guidance-distilled, `PredictionFlux` with the resolution shift; FLUX.1-schnell:
+no guidance embedding, mu = 1). Each model call is read where Forge makes it: a forward hook on the
+transformer sees its input latent, timestep (the flow s) and the guidance value Forge passes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import forge_host
+from kdistpp.integrations import webui as kdistpp_webui
+from webui_api import SCRIPT, same_image
+
+FLUX = {"schnell": ("schnell", 11), "dev": ("dev", 22), "dev2": ("dev", 33)}
+
+
+@pytest.fixture(scope="module")
+def forge(tmp_path_factory):
+    shared, app = forge_host.start_flow(tmp_path_factory.mktemp("forge_flow"), FLUX)
+    from fastapi.testclient import TestClient
+
+    return type("Forge", (), {"shared": shared, "client": TestClient(app)})
+
+
+def post(forge, sampler, student="schnell", teacher=None, w=0.0, guided_steps=1, teacher_cfg=1.0, steps=4, seed=5,
+         **request):
+    body = {"prompt": "a red cube", "negative_prompt": "blur", "steps": steps, "width": 64, "height": 64,
+            "sampler_name": sampler, "scheduler": "Simple", "seed": seed, "cfg_scale": 1.0,
+            "override_settings": {"sd_model_checkpoint": student},
+            "alwayson_scripts": {SCRIPT: {"args": ["None" if teacher is None else teacher, w, guided_steps,
+                                                   teacher_cfg, "interpolate", "student", 0.0, 0.0]}}, **request}
+    return forge.client.post("/sdapi/v1/txt2img", json=body)
+
+
+def images(response):
+    assert response.status_code == 200, response.text[:3000]
+    import base64
+    import io
+
+    from PIL import Image
+
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))).astype(np.int16) for b in response.json()["images"]]
+
+
+def engine_model(name):
+    """The transformer of the loaded student, or of the extension's held teacher engine."""
+    from modules import sd_models
+
+    from kdistpp.integrations import webui_teachers
+
+    engine = (sd_models.model_data.sd_model if name == "student" else webui_teachers._forge_teacher["engine"])
+    return engine.forge_objects.unet.model.diffusion_model
+
+
+class Calls:
+    """Each forward of a transformer: input latent, timestep, guidance (None without) and output."""
+
+    def __init__(self, module):
+        self.calls = []
+        self.handle = module.register_forward_hook(self.record, with_kwargs=True)
+
+    def record(self, module, args, kwargs, output):
+        guidance = kwargs.get("guidance")
+        self.calls.append({"x": args[0].detach().clone(), "t": args[1].detach().clone(),
+                           "guidance": None if guidance is None else guidance.detach().clone(),
+                           "out": output.detach().clone()})
+
+    def remove(self):
+        self.handle.remove()
+
+
+# Forge's own sampler of the same name is a correct flow sampler for Flux: its Euler and DPM++ 2M have the
+# same form in flow coordinates, and its Euler a switches to the rectified-flow step for PredictionFlux.
+@pytest.mark.parametrize("base", ["Euler", "Euler a", "DPM++ 2M"])
+def test_w0_and_no_teacher_give_forges_own_flux_image(forge, base):
+    own = images(post(forge, base))[0]
+    assert same_image(images(post(forge, f"{base} Distillation++"))[0], own)
+    assert same_image(images(post(forge, f"{base} Distillation++", teacher="dev", w=0.0))[0], own)
+    assert not same_image(images(post(forge, base, seed=6))[0], own)
+
+
+def test_the_teacher_is_called_once_per_guided_step_at_the_renoised_point(forge):
+    """Euler, 4 steps, 2 guided: after the student's call at s_i the teacher (FLUX.1-dev guiding schnell) is
+    called once at s_{i+1} on (1 - s_{i+1}) x0s + s_{i+1} n, x0s the student's estimate (x - s v, from the
+    student's own output) and n the renoise noise (Forge's per-image generator at the seed plus 0x5EED)."""
+    from modules import rng
+
+    post(forge, "Euler Distillation++", teacher="dev", w=0.5)  # loads the teacher
+    student, teacher = Calls(engine_model("student")), Calls(engine_model("teacher"))
+    try:
+        guided = images(post(forge, "Euler Distillation++", teacher="dev", w=0.5, guided_steps=2))[0]
+    finally:
+        student.remove()
+        teacher.remove()
+    assert len(student.calls) == 4 and len(teacher.calls) == 2
+    sigmas = [float(c["t"][0]) for c in student.calls] + [0.0]
+    noise = rng.ImageRNG((16, 8, 8), [5 + kdistpp_webui.RENOISE_SEED_OFFSET])
+    for i, call in enumerate(teacher.calls):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0s = student.calls[i]["x"] - s * student.calls[i]["out"]  # Flux predicts the velocity n - x0
+        expected = (1 - s_next) * x0s + s_next * noise.next()
+        assert float(call["t"][0]) == pytest.approx(s_next, abs=1e-6)
+        torch.testing.assert_close(call["x"], expected.to(call["x"].dtype), rtol=1e-4, atol=1e-4)
+    assert not same_image(guided, images(post(forge, "Euler Distillation++"))[0])
+
+
+@pytest.mark.parametrize("distilled", [2.5, 5.0])
+def test_a_dev_teacher_gets_its_distilled_guidance_and_a_schnell_student_none(forge, distilled):
+    post(forge, "Euler Distillation++", teacher="dev", w=0.5)
+    student, teacher = Calls(engine_model("student")), Calls(engine_model("teacher"))
+    try:
+        response = post(forge, "Euler Distillation++", teacher="dev", w=0.5, distilled_cfg_scale=distilled)
+    finally:
+        student.remove()
+        teacher.remove()
+    images(response)
+    assert [c["guidance"] for c in student.calls] == [None] * 4
+    assert [c["guidance"].tolist() for c in teacher.calls] == [[distilled]]
+    infotext = json.loads(response.json()["info"])["infotexts"][0]
+    assert f"{kdistpp_webui.DISTILLED_CFG_KEY}: {distilled}" in infotext
+
+
+@pytest.mark.parametrize("teacher_cfg", [1.0, 3.0])
+def test_the_teachers_own_cfg_with_the_negative_prompt_at_student_cfg_1(forge, teacher_cfg):
+    """At CFG 1 Forge computes no negative conditioning for the student; a teacher at CFG 3 gets cond and
+    uncond (two rows of one call, different text), one at CFG 1 the prompt alone."""
+    post(forge, "Euler Distillation++", teacher="dev", w=0.5)
+    teacher = Calls(engine_model("teacher"))
+    try:
+        images(post(forge, "Euler Distillation++", teacher="dev", w=0.5, teacher_cfg=teacher_cfg))
+    finally:
+        teacher.remove()
+    assert [c["x"].shape[0] for c in teacher.calls] == [1 if teacher_cfg == 1 else 2]
+
+
+def test_a_dev_student_with_a_dev_teacher(forge):
+    """Both guidance-distilled: each gets Forge's Distilled CFG Scale (the student's own, in its conditioning)."""
+    post(forge, "Euler Distillation++", student="dev2", teacher="dev", w=0.5)
+    student, teacher = Calls(engine_model("student")), Calls(engine_model("teacher"))
+    try:
+        images(post(forge, "Euler Distillation++", student="dev2", teacher="dev", w=0.5, distilled_cfg_scale=3.0))
+    finally:
+        student.remove()
+        teacher.remove()
+    assert [c["guidance"].tolist() for c in student.calls] == [[3.0]] * 4
+    assert [c["guidance"].tolist() for c in teacher.calls] == [[3.0]]
