@@ -151,3 +151,56 @@ def test_a_dev_student_with_a_dev_teacher(forge):
         teacher.remove()
     assert [c["guidance"].tolist() for c in student.calls] == [[3.0]] * 4
     assert [c["guidance"].tolist() for c in teacher.calls] == [[3.0]]
+
+
+def student_calls(forge, sampler, **request):
+    post(forge, sampler, **request)  # loads the student
+    calls = Calls(engine_model("student"))
+    try:
+        images(post(forge, sampler, **request))
+    finally:
+        calls.remove()
+    return calls.calls
+
+
+def rf_midpoint(s, s_next, eta=1.0):
+    """ComfyUI's rectified-flow DPM++ 2S a (sample_dpmpp_2s_ancestral_RF), written out: the down step
+    s_d = s' (1 + (s'/s - 1) eta), and the midpoint halfway in lambda = log((1 - s) / s), 0.9999 at s = 1."""
+    s_down = s_next * (1 + (s_next / s - 1) * eta)
+    if s_down == 0:
+        return None
+    if s == 1:
+        return 0.9999
+    lam = (np.log((1 - s) / s) + np.log((1 - s_down) / s_down)) / 2
+    return 1 / (np.exp(lam) + 1)
+
+
+def test_dpmpp_2s_a_takes_the_rectified_flow_step_where_forges_takes_a_ve_one(forge):
+    """Forge's DPM++ 2S a has no flow variant: its midpoint and noise are VE ones on a flow state. The
+    Distillation++ sampler evaluates the student at ComfyUI's rectified-flow midpoints instead."""
+    euler = [float(c["t"][0]) for c in student_calls(forge, "Euler Distillation++")] + [0.0]
+    calls = [float(c["t"][0]) for c in student_calls(forge, "DPM++ 2S a Distillation++", scheduler="Simple")]
+    expected = []
+    for s, s_next in zip(euler[:-1], euler[1:]):
+        expected += [s] + ([] if rf_midpoint(s, s_next) is None else [rf_midpoint(s, s_next)])
+    assert calls == pytest.approx(expected, abs=1e-5)
+    own = [float(c["t"][0]) for c in student_calls(forge, "DPM++ 2S a", scheduler="Simple")]
+    assert len(own) == len(calls) and own[1] != pytest.approx(calls[1], abs=1e-3)  # Forge's own: the VE midpoint
+
+
+def test_lcm_renoises_as_a_flow_model(forge):
+    """LCM Distillation++ on Flux: Forge's flow wrapper and sigmas (those Euler uses), and each step renoises the
+    estimate as (1 - s') x0 + s' n, n the next draw of Forge's per-image RNG. (Forge's own LCM wraps the model
+    as an eps DDPM one, which a flow model is not.)"""
+    from modules import rng
+
+    euler = [float(c["t"][0]) for c in student_calls(forge, "Euler Distillation++")]
+    calls = student_calls(forge, "LCM Distillation++", scheduler="Simple")
+    assert [float(c["t"][0]) for c in calls] == pytest.approx(euler, abs=1e-6)
+    noise = rng.ImageRNG((16, 8, 8), [5])
+    torch.testing.assert_close(calls[0]["x"], (euler[0] * noise.next()).to(calls[0]["x"].dtype))
+    for before, after in zip(calls[:-1], calls[1:]):
+        s, s_next = float(before["t"][0]), float(after["t"][0])
+        x0 = before["x"] - s * before["out"]
+        torch.testing.assert_close(after["x"], ((1 - s_next) * x0 + s_next * noise.next()).to(after["x"].dtype),
+                                   rtol=1e-4, atol=1e-4)
