@@ -30,12 +30,12 @@ def forge(tmp_path_factory):
 
 
 def post(forge, sampler, student="schnell", teacher=None, w=0.0, guided_steps=1, teacher_cfg=1.0, steps=4, seed=5,
-         **request):
+         window=(0.0, 0.0), **request):
     body = {"prompt": "a red cube", "negative_prompt": "blur", "steps": steps, "width": 64, "height": 64,
             "sampler_name": sampler, "scheduler": "Simple", "seed": seed, "cfg_scale": 1.0,
             "override_settings": {"sd_model_checkpoint": student},
             "alwayson_scripts": {SCRIPT: {"args": ["None" if teacher is None else teacher, w, guided_steps,
-                                                   teacher_cfg, "interpolate", "student", 0.0, 0.0]}}, **request}
+                                                   teacher_cfg, "interpolate", "student", *window]}}, **request}
     return forge.client.post("/sdapi/v1/txt2img", json=body)
 
 
@@ -204,3 +204,85 @@ def test_lcm_renoises_as_a_flow_model(forge):
         x0 = before["x"] - s * before["out"]
         torch.testing.assert_close(after["x"], ((1 - s_next) * x0 + s_next * noise.next()).to(after["x"].dtype),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_no_teacher_is_loaded_when_the_window_holds_no_step(forge, monkeypatch):
+    import backend.loader
+
+    from kdistpp.guided_steps import GuidanceWarning
+    from kdistpp.integrations import webui_teachers
+
+    webui_teachers.release_teacher(None)
+    loads = []
+    real = backend.loader.forge_loader
+    monkeypatch.setattr(backend.loader, "forge_loader", lambda *a, **k: loads.append(a) or real(*a, **k))
+    plain = images(post(forge, "Euler Distillation++"))[0]
+    loads.clear()
+    with pytest.warns(GuidanceWarning, match="no step"):
+        image = images(post(forge, "Euler Distillation++", teacher="dev", w=0.5, window=(0.001, 0.002)))[0]
+    assert loads == [] and "engine" not in webui_teachers._forge_teacher
+    assert same_image(image, plain)
+
+
+HIRES = {"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 3,
+         "denoising_strength": 0.6, "hr_cfg": 1.0, "hr_additional_modules": ["Use same choices"]}
+
+
+def test_hires_fix_with_a_distillation_sampler_on_its_pass_only(forge):
+    """The first pass with Forge's Euler, the hires pass with Euler Distillation++ (a start below s = 1): the
+    teacher guides the hires pass once, at the hires latent's size, and the infotext records it."""
+    post(forge, "Euler Distillation++", teacher="dev", w=0.5)
+    student, teacher = Calls(engine_model("student")), Calls(engine_model("teacher"))
+    try:
+        response = post(forge, "Euler", teacher="dev", w=0.5, hr_sampler_name="Euler Distillation++", **HIRES)
+    finally:
+        student.remove()
+        teacher.remove()
+    images(response)
+    hires = [float(c["t"][0]) for c in student.calls if c["x"].shape[-1] == 16]
+    assert hires[0] < 1 and len(hires) == 3  # Forge's hires pass (3 steps, denoising 0.6) starts below s = 1
+    assert [(tuple(c["x"].shape[-2:]), float(c["t"][0])) for c in teacher.calls] == [((16, 16), hires[1])]
+    infotext = json.loads(response.json()["info"])["infotexts"][0]
+    assert "DistillationPP teacher: dev" in infotext and "Hires sampler: Euler Distillation++" in infotext
+
+
+def test_img2img_at_w0_is_forges_and_guided_calls_the_teacher_once(forge):
+    from webui_api import init_image
+
+    request = {"init_images": [init_image()], "denoising_strength": 0.6}
+
+    def img2img(sampler, **kwargs):
+        return post_route(forge, "img2img", sampler, **kwargs, **request)
+
+    img2img("Euler")  # as in test_host_forge.py: the first img2img after a model change differs slightly
+    own = images(img2img("Euler"))[0]
+    assert same_image(images(img2img("Euler Distillation++"))[0], own)
+    images(img2img("Euler Distillation++", teacher="dev", w=0.5))
+    student, teacher = Calls(engine_model("student")), Calls(engine_model("teacher"))
+    try:
+        guided = images(img2img("Euler Distillation++", teacher="dev", w=0.5))[0]
+    finally:
+        student.remove()
+        teacher.remove()
+    sigmas = [float(c["t"][0]) for c in student.calls]
+    assert sigmas[0] < 1 and [float(c["t"][0]) for c in teacher.calls] == [sigmas[1]]
+    assert not same_image(guided, own)
+
+
+def post_route(forge, route, sampler, **kwargs):
+    original = forge.client.post
+    try:
+        forge.client.post = lambda url, json: original(url.replace("txt2img", route), json=json)
+        return post(forge, sampler, **kwargs)
+    finally:
+        forge.client.post = original
+
+
+def test_show_hooks_the_sampler_menu_once():
+    from modules import scripts
+
+    data = next(d for d in scripts.scripts_data if d.path.endswith("kdistpp_distillation_pp.py"))
+    script = data.script_class()
+    for _ in range(3):
+        script.show(False)
+    assert [elem_id for elem_id, _ in script.on_after_component_elem_id] == ["txt2img_sampling"]
