@@ -1,9 +1,10 @@
-"""Flux students and teachers in the real Forge webui (dfdcbab): requests through its API route.
+"""Flux, Chroma and SD3 students and teachers in the real Forge webui (dfdcbab): requests through its API route.
 
-tests/forge_host.py starts the pinned Forge on tiny Flux checkpoints that Forge's own loader builds into its
-Flux engines (FLUX.1-dev: guidance-distilled, `PredictionFlux` with the resolution shift; FLUX.1-schnell:
-no guidance embedding, mu = 1). Each model call is read where Forge makes it: a forward hook on the
-transformer sees its input latent, timestep (the flow s) and the guidance value Forge passes.
+tests/forge_host.py starts the pinned Forge on tiny flow checkpoints that Forge's own loader builds into its
+engines: FLUX.1-dev (guidance-distilled, `PredictionFlux` with the resolution shift), FLUX.1-schnell (no
+guidance embedding, mu = 1), Chroma (`PredictionFlux`, real CFG) and SD3 (MMDiT, `PredictionDiscreteFlow`
+with shift 3). Each model call is read where Forge makes it: a forward hook on the transformer sees its
+input latent, timestep (the flow s; 1000 s for SD3), the guidance value Forge passes and the output.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import forge_host
 from kdistpp.integrations import webui as kdistpp_webui
 from webui_api import SCRIPT, same_image
 
-FLUX = {"schnell": ("schnell", 11), "dev": ("dev", 22), "dev2": ("dev", 33)}
+FLUX = {"schnell": ("schnell", 11), "dev": ("dev", 22), "dev2": ("dev", 33), "chroma": ("chroma", 44),
+        "chroma2": ("chroma", 55), "sd3": ("sd3", 66), "sd35": ("sd3", 77)}
+TIMESTEP = {"sd3": 1000.0, "sd35": 1000.0}  # the transformer's timestep per flow s (Flux and Chroma: s itself)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def forge(tmp_path_factory):
 def post(forge, sampler, student="schnell", teacher=None, w=0.0, guided_steps=1, teacher_cfg=1.0, steps=4, seed=5,
          window=(0.0, 0.0), **request):
     body = {"prompt": "a red cube", "negative_prompt": "blur", "steps": steps, "width": 64, "height": 64,
-            "sampler_name": sampler, "scheduler": "Simple", "seed": seed, "cfg_scale": 1.0,
+            "sampler_name": sampler, "scheduler": "Simple", "seed": seed, "cfg_scale": request.pop("cfg_scale", 1.0),
             "override_settings": {"sd_model_checkpoint": student},
             "alwayson_scripts": {SCRIPT: {"args": ["None" if teacher is None else teacher, w, guided_steps,
                                                    teacher_cfg, "interpolate", "student", *window]}}, **request}
@@ -62,13 +65,13 @@ def engine_model(name):
 class Calls:
     """Each forward of a transformer: input latent, timestep, guidance (None without) and output."""
 
-    def __init__(self, module):
-        self.calls = []
+    def __init__(self, module, per_s=1.0):
+        self.calls, self.per_s = [], per_s
         self.handle = module.register_forward_hook(self.record, with_kwargs=True)
 
     def record(self, module, args, kwargs, output):
         guidance = kwargs.get("guidance")
-        self.calls.append({"x": args[0].detach().clone(), "t": args[1].detach().clone(),
+        self.calls.append({"x": args[0].detach().clone(), "t": args[1].detach().clone() / self.per_s,
                            "guidance": None if guidance is None else guidance.detach().clone(),
                            "out": output.detach().clone()})
 
@@ -78,37 +81,49 @@ class Calls:
 
 # Forge's own sampler of the same name is a correct flow sampler for Flux: its Euler and DPM++ 2M have the
 # same form in flow coordinates, and its Euler a switches to the rectified-flow step for PredictionFlux.
-@pytest.mark.parametrize("base", ["Euler", "Euler a", "DPM++ 2M"])
-def test_w0_and_no_teacher_give_forges_own_flux_image(forge, base):
-    own = images(post(forge, base))[0]
-    assert same_image(images(post(forge, f"{base} Distillation++"))[0], own)
-    assert same_image(images(post(forge, f"{base} Distillation++", teacher="dev", w=0.0))[0], own)
-    assert not same_image(images(post(forge, base, seed=6))[0], own)
+# SD3's Euler a is not (test_euler_a_on_sd3_takes_the_rectified_flow_step).
+@pytest.mark.parametrize("student, base", [(student, base) for student in ("schnell", "chroma", "sd3")
+                                           for base in ("Euler", "Euler a", "DPM++ 2M")
+                                           if (student, base) != ("sd3", "Euler a")])
+def test_w0_and_no_teacher_give_forges_own_image(forge, student, base):
+    own = images(post(forge, base, student=student, cfg_scale=2.0))[0]
+    assert same_image(images(post(forge, f"{base} Distillation++", student=student, cfg_scale=2.0))[0], own)
+    assert same_image(images(post(forge, f"{base} Distillation++", student=student, cfg_scale=2.0,
+                                  teacher={"schnell": "dev"}.get(student, student), w=0.0))[0], own)
+    assert not same_image(images(post(forge, base, student=student, cfg_scale=2.0, seed=6))[0], own)
 
 
-def test_the_teacher_is_called_once_per_guided_step_at_the_renoised_point(forge):
-    """Euler, 4 steps, 2 guided: after the student's call at s_i the teacher (FLUX.1-dev guiding schnell) is
-    called once at s_{i+1} on (1 - s_{i+1}) x0s + s_{i+1} n, x0s the student's estimate (x - s v, from the
-    student's own output) and n the renoise noise (Forge's per-image generator at the seed plus 0x5EED)."""
+@pytest.mark.parametrize("student, teacher, teacher_cfg", [("schnell", "dev", 1.0), ("chroma", "chroma2", 3.0),
+                                                         ("sd3", "sd35", 3.0)])
+def test_the_teacher_is_called_once_per_guided_step_at_the_renoised_point(forge, student, teacher, teacher_cfg):
+    """Euler, 4 steps, 2 guided, student at CFG 1: after the student's call at s_i the teacher is called once at
+    s_{i+1} on (1 - s_{i+1}) x0s + s_{i+1} n, x0s the student's estimate (x - s v, from the student's own
+    output) and n the renoise noise (Forge's per-image generator at the seed plus 0x5EED). A teacher at its own
+    CFG 3 evaluates cond and uncond (the negative prompt Forge skipped for the student) at that point."""
     from modules import rng
 
-    post(forge, "Euler Distillation++", teacher="dev", w=0.5)  # loads the teacher
-    student, teacher = Calls(engine_model("student")), Calls(engine_model("teacher"))
+    post(forge, "Euler Distillation++", student=student, teacher=teacher, w=0.5)  # loads both
+    per_s = TIMESTEP.get(student, 1.0)
+    calls = Calls(engine_model("student"), per_s), Calls(engine_model("teacher"), per_s)
     try:
-        guided = images(post(forge, "Euler Distillation++", teacher="dev", w=0.5, guided_steps=2))[0]
+        guided = images(post(forge, "Euler Distillation++", student=student, teacher=teacher, w=0.5, guided_steps=2,
+                             teacher_cfg=teacher_cfg))[0]
     finally:
-        student.remove()
-        teacher.remove()
-    assert len(student.calls) == 4 and len(teacher.calls) == 2
-    sigmas = [float(c["t"][0]) for c in student.calls] + [0.0]
+        for c in calls:
+            c.remove()
+    student_calls, teacher_calls = calls[0].calls, calls[1].calls
+    assert len(student_calls) == 4 and len(teacher_calls) == 2
+    sigmas = [float(c["t"][0]) for c in student_calls] + [0.0]
     noise = rng.ImageRNG((16, 8, 8), [5 + kdistpp_webui.RENOISE_SEED_OFFSET])
-    for i, call in enumerate(teacher.calls):
+    for i, call in enumerate(teacher_calls):
         s, s_next = sigmas[i], sigmas[i + 1]
-        x0s = student.calls[i]["x"] - s * student.calls[i]["out"]  # Flux predicts the velocity n - x0
+        x0s = student_calls[i]["x"] - s * student_calls[i]["out"]  # the flow models predict the velocity n - x0
         expected = (1 - s_next) * x0s + s_next * noise.next()
-        assert float(call["t"][0]) == pytest.approx(s_next, abs=1e-6)
-        torch.testing.assert_close(call["x"], expected.to(call["x"].dtype), rtol=1e-4, atol=1e-4)
-    assert not same_image(guided, images(post(forge, "Euler Distillation++"))[0])
+        assert call["x"].shape[0] == (1 if teacher_cfg == 1 else 2)
+        assert call["t"].tolist() == pytest.approx([s_next] * call["x"].shape[0], abs=1e-5)
+        for row in call["x"]:
+            torch.testing.assert_close(row[None], expected.to(row.dtype), rtol=1e-4, atol=1e-4)
+    assert not same_image(guided, images(post(forge, "Euler Distillation++", student=student))[0])
 
 
 @pytest.mark.parametrize("distilled", [2.5, 5.0])
@@ -155,7 +170,7 @@ def test_a_dev_student_with_a_dev_teacher(forge):
 
 def student_calls(forge, sampler, **request):
     post(forge, sampler, **request)  # loads the student
-    calls = Calls(engine_model("student"))
+    calls = Calls(engine_model("student"), TIMESTEP.get(request.get("student"), 1.0))
     try:
         images(post(forge, sampler, **request))
     finally:
@@ -286,3 +301,25 @@ def test_show_hooks_the_sampler_menu_once():
     for _ in range(3):
         script.show(False)
     assert [elem_id for elem_id, _ in script.on_after_component_elem_id] == ["txt2img_sampling"]
+
+
+def test_euler_a_on_sd3_takes_the_rectified_flow_step(forge):
+    """Forge's Euler a takes the rectified-flow step for PredictionFlux only: on SD3 (PredictionDiscreteFlow) it
+    adds VE ancestral noise to a flow state. Euler a Distillation++ takes ComfyUI's rectified-flow step on both:
+    x_d = (s_d / s) x + (1 - s_d / s) x0 with s_d = s'^2 / s (eta 1), then x' = (1 - s') / (1 - s_d) x_d + c n,
+    c^2 = s'^2 - s_d^2 (1 - s')^2 / (1 - s_d)^2, n the next draw of Forge's per-image RNG."""
+    from modules import rng
+
+    calls = student_calls(forge, "Euler a Distillation++", student="sd3")
+    noise = rng.ImageRNG((16, 8, 8), [5])
+    torch.testing.assert_close(calls[0]["x"], (float(calls[0]["t"][0]) * noise.next()).to(calls[0]["x"].dtype))
+    for before, after in zip(calls[:-1], calls[1:]):
+        s, s_next = float(before["t"][0]), float(after["t"][0])
+        x, x0 = before["x"].double(), (before["x"] - s * before["out"]).double()
+        s_down = s_next ** 2 / s
+        x_down = (s_down / s) * x + (1 - s_down / s) * x0
+        c = (s_next ** 2 - s_down ** 2 * (1 - s_next) ** 2 / (1 - s_down) ** 2) ** 0.5
+        expected = (1 - s_next) / (1 - s_down) * x_down + c * noise.next().double()
+        torch.testing.assert_close(after["x"].double(), expected, rtol=1e-4, atol=1e-4)
+    own = images(post(forge, "Euler a", student="sd3"))[0]
+    assert not same_image(images(post(forge, "Euler a Distillation++", student="sd3"))[0], own)
