@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import forge_host
+import webui_lora
 from kdistpp.integrations import webui as kdistpp_webui
 from webui_api import SCRIPT, same_image
 
@@ -323,3 +324,52 @@ def test_euler_a_on_sd3_takes_the_rectified_flow_step(forge):
         torch.testing.assert_close(after["x"].double(), expected, rtol=1e-4, atol=1e-4)
     own = images(post(forge, "Euler a", student="sd3"))[0]
     assert not same_image(images(post(forge, "Euler a Distillation++", student="sd3"))[0], own)
+
+
+def transformer_linears(state: dict) -> list[str]:
+    """A flow transformer's attention and MLP Linear weights (those speed LoRAs train), as checkpoint keys."""
+    return sorted(k for k, v in state.items() if k.startswith(webui_lora.PREFIX) and k.endswith(".weight")
+                  and v.ndim == 2 and any(part in k for part in ("_attn.", "_mlp.", "linear1", "linear2", ".attn.",
+                                                                   ".mlp.")))
+
+
+@pytest.mark.parametrize("student", ["dev", "sd35"])
+def test_a_lora_student_with_its_own_checkpoint_as_teacher(forge, student):
+    """A speed LoRA (kohya format, in Forge's models/Lora) on a Flux-dev or SD3 checkpoint, teacher "Same
+    checkpoint, without the prompt's LoRAs": each transformer call is matched against the transformer of Forge's
+    own class evaluated directly on that call's inputs, with the checkpoint's weights or those plus the LoRA's
+    deltas computed from the file. Euler, 4 steps, 2 guided: student, teacher, student, teacher, student, student."""
+    from pathlib import Path
+
+    from modules import extra_networks, script_callbacks, sd_models
+
+    from kdistpp.integrations.webui_teachers import SAME_CHECKPOINT
+
+    if "lora" not in extra_networks.extra_network_registry:
+        script_callbacks.before_ui_callback()  # as Forge's api_only() does: the Lora extension registers here
+    checkpoint = forge_host._started["models"] / f"{student}.safetensors"
+    deltas = webui_lora.make_lora(checkpoint, Path(forge.shared.cmd_opts.lora_dir) / f"speed_{student}.safetensors",
+                                  layers=transformer_linears)
+    family = FLUX[student][0]
+
+    def reference(with_lora):
+        model = forge_host.flow_transformer(family).eval()
+        model.load_state_dict(webui_lora.unet_state(checkpoint, deltas if with_lora else None))
+        return model
+
+    refs = {"lora": reference(True), "base": reference(False)}
+    prompt = f"a red cube <lora:speed_{student}:1>"
+    images(post(forge, "Euler", student=student, prompt=prompt))  # loads the student and its LoRA
+    module = sd_models.model_data.sd_model.forge_objects_original.unet.model.diffusion_model
+    calls = webui_lora.Calls(module)
+    try:
+        images(post(forge, "Euler Distillation++", student=student, prompt=prompt, teacher=SAME_CHECKPOINT, w=0.5,
+                    guided_steps=2))
+    finally:
+        calls.remove()
+
+    def evaluate(model, args, kwargs):
+        return model(*[a.float() if torch.is_tensor(a) else a for a in args],
+                     **{k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()})
+
+    assert webui_lora.which_weights(calls.calls, refs, evaluate) == ["lora", "base", "lora", "base", "lora", "lora"]
