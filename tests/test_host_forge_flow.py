@@ -373,3 +373,35 @@ def test_a_lora_student_with_its_own_checkpoint_as_teacher(forge, student):
                      **{k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()})
 
     assert webui_lora.which_weights(calls.calls, refs, evaluate) == ["lora", "base", "lora", "base", "lora", "lora"]
+
+
+def test_the_teachers_distilled_cfg_comes_back_from_the_infotext(forge):
+    """A schnell student records no Distilled CFG Scale (Forge writes it for a guidance-distilled student only);
+    the teacher's value, written under its own key, is pasted back into Forge's Distilled CFG Scale field."""
+    from modules import infotext_utils, script_callbacks
+
+    response = post(forge, "Euler Distillation++", teacher="dev", w=0.5, distilled_cfg_scale=4.5)
+    infotext = json.loads(response.json()["info"])["infotexts"][0]
+    assert "Distilled CFG Scale:" not in infotext.replace(kdistpp_webui.DISTILLED_CFG_KEY, "")
+    params = infotext_utils.parse_generation_parameters(infotext)  # what the page's paste function does
+    script_callbacks.infotext_pasted_callback(infotext, params)
+    assert float(params["Distilled CFG Scale"]) == 4.5 and params["DistillationPP teacher"] == "dev"
+
+
+def test_an_xyz_plot_over_w_on_flux(forge):
+    """X = Distillation++ w: the w = 0 cell is Forge's Euler image, the other equals a single guided generation
+    and records its w and the teacher's distilled CFG."""
+    from modules import scripts
+
+    plot = next(s for s in scripts.scripts_txt2img.scripts if s.title() == "X/Y/Z plot")
+    labels = [option.label for option in plot.current_axis_options]
+    script_args = [labels.index("Distillation++ w"), "0, 0.5", [], labels.index("Nothing"), "", [], 0, "", [],
+                   True, True, False, False, False, False, False, 0, False]
+    response = post(forge, "Euler Distillation++", teacher="dev", w=0.3, script_name="x/y/z plot",
+                    script_args=script_args)
+    cells, infotexts = images(response)[1:], json.loads(response.json()["info"])["infotexts"]
+    assert len(cells) == 2
+    assert same_image(cells[0], images(post(forge, "Euler"))[0])
+    assert same_image(cells[1], images(post(forge, "Euler Distillation++", teacher="dev", w=0.5))[0])
+    assert "DistillationPP" not in infotexts[1]
+    assert "DistillationPP w: 0.5" in infotexts[2] and f"{kdistpp_webui.DISTILLED_CFG_KEY}: 3.5" in infotexts[2]
