@@ -412,3 +412,24 @@ def test_an_xyz_plot_over_w_on_flux(forge):
     assert same_image(cells[1], images(post(forge, "Euler Distillation++", teacher="dev", w=0.5))[0])
     assert "DistillationPP" not in infotexts[1]
     assert "DistillationPP w: 0.5" in infotexts[2] and f"{kdistpp_webui.DISTILLED_CFG_KEY}: 3.5" in infotexts[2]
+
+
+def test_forges_memory_manager_prepares_the_flux_teacher_then_the_student_again(forge, monkeypatch):
+    """A separate teacher (FLUX.1-dev for schnell): each guided evaluation asks Forge's memory manager for the
+    teacher's transformer (which may push the student off a small GPU) and for the student's right after."""
+    import backend.sampling.sampling_function as sampling
+
+    from kdistpp.integrations import webui_teachers
+
+    post(forge, "Euler Distillation++", teacher="dev", w=0.5)
+    teacher_unet = webui_teachers._forge_teacher["engine"].forge_objects.unet
+    events = []
+    real = sampling.sampling_prepare
+    monkeypatch.setattr(sampling, "sampling_prepare", lambda unet, x: events.append(
+        "prepare teacher" if unet is teacher_unet else "prepare student") or real(unet, x))
+    hook = teacher_unet.model.diffusion_model.register_forward_pre_hook(lambda *_: events.append("teacher call"))
+    try:
+        images(post(forge, "Euler Distillation++", teacher="dev", w=0.5, guided_steps=2))
+    finally:
+        hook.remove()
+    assert events == ["prepare teacher", "teacher call", "prepare student"] * 2
