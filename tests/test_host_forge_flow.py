@@ -433,3 +433,23 @@ def test_forges_memory_manager_prepares_the_flux_teacher_then_the_student_again(
     finally:
         hook.remove()
     assert events == ["prepare teacher", "teacher call", "prepare student"] * 2
+
+
+def test_forges_automatic_schedule_on_flow_models(forge):
+    """Forge's 'Automatic' schedule type: on SD3 it ends with a step from s = 0 to 0, where Forge's Euler divides
+    0 by 0 (a black image); the Distillation++ sampler drops that step and takes the others, at Forge's sigmas.
+    On Flux it gives the timestep indices (9999, 6666, ...) as sigmas: refused before any model call, naming
+    the fix."""
+    own = student_calls(forge, "Euler", student="sd3", scheduler="Automatic")
+    assert float(own[-1]["t"][0]) == 0 and not images(post(forge, "Euler", student="sd3", scheduler="Automatic"))[0].any()
+    calls = student_calls(forge, "Euler Distillation++", student="sd3", scheduler="Automatic")
+    assert [float(c["t"][0]) for c in calls] == pytest.approx([float(c["t"][0]) for c in own[:-1]], abs=1e-6)
+    assert images(post(forge, "Euler Distillation++", student="sd3", scheduler="Automatic"))[0].std() > 10
+    post(forge, "Euler")  # loads schnell
+    calls = Calls(engine_model("student"))
+    try:
+        with pytest.raises(ValueError, match="pick the schedule type 'Simple'"):
+            post(forge, "Euler Distillation++", scheduler="Automatic")
+    finally:
+        calls.remove()
+    assert calls.calls == []

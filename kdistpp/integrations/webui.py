@@ -103,6 +103,20 @@ def distilled_cfg_scale(p) -> float:
     return float(value) if value else 3.5
 
 
+def flow_schedule(sigmas):
+    """Forge's sigmas for a flow model, checked: its 'Automatic' schedule type gives Flux and Chroma their
+    timestep indices (0 to 9999), refused here with the fix, and ends SD3's schedule with a step from s = 0
+    to 0, which Forge's samplers take as a model call that changes nothing (a flow model's estimate at
+    s = 0 is its input); that step is dropped."""
+    if len(sigmas) and float(sigmas[0]) > 1:
+        raise ValueError(f"the schedule starts at sigma {float(sigmas[0]):g}, not a flow sigma (0 to 1): Forge's "
+                         "'Automatic' schedule type gives this flow model its timestep indices; pick the schedule "
+                         "type 'Simple' (Forge's default for Flux) or another one")
+    while len(sigmas) > 2 and float(sigmas[-1]) == 0 and float(sigmas[-2]) == 0:
+        sigmas = sigmas[:-1]
+    return sigmas
+
+
 def make_sampler_function(entry, webui_factory=webui_modules, denoiser_classes=None):
     """The function the webui's sampler calls as `fn(model_wrap_cfg, x, sigmas=..., extra_args=..., disable=...,
     callback=..., eta=..., s_noise=...)` (the options its base sampler takes); it reads `settings` at call time."""
@@ -112,6 +126,8 @@ def make_sampler_function(entry, webui_factory=webui_modules, denoiser_classes=N
         # Forge's flow models (Flux, Chroma, SD3/3.5) sample in flow coordinates on Forge's own flow sigmas
         flow = {"parametrization": "flow"} if webui_parametrization("model", getattr(model, "inner_model", None)) \
             == "flow" else {}
+        if flow:
+            sigmas = flow_schedule(sigmas)
         extra_args = extra_args or {}
         p = getattr(model, "p", None)
         if "noise_sampler" in parameters and options.get("noise_sampler") is None and hasattr(p, "rng"):
