@@ -340,9 +340,9 @@ def transformer_linears(state: dict) -> list[str]:
                                                                    ".mlp.")))
 
 
-@pytest.mark.parametrize("student", ["dev", "sd35"])
+@pytest.mark.parametrize("student", ["dev", "chroma", "sd35"])
 def test_a_lora_student_with_its_own_checkpoint_as_teacher(forge, student):
-    """A speed LoRA (kohya format, in Forge's models/Lora) on a Flux-dev or SD3 checkpoint, teacher "Same
+    """A speed LoRA (kohya format, in Forge's models/Lora) on a Flux-dev, Chroma or SD3 checkpoint, teacher "Same
     checkpoint, without the prompt's LoRAs": each transformer call is matched against the transformer of Forge's
     own class evaluated directly on that call's inputs, with the checkpoint's weights or those plus the LoRA's
     deltas computed from the file. Euler, 4 steps, 2 guided: student, teacher, student, teacher, student, student."""
