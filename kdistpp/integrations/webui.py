@@ -100,7 +100,7 @@ def distilled_cfg_scale(p) -> float:
     teacher's guidance value (Flux-dev). Forge gives it to a guidance-distilled student too; a student without a
     guidance embedding (schnell) ignores it, so there it is the teacher's alone. 3.5 (Forge's default) without."""
     value = getattr(p, "hr_distilled_cfg" if getattr(p, "is_hr_pass", False) else "distilled_cfg_scale", None)
-    return float(value) if value else 3.5
+    return 3.5 if value is None else float(value)
 
 
 def flow_schedule(sigmas):
