@@ -29,6 +29,8 @@ webui.register()
 KEYS = {name: f"DistillationPP {label}" for name, label in (
     ("teacher", "teacher"), ("w", "w"), ("steps", "steps"), ("cfg", "teacher CFG"), ("form", "form"),
     ("direction", "direction"), ("window", "sigma window"))}
+KEYS["distilled_cfg"] = webui.DISTILLED_CFG_KEY  # written by the sampler, for a guidance-distilled teacher only
+FORGE_DISTILLED_CFG = "Distilled CFG Scale"  # Forge's infotext key (written for a guidance-distilled student only)
 # X/Y/Z plot values are set on the plot's copy of p here; process() lets them win over the panel's
 XYZ_ATTRIBUTE = "kdistpp_xyz"
 _NUMBER = r"\d+(?:\.\d*)?(?:[eE][+-]?\d+)?"  # a sigma as str(float) writes it (>= 0, maybe with an exponent)
@@ -43,6 +45,12 @@ def is_distpp_sampler(name) -> bool:
     return name in webui.LABELS.values()
 
 
+def uses_distpp_sampler(p) -> bool:
+    """A Distillation++ sampler runs this generation: the sampler, or the Hires fix pass's own sampler."""
+    hires = getattr(p, "hr_sampler_name", None) if getattr(p, "enable_hr", False) else None
+    return is_distpp_sampler(p.sampler_name) or is_distpp_sampler(hires)
+
+
 def infotext_pasted(infotext: str, params: dict) -> None:
     """The webui's hook on a pasted infotext (PNG Info, "Send to", the paste button), before the fields are set:
     an image made without a teacher resets the panel's teacher (so pasting reproduces it), and the sigma
@@ -50,6 +58,10 @@ def infotext_pasted(infotext: str, params: dict) -> None:
     if KEYS["teacher"] not in params:
         params[KEYS["teacher"]] = "None"
         return
+    if KEYS["distilled_cfg"] in params and FORGE_DISTILLED_CFG not in params:
+        # a guidance-distilled teacher beside a student without guidance (Flux-dev guiding schnell): the
+        # teacher's value is Forge's Distilled CFG Scale, which Forge records for such a student only
+        params[FORGE_DISTILLED_CFG] = params[KEYS["distilled_cfg"]]
     match = re.fullmatch(rf"\s*({_NUMBER})\s*-\s*({_NUMBER})\s*", str(params.get(KEYS["window"], "0-0")))
     if match:
         params[KEYS["window"] + "-1"], params[KEYS["window"] + "-2"] = match.group(1), match.group(2)
@@ -110,12 +122,15 @@ script_callbacks.on_before_ui(add_xyz_axes)  # in case another order loaded it l
 class DistillationPP(scripts.Script):
     def __init__(self):
         self.sampler_dropdown = self.panel = None
+        self.listening = False  # show() may be called more than once; the sampler menu's hook is added once
 
     def title(self):
         return "Distillation++ (kdistpp)"
 
     def show(self, is_img2img):
-        self.on_after_component(self.sampler_created, elem_id=f"{'img2img' if is_img2img else 'txt2img'}_sampling")
+        if not self.listening:
+            self.on_after_component(self.sampler_created, elem_id=f"{'img2img' if is_img2img else 'txt2img'}_sampling")
+            self.listening = True
         return scripts.AlwaysVisible
 
     def sampler_created(self, on_component):
@@ -170,7 +185,7 @@ class DistillationPP(scripts.Script):
         settings = webui.settings
         if settings.teacher is None:  # also with the webui's own samplers, which never reach the sampler function
             webui_teachers.release_teacher(webui.webui_modules())
-        if settings.teacher and settings.w > 0 and is_distpp_sampler(p.sampler_name):
+        if settings.teacher and settings.w > 0 and uses_distpp_sampler(p):
             p.extra_generation_params.update({
                 KEYS["teacher"]: settings.teacher, KEYS["w"]: settings.w, KEYS["steps"]: settings.guided_steps,
                 KEYS["cfg"]: settings.teacher_cfg, KEYS["form"]: form, KEYS["direction"]: direction})

@@ -40,6 +40,8 @@ def make_checkpoints(root: Path, models_dir: Path, seeds: dict[str, int]) -> Non
 
     repo = root / "backend" / "huggingface" / "runwayml" / "stable-diffusion-v1-5"
     models_dir.mkdir(parents=True, exist_ok=True)
+    if not seeds:
+        return
     vae = IntegratedAutoencoderKL.from_config(IntegratedAutoencoderKL.load_config(repo / "vae"))
     fill(vae, 1)
     clip = CLIPTextModel(CLIPTextConfig.from_pretrained(repo / "text_encoder"))
@@ -184,3 +186,185 @@ def add_sdxl_checkpoints(seeds: dict[str, int], refiner: bool = False) -> Path:
     make_sdxl_checkpoints(_started["root"], _started["models"], seeds, folder, refiner)
     sd_models.list_models()
     return _started["models"]
+
+
+# Flow models (Flux, Chroma, SD3/3.5). Forge builds a checkpoint's text encoders and VAE from the config files in
+# its backend/huggingface/ (T5-XXL alone is 4.7B parameters), and its model guess (huggingface_guess) hard-codes
+# the full-size Flux transformer (12B). The harness copies that folder with the flow models' text-encoder and
+# VAE configs made small, points Forge's loader at the copy, and has the guess read the Flux transformer's
+# sizes from the checkpoint. Everything else is Forge's: its loader, engines, predictors, model classes.
+FLUX = {"in_channels": 16, "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0,
+        "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [4, 14, 14], "theta": 10000,
+        "qkv_bias": True}
+TINY_CONFIGS = {  # config.json keys, per model class the config builds
+    "CLIPTextModel": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1,
+                      "projection_dim": 32},
+    "T5EncoderModel": {"d_model": 32, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2,  # Forge wants > 16 tensors
+                       "num_decoder_layers": 2},
+    "AutoencoderKL": {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1},
+}
+FLOW_REPOS = ["black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell", "Chroma",
+              "stabilityai/stable-diffusion-3-medium-diffusers"]
+
+
+def small_flow_configs(root: Path, target: Path) -> Path:
+    """A copy of Forge's backend/huggingface/ whose flow models' text encoders and VAE are small."""
+    import json
+    import shutil
+
+    if not target.exists():
+        shutil.copytree(root / "backend" / "huggingface", target / "huggingface")
+    for repo in FLOW_REPOS:
+        index = json.loads((target / "huggingface" / repo / "model_index.json").read_text())
+        for component, spec in index.items():
+            if isinstance(spec, list) and spec[1] in ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel",
+                                                      "AutoencoderKL"):
+                path = target / "huggingface" / repo / component / "config.json"
+                config = json.loads(path.read_text())
+                config.update(TINY_CONFIGS["CLIPTextModel" if spec[1].startswith("CLIP") else spec[1]])
+                path.write_text(json.dumps(config))
+    # SD3's T5 tokenizer sets add_prefix_space, for which transformers rebuilds it from the slow tokenizer through
+    # sentencepiece's protobuf module, which Forge's pinned protobuf (3.20) cannot import. Forge runs SD3 without
+    # T5 by default (option sd3_enable_t5), so this tokenizer encodes nothing here; it is loaded without the flag.
+    path = target / "huggingface" / FLOW_REPOS[3] / "tokenizer_3" / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config.pop("add_prefix_space", None)
+    path.write_text(json.dumps(config))
+    return target
+
+
+def flux_sizes_from_checkpoint(detect):
+    """huggingface_guess's detect_unet_config, with a Flux (or Chroma) transformer's sizes read from its weights
+    (the guess writes the full-size numbers whatever the checkpoint holds; Forge's loader then adds Chroma's
+    full-size guidance-layer sizes, GuessChroma). A full-size Flux is left as guessed."""
+    import backend.loader
+
+    def count(keys, prefix):
+        return len({k[len(prefix):].split(".")[0] for k in keys if k.startswith(prefix)})
+
+    def detect_sizes(state_dict, key_prefix):
+        config = detect(state_dict, key_prefix)
+        if not config or config.get("image_model") != "flux":
+            return config
+        p, keys = key_prefix, list(state_dict.keys())
+        hidden = state_dict[f"{p}img_in.weight"].shape[0]
+        if hidden == 3072:
+            return config
+        head = state_dict[f"{p}double_blocks.0.img_attn.norm.key_norm.scale"].shape[0]
+        vector = state_dict.get(f"{p}vector_in.in_layer.weight")  # Chroma has none
+        config.update(in_channels=state_dict[f"{p}img_in.weight"].shape[1] // 4, hidden_size=hidden,
+                      vec_in_dim=vector.shape[1] if vector is not None else hidden,
+                      context_in_dim=state_dict[f"{p}txt_in.weight"].shape[1], num_heads=hidden // head,
+                      mlp_ratio=state_dict[f"{p}double_blocks.0.img_mlp.0.weight"].shape[0] / hidden,
+                      depth=count(keys, f"{p}double_blocks."), depth_single_blocks=count(keys, f"{p}single_blocks."),
+                      axes_dim=[head // 8, head * 7 // 16, head * 7 // 16])  # Flux's 16/56/56 split of 128
+        guidance = f"{p}distilled_guidance_layer."
+        if f"{guidance}in_proj.weight" in state_dict and hasattr(backend.loader, "GuessChroma"):
+            backend.loader.GuessChroma.unet_extra_config = {
+                "guidance_out_dim": state_dict[f"{guidance}out_proj.weight"].shape[0],
+                "guidance_hidden_dim": state_dict[f"{guidance}in_proj.weight"].shape[0],
+                "guidance_n_layers": count(keys, f"{guidance}layers.")}
+        return config
+
+    return detect_sizes
+
+
+def use_small_flow_configs(tmp: Path) -> Path:
+    """Points Forge's loader at small_flow_configs and its model guess at flux_sizes_from_checkpoint (once);
+    returns the configs' folder."""
+    import backend.loader
+    import huggingface_guess.detection as detection
+
+    if not _started.get("flow"):
+        backend.loader.dir_path = str(small_flow_configs(_started["root"], tmp / "forge_configs"))
+        detection.detect_unet_config = flux_sizes_from_checkpoint(detection.detect_unet_config)
+        _started["flow"] = True
+    return Path(backend.loader.dir_path)
+
+
+def _prefixed(prefix: str, module) -> dict:
+    return {f"{prefix}{k}": v for k, v in module.state_dict().items()}
+
+
+def text_encoders_and_vae(folder: Path, vae_prefix: str, clips: tuple[str, ...], t5: str) -> dict:
+    """A flow checkpoint's small text encoders and VAE (built from the configs in `folder`, seeded), in the
+    single-file keys Forge reads: `text_encoders.<name>.` for each CLIP and the T5, `vae_prefix` for the VAE."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from backend.nn.clip import IntegratedCLIP
+    from backend.nn.t5 import IntegratedT5
+    from backend.nn.vae import IntegratedAutoencoderKL
+    from backend.utils import read_arbitrary_config
+
+    vae = IntegratedAutoencoderKL.from_config(IntegratedAutoencoderKL.load_config(folder / "vae"))
+    fill(vae, 1)
+    state = _prefixed(vae_prefix, vae)
+    for i, name in enumerate(clips):
+        clip = IntegratedCLIP(CLIPTextModel, CLIPTextConfig.from_pretrained(folder / f"text_encoder{'_2' * i}"),
+                              add_text_projection=True)
+        fill(clip.transformer, 2 + i)  # its 0-d logit_scale stays as built
+        state.update(_prefixed(f"text_encoders.{name}.", clip))
+    model = IntegratedT5(read_arbitrary_config(folder / t5))
+    fill(model.transformer, 4)
+    state.update(_prefixed("text_encoders.t5xxl.", model))
+    return state
+
+
+MMDIT = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 1, "adm_in_channels": 64,
+         "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 64}},
+         "pos_embed_max_size": 16, "num_patches": 256, "pos_embed_scaling_factor": None, "input_size": None}
+CHROMA_GUIDANCE = {"guidance_out_dim": 64, "guidance_hidden_dim": 32, "guidance_n_layers": 1}
+
+
+def flow_transformer(family: str):
+    """A tiny transformer of Forge's own class: 'dev' (Flux with a guidance embedding), 'schnell', 'chroma',
+    'sd3' (SD3/3.5's MMDiT)."""
+    if family in ("dev", "schnell"):
+        from backend.nn.flux import IntegratedFluxTransformer2DModel
+
+        return IntegratedFluxTransformer2DModel(**FLUX, guidance_embed=family == "dev")
+    if family == "chroma":
+        from backend.nn.chroma import IntegratedChromaTransformer2DModel
+
+        return IntegratedChromaTransformer2DModel(**FLUX, **CHROMA_GUIDANCE)
+    from backend.nn.mmditx import MMDiTX
+
+    return MMDiTX(**MMDIT)
+
+
+FAMILY_FILES = {  # Forge's config folder, VAE key prefix and CLIP text encoders of each family's checkpoint
+    "dev": ("black-forest-labs/FLUX.1-dev", "vae.", ("clip_l",), "text_encoder_2"),
+    "schnell": ("black-forest-labs/FLUX.1-dev", "vae.", ("clip_l",), "text_encoder_2"),
+    "chroma": ("Chroma", "vae.", (), "text_encoder"),
+    "sd3": ("stabilityai/stable-diffusion-3-medium-diffusers", "first_stage_model.", ("clip_l", "clip_g"),
+            "text_encoder_3"),
+}
+
+
+def make_flow_checkpoints(tmp: Path, checkpoints: dict[str, tuple[str, int]]) -> None:
+    """Flow checkpoints {name: (family, seed)} (families: flow_transformer), each a tiny transformer beside small
+    text encoders and VAE in one file, as Forge loads single-file checkpoints; then Forge rescans its models."""
+    import safetensors.torch
+
+    from modules import sd_models
+
+    configs = use_small_flow_configs(tmp)
+    shared = {}
+    for name, (family, seed) in checkpoints.items():
+        repo, vae_prefix, clips, t5 = FAMILY_FILES[family]
+        if family not in shared:
+            shared[family] = text_encoders_and_vae(configs / "huggingface" / repo, vae_prefix, clips, t5)
+        model = flow_transformer(family)
+        fill(model, seed)
+        state = {**shared[family], **_prefixed("model.diffusion_model.", model)}
+        state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+        safetensors.torch.save_file(state, str(_started["models"] / f"{name}.safetensors"))
+    sd_models.list_models()
+
+
+def start_flow(tmp: Path, checkpoints: dict[str, tuple[str, int]], sd15: dict[str, int] | None = None):
+    """Forge started (start) with the flow checkpoints of make_flow_checkpoints, and SD1.5 ones (make_checkpoints)
+    if asked; returns (modules.shared, FastAPI app)."""
+    api = start(tmp, sd15 or {})
+    make_flow_checkpoints(tmp, checkpoints)
+    return api

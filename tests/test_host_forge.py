@@ -108,9 +108,9 @@ def test_img2img_and_inpaint(forge, inpaint, recorder):
 
 
 @pytest.mark.parametrize("role", ["student", "teacher"])
-def test_flow_models_are_refused_before_any_model_call(forge, role, monkeypatch):
-    """Forge's own flow predictors (Flux: PredictionFlux, 'const'), wrapped as Forge wraps them: the
-    extension refuses them clearly instead of sampling them with VE steps."""
+def test_a_flow_model_with_a_ve_model_is_refused_before_any_model_call(forge, role, monkeypatch):
+    """Forge's own flow predictor (Flux: PredictionFlux, 'const') on one side, an SD1.5 model on the other,
+    wrapped as Forge wraps them: the pair is refused, naming both kinds, before any model call."""
     import torch
     from backend.modules.k_prediction import PredictionFlux
     from k_diffusion.external import ForgeScheduleLinker
@@ -118,23 +118,26 @@ def test_flow_models_are_refused_before_any_model_call(forge, role, monkeypatch)
     from kdistpp.integrations import webui, webui_teachers
 
     calls = []
+    engine = webui_teachers.load_forge_teacher(forge, "teacher")
+    sd15 = engine.forge_objects.unet.model.predictor
+    if role == "teacher":
+        monkeypatch.setattr(engine.forge_objects.unet.model, "predictor", PredictionFlux())
 
     class StudentCFG:
-        inner_model = ForgeScheduleLinker(PredictionFlux()) if role == "student" else None
+        inner_model = ForgeScheduleLinker(PredictionFlux() if role == "student" else sd15)
         step = 0
 
         def __call__(self, x, sigma, **extra):
             calls.append(sigma)
             return x
 
-    if role == "teacher":
-        engine = webui_teachers.load_forge_teacher(forge, "teacher")
-        monkeypatch.setattr(engine.forge_objects.unet.model, "predictor", PredictionFlux())
-        StudentCFG.inner_model = type("Wrap", (), {"inner_model": type("E", (), {"forge_objects": type(
-            "F", (), {"unet": engine.forge_objects.unet})()})()})()
-        monkeypatch.setattr(webui.settings, "teacher", "teacher")
-        monkeypatch.setattr(webui.settings, "w", 0.5)
+    StudentCFG.inner_model.inner_model = type("Engine", (), {"forge_objects": engine.forge_objects})()
+    monkeypatch.setattr(webui.settings, "teacher", "teacher")
+    monkeypatch.setattr(webui.settings, "w", 0.5)
     sample = webui.make_sampler_function(REGISTRY[0], webui_factory=lambda: forge)
-    with pytest.raises(ValueError, match=f"the {'model' if role == 'student' else 'teacher'} is a flow-matching model"):
+    kinds = ["a rectified-flow model", "a VE/eps/v model"]
+    teacher_kind, student_kind = kinds if role == "teacher" else kinds[::-1]
+    with pytest.raises(ValueError, match=f"teacher 'teacher' is {teacher_kind}.* but the student is {student_kind}"):
         sample(StudentCFG(), torch.zeros(1, 4, 8, 8), torch.tensor([1.0, 0.5, 0.0]), disable=True)
     assert calls == []
+    assert "engine" not in webui_teachers._forge_teacher  # a refused teacher is not kept

@@ -22,14 +22,15 @@ def lora_layers(state: dict) -> list[str]:
                   and ".attn" in k and k.endswith(".weight") and v.ndim == 2)
 
 
-def make_lora(checkpoint: Path, path: Path, seed: int = 7, strength: float = 1.5) -> dict:
-    """Writes a kohya-format LoRA for the checkpoint's UNet to `path`; returns {layer key: delta at multiplier 1}."""
+def make_lora(checkpoint: Path, path: Path, seed: int = 7, strength: float = 1.5, layers=lora_layers) -> dict:
+    """Writes a kohya-format LoRA for the checkpoint's UNet to `path`; returns {layer key: delta at multiplier 1}.
+    `layers(state)` picks the checkpoint keys of the Linear weights it patches."""
     import safetensors.torch
 
     state = safetensors.torch.load_file(str(checkpoint))
     g = torch.Generator().manual_seed(seed)
     lora, deltas = {}, {}
-    for key in lora_layers(state):
+    for key in layers(state):
         out_features, in_features = state[key].shape
         name = "lora_unet_" + key[len(PREFIX):-len(".weight")].replace(".", "_")
         down = torch.randn(RANK, in_features, generator=g) / in_features ** 0.5

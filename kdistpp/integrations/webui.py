@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 
 from .. import validation
-from ..guided_steps import SigmaWindow, guided_step_indices
+from ..guided_steps import GuidanceWarning, SigmaWindow, guided_step_indices
 from ..refine import DIRECTIONS, FORMS
 from ..registry import REGISTRY
-from .webui_teachers import build_teacher, refuse_flow_model, release_teacher
+from .webui_teachers import build_teacher, release_teacher, webui_parametrization
 
 LABELS = {entry.name: entry.label for entry in REGISTRY}
 RENOISE_SEED_OFFSET = 0x5EED  # the renoise generators: the image's seed plus this, as in the ComfyUI node
+DISTILLED_CFG_KEY = "DistillationPP teacher distilled CFG"  # infotext key, written for a guidance-distilled teacher
 
 
 def webui_modules():
@@ -93,29 +95,61 @@ def renoise_noise(webui, p, x):
     return lambda sigma, sigma_next: rng.next()
 
 
+def distilled_cfg_scale(p) -> float:
+    """Forge's "Distilled CFG Scale" of this pass (its Hires one on the hires pass): a guidance-distilled
+    teacher's guidance value (Flux-dev). Forge gives it to a guidance-distilled student too; a student without a
+    guidance embedding (schnell) ignores it, so there it is the teacher's alone. 3.5 (Forge's default) without."""
+    value = getattr(p, "hr_distilled_cfg" if getattr(p, "is_hr_pass", False) else "distilled_cfg_scale", None)
+    return 3.5 if value is None else float(value)
+
+
+def flow_schedule(sigmas):
+    """Forge's sigmas for a flow model, checked: its 'Automatic' schedule type gives Flux and Chroma their
+    timestep indices (0 to 9999), refused here with the fix, and ends SD3's schedule with a step from s = 0
+    to 0, which Forge's samplers take as a model call that changes nothing (a flow model's estimate at
+    s = 0 is its input); that step is dropped."""
+    if len(sigmas) and float(sigmas[0]) > 1:
+        raise ValueError(f"the schedule starts at sigma {float(sigmas[0]):g}, not a flow sigma (0 to 1): Forge's "
+                         "'Automatic' schedule type gives this flow model its timestep indices; pick the schedule "
+                         "type 'Simple' (Forge's default for Flux) or another one")
+    while len(sigmas) > 2 and float(sigmas[-1]) == 0 and float(sigmas[-2]) == 0:
+        sigmas = sigmas[:-1]
+    return sigmas
+
+
 def make_sampler_function(entry, webui_factory=webui_modules, denoiser_classes=None):
     """The function the webui's sampler calls as `fn(model_wrap_cfg, x, sigmas=..., extra_args=..., disable=...,
     callback=..., eta=..., s_noise=...)` (the options its base sampler takes); it reads `settings` at call time."""
     sampler = entry.fn
 
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
-        refuse_flow_model("model", getattr(model, "inner_model", None))
+        # Forge's flow models (Flux, Chroma, SD3/3.5) sample in flow coordinates on Forge's own flow sigmas
+        flow = {"parametrization": "flow"} if webui_parametrization("model", getattr(model, "inner_model", None)) \
+            == "flow" else {}
+        if flow:
+            sigmas = flow_schedule(sigmas)
         extra_args = extra_args or {}
         p = getattr(model, "p", None)
         if "noise_sampler" in parameters and options.get("noise_sampler") is None and hasattr(p, "rng"):
             options["noise_sampler"] = webui_noise(p)
         if settings.teacher is None:
             release_teacher(webui_factory())  # a teacher set back to None frees its memory (Forge's engine)
-        if settings.teacher is None or settings.w == 0:
-            return sampler(model, x, sigmas, extra_args, callback, disable, **options)  # the plain sampler
-        webui = webui_factory()
-        teacher = build_teacher(webui, model, settings.teacher, denoiser_classes)
-        renoise = renoise_noise(webui, p, x) if hasattr(p, "seeds") and settings.form != "guidance" else None
         steps, level = settings.plan(sigmas)
+        if settings.teacher is not None and settings.w != 0 and not steps:
+            warnings.warn("Distillation++: no step of this schedule is among the guided steps (guided steps 0, or a "
+                          "sigma window holding no step): the teacher is not loaded and the image is the plain "
+                          "sampler's", GuidanceWarning)
+        if settings.teacher is None or settings.w == 0 or not steps:
+            return sampler(model, x, sigmas, extra_args, callback, disable, **options, **flow)  # the plain sampler
+        webui = webui_factory()
+        teacher = build_teacher(webui, model, settings.teacher, denoiser_classes, distilled_cfg_scale(p))
+        if getattr(teacher, "distilled_cfg", None) is not None and hasattr(p, "extra_generation_params"):
+            p.extra_generation_params[DISTILLED_CFG_KEY] = teacher.distilled_cfg
+        renoise = renoise_noise(webui, p, x) if hasattr(p, "seeds") and settings.form != "guidance" else None
         return sampler(model, x, sigmas, extra_args, callback, disable, teacher=teacher, w=settings.w,
                        guidance_steps=steps, form=settings.form, renoise=level,
                        direction=settings.direction, renoise_sampler=renoise,
-                       teacher_extra_args={**extra_args, "cond_scale": settings.teacher_cfg}, **options)
+                       teacher_extra_args={**extra_args, "cond_scale": settings.teacher_cfg}, **options, **flow)
 
     # the webui passes eta, s_noise, sigmas... only to functions whose signature names them
     parameters = {name: par for name, par in inspect.signature(sampler).parameters.items()
@@ -123,6 +157,22 @@ def make_sampler_function(entry, webui_factory=webui_modules, denoiser_classes=N
     sample.__signature__ = inspect.Signature(list(parameters.values()))
     sample.__name__ = f"sample_{entry.name}_distpp"
     return sample
+
+
+def is_flow_engine(model) -> bool:
+    """A Forge engine whose model is a rectified-flow one (Flux, Chroma, SD3/3.5: 'const' prediction)."""
+    predictor = getattr(getattr(getattr(getattr(model, "forge_objects", None), "unet", None), "model", None),
+                        "predictor", None)
+    return getattr(predictor, "prediction_type", None) == "const"
+
+
+def flow_sampler_class(webui, model, cls):
+    """The sampler class for `model`: the webui's LCM class wraps any model as an eps DDPM one, which a flow
+    model is not, so on Forge's flow models 'LCM Distillation++' takes the k-diffusion class (Forge's own flow
+    wrapper and flow sigmas) and renoises as flow models do ((1 - s) x0 + s n)."""
+    if cls is webui.lcm.LCMSampler and is_flow_engine(model):
+        return webui.kdiffusion.KDiffusionSampler
+    return cls
 
 
 def register(webui=None, denoiser_classes=None) -> list[str]:
@@ -143,7 +193,7 @@ def register(webui=None, denoiser_classes=None) -> list[str]:
 
         def constructor(model, fn=make_sampler_function(entry, factory, denoiser_classes), cls=sampler_class,
                         extra=extra_params):
-            sampler = cls(fn, model)
+            sampler = flow_sampler_class(webui, model, cls)(fn, model)
             sampler.extra_params = list(extra)  # keyed by function name in the webui, which a callable has not
             return sampler
 

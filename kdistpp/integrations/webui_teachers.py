@@ -204,9 +204,11 @@ class TeacherCall:
     CFG) do not replace it; the student's last latent (live preview) is kept.
     """
 
-    def __init__(self, cfg_denoiser, student_cfg, enter, leave, webui=None, negative=None):
+    def __init__(self, cfg_denoiser, student_cfg, enter, leave, webui=None, negative=None, conditioning=None):
         self.cfg, self.student_cfg, self.enter, self.leave, self.webui = cfg_denoiser, student_cfg, enter, leave, webui
         self.negative = negative  # () -> the negative conditioning where the host computed none, or None
+        self.conditioning = conditioning  # extra_args -> the teacher's (its distilled guidance), or None
+        self.distilled_cfg = None  # the guidance value a guidance-distilled teacher gets (Forge, Flux-dev)
 
     def __call__(self, x, sigma, **extra_args):
         if "s_min_uncond" in extra_args:
@@ -218,6 +220,8 @@ class TeacherCall:
             negative = self.negative() if self.negative is not None else None
             extra_args = {**extra_args, "uncond": negative} if negative is not None else {**extra_args,
                                                                                          "cond_scale": 1.0}
+        if self.conditioning is not None:
+            extra_args = self.conditioning(extra_args)
         self.cfg.step = max(int(self.student_cfg.step) - 1, 0)
         with without_prompt_networks(), self._own_cfg():
             try:
@@ -296,7 +300,7 @@ def a1111_teacher(webui, student_cfg, title: str, denoiser_classes):
                        lambda x: webui.sd_models.send_model_to_device(model), leave, webui)
 
 
-def forge_teacher(webui, student_cfg, title: str):
+def forge_teacher(webui, student_cfg, title: str, distilled_cfg: float = 3.5):
     """Forge evaluates models through UNet patchers its memory manager loads (`sampling_prepare`): the
     teacher's is prepared before each guided evaluation and the student's again after, so a teacher
     that pushed the student off the device does not leave it there.
@@ -304,7 +308,11 @@ def forge_teacher(webui, student_cfg, title: str):
     The student's own checkpoint (SAME_CHECKPOINT) is its engine seen through its original UNet
     patcher (`forge_objects_original`: no LoRA patches). It shares the student's weights: Forge's
     memory manager unloads the LoRA clone without moving it and restores the patched layers from
-    their backups, and the student's preparation patches them again (no disk read, no device move)."""
+    their backups, and the student's preparation patches them again (no disk read, no device move).
+
+    Flow models (Flux, Chroma, SD3/3.5) are wrapped as Forge wraps them (its ForgeScheduleLinker on the
+    model's own flow predictor), so the teacher is called at a flow sigma s on a flow state. A guidance-distilled
+    teacher (Flux-dev) gets `distilled_cfg` as its guidance value (teacher_guidance)."""
     import k_diffusion.external  # Forge's bundled k-diffusion
     from backend.sampling.sampling_function import sampling_prepare
 
@@ -317,15 +325,16 @@ def forge_teacher(webui, student_cfg, title: str):
         engine = load_forge_teacher(webui, title)
     wrap = k_diffusion.external.ForgeScheduleLinker(engine.forge_objects.unet.model.predictor)
     wrap.inner_model = engine
-    if same:
-        refuse_flow_model("teacher", wrap)
-    else:
-        _check_or_release(webui, title, engine, student, wrap)
+    if not same:
+        _check_or_release(webui, title, engine, student, wrap, student_wrap=student_cfg.inner_model)
     student_unet = student.forge_objects.unet
-    return TeacherCall(teacher_cfg_denoiser(student_cfg, wrap), student_cfg,
+    call = TeacherCall(teacher_cfg_denoiser(student_cfg, wrap), student_cfg,
                        lambda x: sampling_prepare(engine.forge_objects.unet, x),
                        lambda x: sampling_prepare(student_unet, x), webui,
-                       negative=forge_negative_conditioning(getattr(student_cfg, "p", None)))
+                       negative=forge_negative_conditioning(getattr(student_cfg, "p", None)),
+                       conditioning=teacher_guidance(engine, student, distilled_cfg))
+    call.distilled_cfg = float(distilled_cfg) if is_guidance_distilled(engine) else None
+    return call
 
 
 def forge_negative_conditioning(p):
@@ -380,10 +389,14 @@ def check_architecture(title: str, teacher, student) -> None:
                          "of the student's architecture; pick a teacher checkpoint of the student's family")
 
 
-def _check_or_release(webui, title, teacher, student, wrap) -> None:
-    """refuse_flow_model and check_architecture; a refused teacher is not kept in memory."""
+def _check_or_release(webui, title, teacher, student, wrap, student_wrap=None) -> None:
+    """check_parametrizations (refuse_flow_model without the student's wrap) and check_architecture; a refused
+    teacher is not kept in memory."""
     try:
-        refuse_flow_model("teacher", wrap)
+        if student_wrap is None:
+            refuse_flow_model("teacher", wrap)
+        else:
+            check_parametrizations(title, wrap, student_wrap)
         check_architecture(title, teacher, student)
     except ValueError:
         release_teacher(webui)
@@ -398,13 +411,87 @@ def is_flow_model(model_wrap) -> bool:
 
 
 def refuse_flow_model(which: str, model_wrap) -> None:
-    """The webui's flow models are refused before any model call: the host's own samplers switch to
-    rectified-flow steps for them per sampler (Forge: Euler a and DPM2 a only), which this extension
-    does not follow yet, and a VE step would sample them wrong."""
+    """A1111 1.10.1's flow model (SD3 medium, through its SD3Denoiser) is refused before any model call:
+    A1111's own samplers run it with VE steps, so there is no host sampler of the same name to equal."""
     if is_flow_model(model_wrap):
-        raise ValueError(f"the {which} is a flow-matching model (Flux, SD3, Chroma): the Distillation++ samplers do "
-                         "not run flow models in A1111/Forge yet and would sample it wrong; pick the webui's own "
-                         "sampler for it (kdistpp runs flow models in ComfyUI and from Python)")
+        raise ValueError(f"the {which} is a flow-matching model (SD3 in A1111): the Distillation++ samplers run flow "
+                         "models (Flux, Chroma, SD3/3.5) in Forge, not in A1111, whose own samplers take VE steps on "
+                         "them; pick the webui's own sampler for it, or use Forge or ComfyUI")
+
+
+def webui_parametrization(which: str, model_wrap) -> str:
+    """How the webui's wrapped model builds its state: 'flow' for Forge's rectified-flow models (its 'const'
+    prediction: Flux, Chroma, SD3/3.5, whose sigmas are the flow s in [0, 1]), 've' for the others. A1111's
+    SD3 is refused (refuse_flow_model)."""
+    if type(model_wrap).__name__ == "SD3Denoiser":
+        refuse_flow_model(which, model_wrap)
+    return "flow" if is_flow_model(model_wrap) else "ve"
+
+
+def check_parametrizations(title: str, teacher_wrap, student_wrap) -> None:
+    """A flow teacher with a VE student, or the reverse, is refused before any model call: the teacher is
+    called on the student's state, whose meaning ((1 - s) x0 + s n or x0 + sigma n) it must share."""
+    kinds = {"flow": "a rectified-flow model (Flux, Chroma, SD3/3.5)", "ve": "a VE/eps/v model (SD1, SD2, SDXL)"}
+    teacher = webui_parametrization("teacher", teacher_wrap)
+    student = webui_parametrization("model", student_wrap)
+    if teacher != student:
+        raise ValueError(f"teacher {title!r} is {kinds[teacher]} but the student is {kinds[student]}: the teacher is "
+                         "evaluated on the student's latents and noise levels, so both must be flow models or both VE "
+                         "models; pick a teacher of the student's family")
+
+
+def is_guidance_distilled(engine) -> bool:
+    """Forge's guidance-distilled engines (Flux-dev): their model takes the distilled guidance value in the
+    conditioning (cond['guidance'], Forge's "Distilled CFG Scale") and fails without it."""
+    return getattr(engine, "use_distilled_cfg_scale", False) is True
+
+
+def with_distilled_guidance(cond, value):
+    """The webui's conditioning (the cond's MulticondLearnedConditioning or the uncond's schedules) with each
+    prompt's 'guidance' set to `value`, or removed for None. Dict conditionings only (Flux's); others and
+    None are returned as they are. Tensors are shared, not copied."""
+    if cond is None:
+        return None
+
+    def entry(scheduled):
+        if not isinstance(scheduled.cond, dict):
+            return scheduled
+        old = scheduled.cond.get("guidance")
+        c = {k: v for k, v in scheduled.cond.items() if k != "guidance"}
+        if value is not None:
+            import torch
+
+            like = old if isinstance(old, torch.Tensor) else torch.zeros((), dtype=torch.float32)
+            c["guidance"] = torch.full(like.shape, float(value), dtype=like.dtype, device=like.device)
+        return scheduled._replace(cond=c)
+
+    if hasattr(cond, "batch"):  # prompt_parser.MulticondLearnedConditioning
+        out = copy.copy(cond)
+        out.batch = []
+        for prompts in cond.batch:
+            composables = []
+            for composable in prompts:
+                c = copy.copy(composable)
+                c.schedules = [entry(s) for s in composable.schedules]
+                composables.append(c)
+            out.batch.append(composables)
+        return out
+    return [[entry(s) for s in schedule] for schedule in cond]
+
+
+def teacher_guidance(teacher_engine, student_engine, distilled_cfg: float):
+    """The teacher's conditioning rule for Forge's guidance-distilled models, or None where neither model is one:
+    a guidance-distilled teacher gets `distilled_cfg` as its guidance (also beside a schnell student, whose
+    conditioning has none); a teacher without a guidance embedding gets none."""
+    if not (is_guidance_distilled(teacher_engine) or is_guidance_distilled(student_engine)):
+        return None
+    value = float(distilled_cfg) if is_guidance_distilled(teacher_engine) else None
+
+    def conditioning(extra_args):
+        return {**extra_args, "cond": with_distilled_guidance(extra_args.get("cond"), value),
+                "uncond": with_distilled_guidance(extra_args.get("uncond"), value)}
+
+    return conditioning
 
 
 def is_forge(webui) -> bool:
@@ -417,11 +504,12 @@ def k_diffusion_denoisers():
     return k_diffusion.external.CompVisDenoiser, k_diffusion.external.CompVisVDenoiser
 
 
-def build_teacher(webui, student_cfg, title: str, denoiser_classes=None):
+def build_teacher(webui, student_cfg, title: str, denoiser_classes=None, distilled_cfg: float = 3.5):
     """The teacher callable for one generation: `student_cfg` is the webui's CFG denoiser of the student.
 
     `title` is a checkpoint title, or SAME_CHECKPOINT (the student's checkpoint without the prompt's
-    LoRAs, as is the student's own title). A teacher of another architecture is refused (ValueError)."""
+    LoRAs, as is the student's own title). A teacher of another architecture is refused (ValueError).
+    `distilled_cfg` is a guidance-distilled Forge teacher's guidance value (Flux-dev)."""
     if is_forge(webui):
-        return forge_teacher(webui, student_cfg, title)
+        return forge_teacher(webui, student_cfg, title, distilled_cfg)
     return a1111_teacher(webui, student_cfg, title, denoiser_classes)
