@@ -14,7 +14,7 @@ import torch
 
 from . import validation
 from .guided_steps import GuidanceWarning, caller_stacklevel
-from .parametrization import resolve
+from .parametrization import for_run
 from .refine import Guidance, plan
 from .steps import Run, default_noise_sampler
 
@@ -124,7 +124,7 @@ class TeacherGuidedDenoiser:
 
 def teacher_guided(student, teacher, sigmas, *, w, guidance_steps=None, form="interpolate", renoise="next",
                    renoise_sampler=None, teacher_extra_args=None, renoise_generator=None,
-                   parametrization="ve") -> TeacherGuidedDenoiser:
+                   parametrization=None) -> TeacherGuidedDenoiser:
     """Wraps a student so that any k-diffusion-convention sampler becomes a Distillation++ sampler.
 
     Pass the same `sigmas` to the sampler. The refinement is paper eq. 9 (or eq. 10 / eps-mixing
@@ -145,7 +145,7 @@ def teacher_guided(student, teacher, sigmas, *, w, guidance_steps=None, form="in
     validation.check_callable("student", student)
     validation.check_callable("teacher", teacher)
     values = validation.check_sigmas(sigmas)
-    param = resolve(parametrization)
+    param = for_run(parametrization, student, values, stacklevel=caller_stacklevel())
     param.check_sigmas(values)
     template = Run(student, torch.empty(0), sigmas, values, {}, default_noise_sampler(torch.empty(0)), param)
     guidance = plan(template, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args,

@@ -19,6 +19,7 @@ in flow coordinates keeps s = 1 (sigma = infinity), where most flow schedules st
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -127,6 +128,61 @@ class RectifiedFlow(Parametrization):
 
 
 PARAMETRIZATIONS = {"ve": VE(), "flow": RectifiedFlow()}
+VE_PARAMETRIZATION = PARAMETRIZATIONS["ve"]
+
+
+class ParametrizationWarning(UserWarning):
+    """A run whose parametrization was not given looks like it needs another one."""
+
+
+def declared(model) -> Parametrization | None:
+    """What a denoiser says it is: its `parametrization` attribute ('ve', 'flow' or a Parametrization
+    object; kdistpp's flow adapters set 'flow'), or None when it says nothing kdistpp reads."""
+    value = getattr(model, "parametrization", None)
+    if isinstance(value, Parametrization):
+        return value
+    if isinstance(value, str) and value in PARAMETRIZATIONS:
+        return PARAMETRIZATIONS[value]
+    return None
+
+
+def looks_like_flow(values: list[float]) -> bool:
+    """A schedule as flow hosts give it: from s = 1.0 exactly down to 0, every sigma in [0, 1]."""
+    return len(values) > 1 and values[0] == 1.0 and values[-1] == 0.0 and all(0.0 <= s <= 1.0 for s in values)
+
+
+def for_run(parametrization, model, values: list[float], stacklevel: int = 2) -> Parametrization:
+    """The run's parametrization: the caller's, else the one the model declares, else VE.
+
+    A caller's value that contradicts the model's declaration is refused, naming both; a VE run
+    that nobody asked for over a schedule that looks like a flow one warns (ParametrizationWarning):
+    a flow model run as VE samples without an error and gives a different image.
+    """
+    own = declared(model)
+    if parametrization is None:
+        if own is not None:
+            return own
+        if looks_like_flow(values):
+            warnings.warn("sigmas run from 1.0 down to 0 like a rectified-flow schedule, but the run is VE (the default, "
+                          "and the model declares no parametrization): pass parametrization='flow' for a flow model "
+                          "(Flux, SD3, Wan...), or parametrization='ve' to keep VE and silence this",
+                          ParametrizationWarning, stacklevel=stacklevel)
+        return VE_PARAMETRIZATION
+    param = resolve(parametrization)
+    if own is not None and own.name != param.name:
+        raise ValueError(f"parametrization={param.name!r} contradicts the model, which declares "
+                         f"parametrization={own.name!r}: leave parametrization out to use the model's, or wrap the "
+                         "model as the other kind (kdistpp.flow.VEDenoiser runs a flow model as VE)")
+    return param
+
+
+def check_teacher(param: Parametrization, teacher) -> None:
+    """The teacher must be the run's kind of model: the refinement mixes their estimates at one state."""
+    own = declared(teacher)
+    if own is not None and own.name != param.name:
+        raise ValueError(f"the teacher declares parametrization={own.name!r} but the run's parametrization is "
+                         f"{param.name!r}: student and teacher must share one (wrap one of them, e.g. with "
+                         "kdistpp.flow.VEDenoiser for a flow model in a VE run)")
 
 
 def resolve(parametrization) -> Parametrization:

@@ -17,7 +17,7 @@ import torch
 
 from . import validation
 from .guided_steps import GuidanceWarning, caller_stacklevel, step_weights
-from .parametrization import VE, Parametrization
+from .parametrization import VE, Parametrization, check_teacher
 from .steps import Run, default_noise_sampler
 from .validation import TeacherOutputError
 
@@ -163,6 +163,7 @@ def plan(
     """
     if teacher is not None:
         validation.check_callable("teacher", teacher)
+        check_teacher(run.param, teacher)
     if teacher is not None and w is None:
         raise TypeError("w is required with a teacher: the teacher weight (the paper's lambda), e.g. w=0.1; "
                         "w=0 runs the plain sampler")

@@ -44,8 +44,12 @@ _DISTPP_PARAMETERS = """
             x0h - x0s, so w means what it meant in the paper's runs. 'refined': x0h replaces the
             estimate everywhere (k-diffusion's reading of eq. 9; on Euler the shift is scaled by
             1 - sigma_{i+1}/sigma_i).
-        parametrization: 've' (default, k-diffusion's x = x0 + sigma n) or 'flow' (rectified flow,
+        parametrization: 've' (k-diffusion's x = x0 + sigma n) or 'flow' (rectified flow,
             x = (1 - s) x0 + s n, sigmas s in [0, 1] as the host gives them: Flux, SD3, Wan...).
+            None (default): what the model declares as its `parametrization` attribute (kdistpp's
+            flow adapters declare 'flow'), else 've'; a value contradicting the model's or the
+            teacher's declaration is a ValueError, and a default VE run over sigmas that look
+            like a flow schedule (1.0 down to 0) warns (kdistpp.ParametrizationWarning).
             With 'flow' the ancestral steps are ComfyUI's *_RF ones and the renoise is
             (1 - s_r) x0s + s_r n; docs/samplers.md has the derivation.
     The callback's 'denoised' is the refined estimate; guided steps add 'student_denoised' and
@@ -72,7 +76,7 @@ def _documented(cfg_pp: bool = True):
 def sample_euler_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
                         s_tmax=float("inf"), s_noise=1.0, *, teacher=None, w=None, guidance_steps=None, form="interpolate",
                         renoise="next", renoise_sampler=None, teacher_extra_args=None, cfg_pp=False,
-                        direction="student", renoise_generator=None, parametrization="ve"):
+                        direction="student", renoise_generator=None, parametrization=None):
     """Euler steps (Karras et al. 2022, Algorithm 2) with the Distillation++ refinement (eq. 9).
 
     x_{i+1} = x0h + sigma_{i+1} * (x_i - x0s) / sigma_hat (direction='student'), or with x0h in
@@ -103,7 +107,7 @@ def sample_euler_ancestral_distpp(model, x, sigmas, extra_args=None, callback=No
                                   s_noise=1.0, noise_sampler=None, *, teacher=None, w=None, guidance_steps=None,
                                   form="interpolate", renoise="next", renoise_sampler=None,
                                   teacher_extra_args=None, cfg_pp=False, direction="student",
-                                  renoise_generator=None, parametrization="ve"):
+                                  renoise_generator=None, parametrization=None):
     """Ancestral sampling with Euler steps, with the Distillation++ refinement (eq. 9).
 
     x_{i+1} = x0h + sigma_down * (x_i - x0s) / sigma_i + sigma_up * n (direction='student'; x0h in
@@ -133,7 +137,7 @@ def sample_dpmpp_2s_ancestral_distpp(model, x, sigmas, extra_args=None, callback
                                      s_noise=1.0, noise_sampler=None, *, teacher=None, w=None, guidance_steps=None,
                                      form="interpolate", renoise="next", renoise_sampler=None,
                                      teacher_extra_args=None, cfg_pp=False, direction="student",
-                                     guided_evaluation="midpoint", renoise_generator=None, parametrization="ve"):
+                                     guided_evaluation="midpoint", renoise_generator=None, parametrization=None):
     """Ancestral DPM-Solver++(2S) (Lu et al. 2022) with the Distillation++ refinement (paper eq. 12).
 
     guided_evaluation='midpoint' (default, the authors' choice): the midpoint is built from the
@@ -181,7 +185,7 @@ def sample_dpmpp_2s_ancestral_distpp(model, x, sigmas, extra_args=None, callback
 def sample_dpmpp_2m_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, *, teacher=None, w=None,
                            guidance_steps=None, form="interpolate", renoise="next", renoise_sampler=None,
                            teacher_extra_args=None, cfg_pp=False, direction="student", history="student",
-                           renoise_generator=None, parametrization="ve"):
+                           renoise_generator=None, parametrization=None):
     """DPM-Solver++(2M) (Lu et al. 2022) with the Distillation++ refinement (eq. 9).
 
     direction='student' (default, the authors' 2M++): the unguided update from the student's raw
@@ -219,7 +223,7 @@ def sample_dpmpp_2m_distpp(model, x, sigmas, extra_args=None, callback=None, dis
 
 @torch.no_grad()
 def sample_consistency(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, *,
-                       parametrization="ve"):
+                       parametrization=None):
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1; LCM, DMD2): denoise, then
     renoise the estimate to sigma_{i+1} with fresh noise. Returns the last estimate when the
     schedule ends at 0. parametrization='flow' renoises as (1 - s) x0 + s n (flow models' LCM)."""
@@ -232,7 +236,7 @@ def sample_consistency(model, x, sigmas, extra_args=None, callback=None, disable
 def sample_consistency_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None,
                               *, teacher=None, w=None, guidance_steps=None, form="interpolate", renoise="next",
                               renoise_sampler=None, teacher_extra_args=None, direction="student",
-                              renoise_generator=None, parametrization="ve"):
+                              renoise_generator=None, parametrization=None):
     """Multistep consistency sampling with the Distillation++ refinement (paper Sec. 3.1, Remarks).
 
     x_{i+1} = x0h + sigma_{i+1} * n', with n' independent of the renoise noise. form='eps' is

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from . import validation
-from .parametrization import VE, Parametrization, ancestral_step, resolve
+from .guided_steps import caller_stacklevel
+from .parametrization import VE, Parametrization, ancestral_step, for_run
 
 __all__ = ["Run", "ancestral_step", "append_dims", "cfg_pp_state", "default_noise_sampler", "log_sigma_gap", "prepare",
            "step_dtype", "supports_uncond"]
@@ -92,12 +93,13 @@ class Run:
         return x.to(self.x_in.dtype)
 
 
-def prepare(model, x, sigmas, extra_args=None, noise_sampler=None, cfg_pp: bool = False, parametrization="ve") -> Run:
-    """Validates a sampler's shared arguments and binds them into a Run."""
+def prepare(model, x, sigmas, extra_args=None, noise_sampler=None, cfg_pp: bool = False, parametrization=None) -> Run:
+    """Validates a sampler's shared arguments and binds them into a Run. parametrization None: the
+    model's declared one (its `parametrization` attribute), else VE."""
     validation.check_callable("model", model)
     validation.check_latent(x)
     values = validation.check_sigmas(sigmas)
-    param = resolve(parametrization)
+    param = for_run(parametrization, model, values, stacklevel=caller_stacklevel())
     param.check_sigmas(values)
     if cfg_pp and not isinstance(param, VE):
         raise ValueError("cfg_pp=True is defined for VE models here; pass parametrization='ve' or cfg_pp=False")

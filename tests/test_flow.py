@@ -275,3 +275,50 @@ def test_eta_zero_flow_ancestral_steps_add_no_noise(name):
     if name == "euler_ancestral":
         torch.testing.assert_close(out, ref_euler(model, x, [float(v) for v in s]), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+class DeclaredFlow(ElementwiseDenoiser):
+    parametrization = "flow"
+
+
+def test_a_denoiser_declaring_flow_runs_as_flow_and_a_contradiction_is_refused():
+    s = schedule(4, 3.0)
+    x, noises = noise_list(3, 1)[0], noise_list(4, 4)
+    model = DeclaredFlow(bias=0.3)
+    got = kdistpp.sample_euler_ancestral_distpp(model, x, s, noise_sampler=replay(noises), disable=True)
+    torch.testing.assert_close(got, ref_euler_ancestral(model, x, s, noises, 1.0))
+    # through the library's wrappers: CFGDenoiser forwards the inner model's declaration
+    wrapped = kdistpp.CFGDenoiser(model)
+    got = kdistpp.sample_euler_distpp(wrapped, x, s, disable=True)
+    torch.testing.assert_close(got, ref_euler(model, x, s))
+    with pytest.raises(ValueError, match="parametrization='ve'.*declares parametrization='flow'"):
+        kdistpp.sample_euler_distpp(model, x, s, parametrization="ve")
+    with pytest.raises(ValueError, match="teacher declares parametrization='flow'.*'ve'"):
+        kdistpp.sample_euler_distpp(ElementwiseDenoiser(), x, kdistpp.get_sigmas_karras(3, 0.1, 10.0), teacher=model,
+                                    w=0.1)
+    with pytest.raises(ValueError, match="parametrization='flow'.*declares parametrization='ve'"):
+        kdistpp.sample_euler_distpp(flow.VEDenoiser(model), x, s, parametrization="flow")
+
+
+def test_the_library_flow_adapters_declare_flow():
+    from kdistpp.integrations.diffusers import DiffusersFlowTransformerDenoiser, DiffusersUNetDenoiser
+
+    assert DiffusersFlowTransformerDenoiser.parametrization == "flow"
+    assert DiffusersUNetDenoiser.parametrization == "ve"
+    assert flow.VEDenoiser(DeclaredFlow()).parametrization == "ve"
+
+
+def test_a_default_ve_run_over_a_flow_looking_schedule_warns():
+    s, x = schedule(4, 3.0), noise_list(3, 1)[0]
+    with pytest.warns(kdistpp.ParametrizationWarning, match="parametrization='flow'"):
+        kdistpp.sample_euler_distpp(ElementwiseDenoiser(), x, s, disable=True)
+    with pytest.warns(kdistpp.ParametrizationWarning):
+        kdistpp.teacher_guided(ElementwiseDenoiser(), ElementwiseDenoiser(), s.float(), w=0.1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kdistpp.sample_euler_distpp(ElementwiseDenoiser(), x, s, parametrization="ve", disable=True)  # asked for
+        kdistpp.sample_euler_distpp(DeclaredFlow(), x, s, disable=True)  # declared
+        kdistpp.sample_euler_distpp(ElementwiseDenoiser(), x, schedule(4, 3.0, start=0.9), disable=True)
+        kdistpp.sample_euler_distpp(ElementwiseDenoiser(), x, torch.tensor([1.0, 0.5, 0.1]), disable=True)

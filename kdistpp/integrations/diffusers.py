@@ -41,6 +41,8 @@ class DiffusersUNetDenoiser:
     which is exact at the training timesteps. Step arithmetic is float32; the UNet runs in its dtype.
     """
 
+    parametrization = "ve"
+
     def __init__(self, unet, scheduler_or_alphas, prediction_type: str | None = None):
         if not callable(unet):
             raise TypeError(f"unet must be callable (a diffusers UNet2DConditionModel), got {type(unet).__name__}")
@@ -197,6 +199,8 @@ class DiffusersFlowTransformerDenoiser:
     divided by 1000, and Flux-dev's distilled `guidance` as a per-sample vector. Its velocity v
     gives x0 = x - s v, computed in float32; the transformer runs in its own dtype.
     """
+
+    parametrization = "flow"  # the samplers run it in flow coordinates without being told
 
     def __init__(self, transformer, kind: str | None = None, guidance: float | None = None,
                  num_train_timesteps: int = 1000):
