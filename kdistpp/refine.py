@@ -8,6 +8,7 @@ to the new state afterwards, so that a guided step means what it means in the au
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from collections.abc import Callable
@@ -65,7 +66,7 @@ class Guidance:
     teacher_extra_args: dict | None  # None: the student's extra_args of the same call
     run: Run
     direction: str = "student"
-    generator: torch.Generator | None = None  # the renoise noise and 'random' level; None: global RNG
+    generator: torch.Generator | None = None  # the renoise noise and 'random' level (plan fills in a default)
 
     def renoise_level(self, i: int, sigma: float) -> float:
         """sigma_r of eq. 9: the next sigma of the schedule (the paper's decreasing schedule, default),
@@ -79,7 +80,7 @@ class Guidance:
             lo, hi = math.log(positive[-1]), math.log(positive[0])
             g = self.generator
             u = torch.rand((), generator=g, device=g.device) if g is not None else torch.rand(())
-            return math.exp(lo + (hi - lo) * float(u))
+            return math.exp(lo + (hi - lo) * float(u))  # a host-side level: one read per guided step
         return float(self.renoise)
 
     def refine(self, i: int, x: torch.Tensor, sigma: float, denoised: torch.Tensor, extra_args: dict | None = None,
@@ -139,8 +140,19 @@ class Guidance:
         x, g = self.run.x_in, self.generator
         if g is not None:
             return torch.randn(x.shape, generator=g, device=g.device, dtype=x.dtype).to(x.device, self.run.dtype)
-        # Default: the global RNG, drawn like the caller's x, so a webui seed controls it too.
         return default_noise_sampler(x)(None, None).to(self.run.dtype)
+
+
+def default_renoise_generator(x: torch.Tensor) -> torch.Generator:
+    """The renoise stream when the caller names none: a generator of its own, seeded from the state of
+    the global RNG that draws x's sampler noise, read without advancing it. So the sampler's own
+    (ancestral) noise stream is the same with and without guidance, a seeded w=0 vs w>0 A/B differs by
+    the teacher alone, the same torch.manual_seed gives the same renoise noise, and a host's seed
+    (which sets the global RNG) still controls it; a run that guides nothing does not create it."""
+    cuda = x.device.type == "cuda"
+    state = torch.cuda.get_rng_state(x.device) if cuda else torch.get_rng_state()
+    digest = hashlib.blake2b(state.numpy().tobytes(), digest_size=8, person=b"kdistpp-renoise").digest()
+    return torch.Generator(device=x.device if cuda else "cpu").manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 def plan(
@@ -156,6 +168,7 @@ def plan(
     renoise_generator=None,
     *,
     resolve_extra_args: bool = True,
+    default_generator: bool = True,
 ) -> Guidance:
     """Validates the Distillation++ keyword arguments against the run's schedule.
 
@@ -203,8 +216,16 @@ def plan(
             )
     if teacher_extra_args is None and resolve_extra_args:
         teacher_extra_args = run.extra_args
+    if renoise_generator is None and default_generator and needs_generator(form, renoise, renoise_sampler, weights):
+        renoise_generator = default_renoise_generator(run.x_in)
     return Guidance(teacher, weights, form, renoise, renoise_sampler, teacher_extra_args, run, direction,
                     renoise_generator)
+
+
+def needs_generator(form, renoise, renoise_sampler, weights) -> bool:
+    """Whether a guided step draws from the renoise generator: the renoise noise (no renoise_sampler)
+    or renoise='random''s level; form='guidance' draws nothing."""
+    return form != "guidance" and (renoise_sampler is None or renoise == "random") and any(v > 0 for v in weights)
 
 
 def unguided(run: Run) -> Guidance:

@@ -35,9 +35,12 @@ _DISTPP_PARAMETERS = """
         renoise: the renoise level sigma_r: 'next' = sigma_{i+1} (default), 'current', 'random'
             (log-uniform over the schedule) or a fixed sigma > 0. Ignored by form='guidance'.
         renoise_sampler: (sigma, sigma_next) -> unit noise for the renoised point
-            x0s + sigma_r * noise; default torch.randn_like from the global RNG.
+            x0s + sigma_r * noise; default: drawn from renoise_generator.
         renoise_generator: a torch.Generator for the renoise noise (when renoise_sampler is None)
-            and renoise='random''s level, so guiding leaves the global RNG untouched.
+            and renoise='random''s level. Default: a generator of its own, seeded from the global
+            RNG's state at the start of the run without advancing it; either way guiding leaves
+            the global RNG, and with it the sampler's own noise, untouched (same seed, w=0 vs w>0
+            differ by the teacher alone).
         teacher_extra_args: the teacher's keyword arguments (default: extra_args).
         direction: 'student' (default, the authors' update): the step keeps the student's noise
             direction and only the clean estimate is replaced, i.e. the unguided step shifted by

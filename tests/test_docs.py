@@ -83,3 +83,17 @@ PROCESS_WORDS = re.compile(r"\bissues? \d|\bthe review\b|\bwas lent\b|\bsessions
 def test_docs_describe_the_software_not_its_making(path):
     found = [(n, line.strip()) for n, line in enumerate(path.read_text().splitlines(), 1) if PROCESS_WORDS.search(line)]
     assert not found, f"{relative(path)}: {found}"
+
+
+def test_readme_runs_with_its_own_set_up_which_has_no_k_diffusion(tmp_path, monkeypatch):
+    """The README's set-up installs kdistpp alone: its blocks must run where k-diffusion cannot be imported."""
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    for name in [m for m in sys.modules if m == "k_diffusion" or m.startswith("k_diffusion.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "k_diffusion", None)  # import k_diffusion now raises ImportError
+    namespace = {"__name__": "docs_README"}
+    for k, (source, reason) in enumerate(python_blocks(REPO / "README.md")):
+        assert reason is None
+        exec(compile(source, f"README.md, python block {k}", "exec"), namespace)  # noqa: S102
