@@ -154,7 +154,7 @@ def teacher_guided(student, teacher, sigmas, *, w, guidance_steps=None, form="in
     validation.check_callable("student", student)
     validation.check_callable("teacher", teacher)
     values = validation.check_sigmas(sigmas)
-    param = for_run(parametrization, student, values, stacklevel=caller_stacklevel())
+    param = for_run(parametrization, student, values)
     param.check_sigmas(values)
     template = Run(student, torch.empty(0), sigmas, values, {}, default_noise_sampler(torch.empty(0)), param)
     guidance = plan(template, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args,

@@ -23,6 +23,8 @@ import warnings
 
 import torch
 
+from .guided_steps import caller_stacklevel
+
 
 def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
     """Splits a step to sigma_to into a deterministic part to sigma_down and fresh noise sigma_up.
@@ -151,7 +153,7 @@ def looks_like_flow(values: list[float]) -> bool:
     return len(values) > 1 and values[0] == 1.0 and values[-1] == 0.0 and all(0.0 <= s <= 1.0 for s in values)
 
 
-def for_run(parametrization, model, values: list[float], stacklevel: int = 2) -> Parametrization:
+def for_run(parametrization, model, values: list[float]) -> Parametrization:
     """The run's parametrization: the caller's, else the one the model declares, else VE.
 
     A caller's value that contradicts the model's declaration is refused, naming both; a VE run
@@ -166,7 +168,7 @@ def for_run(parametrization, model, values: list[float], stacklevel: int = 2) ->
             warnings.warn("sigmas run from 1.0 down to 0 like a rectified-flow schedule, but the run is VE (the default, "
                           "and the model declares no parametrization): pass parametrization='flow' for a flow model "
                           "(Flux, SD3, Wan...), or parametrization='ve' to keep VE and silence this",
-                          ParametrizationWarning, stacklevel=stacklevel)
+                          ParametrizationWarning, stacklevel=caller_stacklevel())
         return VE_PARAMETRIZATION
     param = resolve(parametrization)
     if own is not None and own.name != param.name:

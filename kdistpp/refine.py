@@ -136,7 +136,9 @@ class Guidance:
 
     def _renoise_noise(self, i: int) -> torch.Tensor:
         if self.renoise_sampler is not None:
-            return self.renoise_sampler(self.run.sigmas_in[i], self.run.sigmas_in[i + 1]).to(self.run.dtype)
+            noise = self.renoise_sampler(self.run.sigmas_in[i], self.run.sigmas_in[i + 1])
+            validation.check_noise("renoise_sampler", noise, self.run.x_in, i)
+            return noise.to(self.run.dtype)
         x, g = self.run.x_in, self.generator
         if g is not None:
             return torch.randn(x.shape, generator=g, device=g.device, dtype=x.dtype).to(x.device, self.run.dtype)

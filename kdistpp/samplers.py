@@ -85,7 +85,8 @@ def sample_euler_distpp(model, x, sigmas, extra_args=None, callback=None, disabl
     x_{i+1} = x0h + sigma_{i+1} * (x_i - x0s) / sigma_hat (direction='student'), or with x0h in
     place of x0s (direction='refined').
     """
-    run = prepare(model, x, sigmas, extra_args, cfg_pp=cfg_pp, parametrization=parametrization)
+    run = prepare(model, x, sigmas, extra_args, cfg_pp=cfg_pp, parametrization=parametrization, s_churn=s_churn,
+                  s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
     guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction,
                  renoise_generator)
     x, sig = run.start(), run.sigmas
@@ -117,7 +118,8 @@ def sample_euler_ancestral_distpp(model, x, sigmas, extra_args=None, callback=No
     place of x0s for 'refined'). The default renoise level sigma_{i+1} is the total noise level
     the ancestral step lands on.
     """
-    run = prepare(model, x, sigmas, extra_args, noise_sampler, cfg_pp=cfg_pp, parametrization=parametrization)
+    run = prepare(model, x, sigmas, extra_args, noise_sampler, cfg_pp=cfg_pp, parametrization=parametrization, eta=eta,
+                  s_noise=s_noise)
     guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction,
                  renoise_generator)
     x, sig = run.start(), run.sigmas
@@ -153,7 +155,8 @@ def sample_dpmpp_2s_ancestral_distpp(model, x, sigmas, extra_args=None, callback
     with sigma_down = 0 has no midpoint: its one evaluation is refined.
     """
     validation.check_options("guided_evaluation", guided_evaluation, ("midpoint", "first", "both"))
-    run = prepare(model, x, sigmas, extra_args, noise_sampler, cfg_pp=cfg_pp, parametrization=parametrization)
+    run = prepare(model, x, sigmas, extra_args, noise_sampler, cfg_pp=cfg_pp, parametrization=parametrization, eta=eta,
+                  s_noise=s_noise)
     guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction,
                  renoise_generator)
     x, sig = run.start(), run.sigmas

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from . import validation
-from .guided_steps import caller_stacklevel
 from .parametrization import VE, Parametrization, ancestral_step, for_run
 
 __all__ = ["Run", "ancestral_step", "append_dims", "cfg_pp_state", "default_noise_sampler", "log_sigma_gap", "prepare",
@@ -72,7 +71,9 @@ class Run:
 
     def noise(self, i: int) -> torch.Tensor:
         """Unit noise for step i from the noise sampler, k-diffusion's (sigma, sigma_next) protocol."""
-        return self.noise_sampler(self.sigmas_in[i], self.sigmas_in[i + 1]).to(self.dtype)
+        noise = self.noise_sampler(self.sigmas_in[i], self.sigmas_in[i + 1])
+        validation.check_noise("noise_sampler", noise, self.x_in, i)
+        return noise.to(self.dtype)
 
     def uncond(self) -> torch.Tensor:
         """The student's unconditional estimate from its last call (CFG++)."""
@@ -93,13 +94,17 @@ class Run:
         return x.to(self.x_in.dtype)
 
 
-def prepare(model, x, sigmas, extra_args=None, noise_sampler=None, cfg_pp: bool = False, parametrization=None) -> Run:
+def prepare(model, x, sigmas, extra_args=None, noise_sampler=None, cfg_pp: bool = False, parametrization=None,
+            **options) -> Run:
     """Validates a sampler's shared arguments and binds them into a Run. parametrization None: the
-    model's declared one (its `parametrization` attribute), else VE."""
+    model's declared one (its `parametrization` attribute), else VE. `options` are the sampler's
+    k-diffusion options (eta, s_noise, s_churn, s_tmin, s_tmax), checked here with the rest."""
+    for name, value in options.items():
+        validation.check_sampler_option(name, value)
     validation.check_callable("model", model)
     validation.check_latent(x)
     values = validation.check_sigmas(sigmas)
-    param = for_run(parametrization, model, values, stacklevel=caller_stacklevel())
+    param = for_run(parametrization, model, values)
     param.check_sigmas(values)
     if cfg_pp and not isinstance(param, VE):
         raise ValueError("cfg_pp=True is defined for VE models here; pass parametrization='ve' or cfg_pp=False")
