@@ -70,6 +70,9 @@ class Parametrization:
     def check_sigmas(self, values: list[float]) -> None:
         pass
 
+    def check_midpoint_eta(self, values: list[float], eta: float) -> None:
+        """k-diffusion's VE ancestral step caps the noise, so every eta >= 0 keeps the down step >= 0."""
+
     def check_renoise_level(self, sigma: float) -> None:
         """A fixed renoise level must be a sigma of this parametrization."""
 
@@ -99,8 +102,12 @@ class RectifiedFlow(Parametrization):
         s_d = s' (1 + (s'/s - 1) eta), then x' = (1 - s') / (1 - s_d) * x_d + c n with
         c = sqrt(s'^2 - s_d^2 (1 - s')^2 / (1 - s_d)^2). In VE terms it is an ancestral step to
         sigma_d = s_d / (1 - s_d) with sigma_up^2 = sigma'^2 - sigma_d^2: only the rule picking the
-        down step differs from k-diffusion's. At eta = 0 or s' = 0 it is the deterministic step to s'."""
+        down step differs from k-diffusion's. At eta = 0 or s' = 0 it is the deterministic step to s'.
+        A zero-length step (s' = s, e.g. a bf16-rounded schedule starting 1.0, 1.0) keeps x and adds
+        no noise: ComfyUI's formula gives exactly that at a repeated s < 1, and 0/0 at s = 1."""
         sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
+        if sigma_down == sigma_next:
+            return sigma_next, 0.0, 1.0
         scale = (1 - sigma_next) / (1 - sigma_down)  # exactly 1 at eta = 0: then no noise at all
         coefficient = math.sqrt(max(sigma_next**2 - (sigma_down * scale) ** 2, 0.0))
         return sigma_down, coefficient, scale
@@ -117,6 +124,17 @@ class RectifiedFlow(Parametrization):
 
     def ve_sigma(self, sigma):
         return math.inf if sigma >= 1 else sigma / (1 - sigma)
+
+    def check_midpoint_eta(self, values: list[float], eta: float) -> None:
+        """DPM-Solver++(2S) needs its down step s_d = s' (1 + (s'/s - 1) eta) above 0 to place its midpoint
+        (in log-SNR); eta > 1 pushes it below 0 on a large step (ComfyUI's 2S a RF then returns NaN)."""
+        bad = [(i, s, t) for i, (s, t) in enumerate(zip(values, values[1:])) if t > 0 and t * (1 + (t / s - 1) * eta) < 0]
+        if bad:
+            i, s, t = bad[0]
+            limit = min(a / (a - b) for a, b in zip(values, values[1:]) if 0 < b < a)
+            raise ValueError(f"eta={eta:g} puts step {i}'s down step (s={s:.4g} to {t:.4g}) below s = 0, where DPM++ 2S "
+                             f"ancestral has no midpoint: on this schedule eta must stay below {limit:.4g} (eta <= 1 "
+                             "always works)")
 
     def check_renoise_level(self, sigma):
         if sigma >= 1:

@@ -198,6 +198,8 @@ def plan(
     if form == "eps" and any(v > 0 and math.isinf(run.param.ve_sigma(s)) for v, s in zip(weights, run.sigmas)):
         raise ValueError("form='eps' cannot refine a step at s = 1 (sigma = infinity: the noise estimate fixes no x0); "
                          "guide from the next step on (guidance_steps=[1]), or use form='interpolate'")
+    if form == "eps":
+        warn_eps_scale(run, weights)
     if validation.is_real(renoise):
         run.param.check_renoise_level(float(renoise))
     ignored = [name for name, value in (("renoise", renoise != "next"), ("renoise_sampler", renoise_sampler is not None),
@@ -222,6 +224,26 @@ def plan(
         renoise_generator = default_renoise_generator(run.x_in)
     return Guidance(teacher, weights, form, renoise, renoise_sampler, teacher_extra_args, run, direction,
                     renoise_generator)
+
+
+# The eps form moves the estimate by w * sigma (eps_T - eps_s) (sigma in VE terms): the authors' eps-form
+# weights (w ~ 0.01-0.03) are for VE consistency students, whose sigmas stop at ~15 (SD's 14.6). A flow
+# run's VE sigma s / (1 - s) grows without bound towards s = 1 (999 at s = 0.999).
+EPS_FORM_MAX_SIGMA = 20.0
+
+
+def warn_eps_scale(run: Run, weights) -> None:
+    """Warns when form='eps' guides a flow step whose VE sigma is far beyond the range its w values hold in."""
+    if isinstance(run.param, VE):
+        return
+    far = [(i, s, run.param.ve_sigma(s)) for i, (v, s) in enumerate(zip(weights, run.sigmas))
+           if v > 0 and EPS_FORM_MAX_SIGMA < run.param.ve_sigma(s) < math.inf]
+    if far:
+        i, s, ve = far[0]
+        warnings.warn(f"form='eps' scales the teacher's shift by the VE sigma s / (1 - s) = {ve:.4g} at step {i} "
+                      f"(s={s:.4g}): eps-form w values hold for VE sigmas up to ~{EPS_FORM_MAX_SIGMA:g} (s <= "
+                      f"{EPS_FORM_MAX_SIGMA / (1 + EPS_FORM_MAX_SIGMA):.3f}); there use form='interpolate', guide a "
+                      "later step, or scale w down by about that factor", GuidanceWarning, stacklevel=caller_stacklevel())
 
 
 def needs_generator(form, renoise, renoise_sampler, weights) -> bool:

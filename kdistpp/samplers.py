@@ -157,6 +157,7 @@ def sample_dpmpp_2s_ancestral_distpp(model, x, sigmas, extra_args=None, callback
     validation.check_options("guided_evaluation", guided_evaluation, ("midpoint", "first", "both"))
     run = prepare(model, x, sigmas, extra_args, noise_sampler, cfg_pp=cfg_pp, parametrization=parametrization, eta=eta,
                   s_noise=s_noise)
+    run.param.check_midpoint_eta(run.sigmas, float(eta))
     guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction,
                  renoise_generator)
     x, sig = run.start(), run.sigmas

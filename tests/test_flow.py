@@ -168,6 +168,7 @@ def test_a_guided_flow_step_renoises_with_the_flow_state_and_moves_by_one_minus_
         torch.testing.assert_close(point, evaluated[0], rtol=0, atol=0)  # the state the student evaluated
 
 
+@pytest.mark.filterwarnings("ignore:form='eps' scales")  # an identity of the maps, at any w and sigma
 @pytest.mark.parametrize("name", ["euler", "consistency"])
 @pytest.mark.parametrize("form", kdistpp.FORMS)
 @given(n=st.integers(3, 5), shift=st.floats(1.0, 6.0), w=st.floats(0.0, 0.8), seed=st.integers(0, 99))
@@ -322,3 +323,51 @@ def test_a_default_ve_run_over_a_flow_looking_schedule_warns():
         kdistpp.sample_euler_distpp(DeclaredFlow(), x, s, disable=True)  # declared
         kdistpp.sample_euler_distpp(ElementwiseDenoiser(), x, schedule(4, 3.0, start=0.9), disable=True)
         kdistpp.sample_euler_distpp(ElementwiseDenoiser(), x, torch.tensor([1.0, 0.5, 0.1]), disable=True)
+
+
+@pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2s_ancestral"])
+def test_a_repeated_leading_1_is_a_zero_length_step(name):
+    """A bf16-rounded long Flux schedule starts 1.0, 1.0: the step between them keeps x and adds no
+    noise (its draw is still taken, as ComfyUI takes it), so the run is the run without the repeat."""
+    s = kdistpp.get_sigmas_flow(200, mu=1.15).bfloat16().double()[::20]
+    s = torch.cat([s.new_ones(1), s, s.new_zeros(1)]) if float(s[-1]) != 0 else torch.cat([s.new_ones(1), s])
+    assert float(s[0]) == float(s[1]) == 1.0
+    x, noises = noise_list(5, 1)[0], noise_list(6, len(s) - 1)
+    model = ElementwiseDenoiser(bias=0.3)
+    got = kdistpp.SAMPLERS[name](model, x, s, noise_sampler=replay(noises), disable=True, parametrization="flow")
+    expected = REFERENCES[name](model, x, s[1:], noises[1:], 1.0)
+    torch.testing.assert_close(got, expected)
+    guided = kdistpp.SAMPLERS[name](model, x, s, noise_sampler=replay(noises), disable=True, parametrization="flow",
+                                    teacher=ElementwiseDenoiser(bias=-0.5), w=0.2, guidance_steps=[0, 1])
+    assert bool(torch.isfinite(guided).all())
+
+
+def test_eta_above_1_on_flow_2s_ancestral():
+    s, x = schedule(4, 3.0), noise_list(7, 1)[0]
+    model = ElementwiseDenoiser(bias=0.3)
+    with pytest.raises(ValueError, match=r"eta=4 puts step \d's down step .* below s = 0.*eta must stay below"):
+        kdistpp.sample_dpmpp_2s_ancestral_distpp(model, x, s, eta=4.0, parametrization="flow")
+    assert model.calls == 0
+    # where the down step stays above 0, eta > 1 runs as ComfyUI's formula gives
+    s = schedule(8, 3.0, start=0.9)
+    noises = noise_list(8, len(s) - 1)
+    got = kdistpp.sample_dpmpp_2s_ancestral_distpp(model, x, s, eta=1.3, noise_sampler=replay(noises),
+                                                   parametrization="flow", disable=True)
+    torch.testing.assert_close(got, ref_dpmpp_2s_ancestral(model, x, s, noises, 1.3))
+
+
+def test_the_eps_form_warns_where_its_w_values_do_not_hold():
+    s, x = schedule(8, 3.0), noise_list(7, 1)[0]
+    assert flow.ve_sigma(float(s[1])) > 20
+    with pytest.warns(kdistpp.GuidanceWarning, match=r"form='eps' scales .* step 1 \(s=0.9"):
+        kdistpp.sample_consistency_distpp(ElementwiseDenoiser(), x, s, teacher=ElementwiseDenoiser(), w=0.01,
+                                          form="eps", guidance_steps=[1], parametrization="flow", disable=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        late = [i for i in range(1, 8) if flow.ve_sigma(float(s[i])) <= 20][0]
+        kdistpp.sample_consistency_distpp(ElementwiseDenoiser(), x, s, teacher=ElementwiseDenoiser(), w=0.01,
+                                          form="eps", guidance_steps=[late], parametrization="flow", disable=True)
+        kdistpp.sample_consistency_distpp(ElementwiseDenoiser(), x, s, teacher=ElementwiseDenoiser(), w=0.01,
+                                          guidance_steps=[1], parametrization="flow", disable=True)
