@@ -129,9 +129,11 @@ class Guidance:
         else:
             refined = torch.lerp(denoised, teacher_denoised, w)  # exact at w = 0 and w = 1
         # A large w extrapolates past what the model's dtype holds: fail here, not as NaN steps later.
-        if not bool(torch.isfinite(refined.to(self.run.x_in.dtype)).all()):
-            raise ValueError(f"w={w} made the refined estimate overflow {self.run.x_in.dtype} {where}; "
-                             "the paper's weights are below 1: use a smaller w")
+        # The run's checks so far (student, teacher, this one) are read once, here, per guided step.
+        self.run.expect_finite(refined.to(self.run.x_in.dtype), ValueError,
+                               f"w={w} made the refined estimate overflow {self.run.x_in.dtype} {where}; "
+                               "the paper's weights are below 1: use a smaller w")
+        self.run.check_outputs()
         return refined, {"student_denoised": denoised, "teacher_denoised": teacher_denoised}
 
     def _renoise_noise(self, i: int) -> torch.Tensor:

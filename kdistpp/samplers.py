@@ -58,7 +58,8 @@ _DISTPP_PARAMETERS = """
     The callback's 'denoised' is the refined estimate; guided steps add 'student_denoised' and
     'teacher_denoised'. A guided step costs one teacher call; unguided steps cost nothing extra.
     The student's and teacher's outputs are checked (a tensor of the latent's shape, finite):
-    kdistpp.StudentOutputError / kdistpp.TeacherOutputError name the model, step and sigma.
+    kdistpp.StudentOutputError / kdistpp.TeacherOutputError name the model, step and sigma. The
+    finiteness is read from the device once at the end of the run and after each guided step.
 """
 
 _CFG_PP_PARAMETER = """        cfg_pp: CFG++ (Chung et al. 2024): renoise along the student's unconditional estimate,

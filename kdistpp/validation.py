@@ -57,7 +57,7 @@ def check_sigmas(sigmas) -> list[float]:
         raise ValueError(f"sigmas must be 1-D, got shape {tuple(sigmas.shape)}")
     if sigmas.numel() < 2:
         raise ValueError(f"sigmas needs at least 2 entries (one step), got {sigmas.numel()}")
-    values = [float(s) for s in sigmas.detach().cpu().double()]
+    values = sigmas.detach().cpu().double().tolist()  # one copy to the host, not a read per sigma
     if not all(math.isfinite(s) for s in values):
         raise ValueError(f"sigmas must be finite, got {values}")
     if any(s < 0 for s in values):
@@ -153,7 +153,20 @@ class TeacherOutputError(DenoiserOutputError):
 
 def check_denoiser_output(out, x: torch.Tensor, who: str, where: str, error: type[DenoiserOutputError]) -> None:
     """Refuses an estimate that is not a tensor of x's shape, or that holds NaN/inf, naming the model
-    and where it was called, instead of sampling on with it (a (1,1,1,1) output would broadcast)."""
+    and where it was called, instead of sampling on with it (a (1,1,1,1) output would broadcast).
+    The finiteness check reads a flag from the device; the samplers defer it (steps.Run.call)."""
+    check_denoiser_shape(out, x, who, where, error)
+    if not bool(torch.isfinite(out).all()):
+        raise error(non_finite_message(who, where))
+
+
+def non_finite_message(who: str, where: str) -> str:
+    return (f"{who} returned non-finite values (NaN/inf) {where}; check its dtype (fp16 overflow?), its inputs and "
+            "its conditioning")
+
+
+def check_denoiser_shape(out, x: torch.Tensor, who: str, where: str, error: type[DenoiserOutputError]) -> None:
+    """The host-side half of check_denoiser_output: a tensor of x's shape (no device read)."""
     if not isinstance(out, torch.Tensor):
         hint = " (a tuple: return its denoised tensor, e.g. wrap it as lambda x, s, **k: model(x, s, **k)[0])" \
             if isinstance(out, tuple) else ""
@@ -161,6 +174,3 @@ def check_denoiser_output(out, x: torch.Tensor, who: str, where: str, error: typ
                     f"shape {tuple(x.shape)}{hint}")
     if out.shape != x.shape:
         raise error(f"{who} returned shape {tuple(out.shape)} {where}; expected the latent's shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(out).all()):
-        raise error(f"{who} returned non-finite values (NaN/inf) {where}; check its dtype (fp16 overflow?), "
-                    "its inputs and its conditioning")

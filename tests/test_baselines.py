@@ -7,6 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from k_diffusion import sampling as K
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdistpp
 from conftest import DEVICE, ElementwiseDenoiser
@@ -151,3 +152,39 @@ def test_guiding_leaves_the_samplers_own_noise_stream_unchanged(renoise):
     assert 0 < float((got - expected).abs().max()) < 1e-3  # moved by the teacher alone
     # the same seed gives the same renoise noise: the run repeats exactly
     assert torch.equal(_run(kdistpp.sample_euler_ancestral_distpp, model, x, sigmas, 7, **kw), got)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value to the host (aten._local_scalar_dense: .item(), float(t),
+    bool(t)), each a device sync on a GPU; on the CPU they go through the dispatcher the same way."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _host_reads(fn, *args, **kw):
+    with HostReads() as reads:
+        fn(*args, **kw)
+    return reads.count
+
+
+@pytest.mark.parametrize("name", [*PAIRS, "consistency"])
+def test_one_host_read_per_run_and_at_most_one_more_per_guided_step(name):
+    """The output checks are kept (test_model_outputs) but read the device once per run at w = 0 and
+    once more per guided step, where k-diffusion's own loops read a sigma on every step."""
+    sigmas = K.get_sigmas_karras(8, 0.1, 10.0).to(DEVICE)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)).to(DEVICE) * 10
+    ours = kdistpp.SAMPLERS[name]
+    assert _host_reads(ours, ElementwiseDenoiser(), x, sigmas, disable=True) <= 1
+    for steps in ([0], [0, 3, 5]):
+        reads = _host_reads(ours, ElementwiseDenoiser(), x, sigmas, disable=True, teacher=ElementwiseDenoiser(bias=1.0),
+                            w=0.1, guidance_steps=steps)
+        assert reads <= 1 + len(steps)
+    if name in PAIRS:  # the reference point: k-diffusion's sampler on the same problem reads more
+        assert _host_reads(PAIRS[name][0], ElementwiseDenoiser(), x, sigmas, disable=True) > 1
