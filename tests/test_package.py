@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from kdistpp.demo import format_table, run_demo
 
 
@@ -152,3 +154,31 @@ def test_the_clone_loaded_as_comfyui_loads_it_exports_the_node(tmp_path):
     flag, path = out.stdout.split()
     assert flag == "True"
     assert path == str(clone / "kdistpp" / "__init__.py")  # the node uses its own checkout's library
+
+
+@pytest.mark.parametrize("argv,text", [
+    (["--steps", "1"], "argument --steps: 1 is below 2"),
+    (["--n", "0"], "argument --n: 0 is below 1"),
+    (["--n", "many"], "argument --n: 'many' is not an integer"),
+    (["--w", "-1"], "argument --w: -1 is not a finite weight"),
+    (["--w", "nan"], "argument --w: nan is not a finite weight"),
+    (["--device", "gpu0"], "argument --device: 'gpu0' is not a torch device"),
+])
+def test_cli_bad_arguments_are_usage_errors(argv, text, capsys, tmp_path):
+    from kdistpp.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["demo", *argv, "--out", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage: python -m kdistpp demo") and err[-1].startswith("python -m kdistpp demo: error: ")
+    assert text in err[-1] and not any("Traceback" in line for line in err)
+    assert not os.listdir(tmp_path)  # nothing ran
+
+
+def test_cli_smallest_arguments_run(tmp_path):
+    from kdistpp.demo import build_parser, run_demo
+
+    args = build_parser().parse_args(["--steps", "2", "--n", "1", "--w", "0", "--out", str(tmp_path)])
+    rows, _ = run_demo(args.n, args.seed, args.steps, args.w, args.form, args.out, args.device)
+    assert len(rows) == 5
