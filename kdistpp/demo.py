@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics, toys
-from .png import scatter_panel, side_by_side, titled, write_png
+from .png import density_legend, scatter_panel, side_by_side, titled, write_png
 from .samplers import sample_consistency, sample_consistency_distpp, sample_dpmpp_2m_distpp, sample_euler_distpp
 from .schedules import get_sigmas_karras
 
@@ -84,7 +84,8 @@ def run_demo(n: int = 4000, seed: int = 0, steps: int = 4, w: float = 0.3, form:
     panels += [titled(scatter_panel(samples[name].numpy()[:1500], density, extent), title)
                for (name, _, _), title in zip(runs[:3], panel_titles(steps, w, form))]
     path = os.path.join(out_dir, "demo_scatter.png")
-    write_png(path, side_by_side(panels, gap=PANEL_GAP))
+    image = side_by_side(panels, gap=PANEL_GAP)
+    write_png(path, np.concatenate([image, density_legend(image.shape[1])], axis=0))
     return rows, path
 
 

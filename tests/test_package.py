@@ -103,13 +103,15 @@ def test_readme_names_what_the_skip_reasons_and_the_test_extra_need():
     with open(os.path.join(root, "README.md")) as f:
         readme = f.read()
     tests = os.path.join(root, "tests")
-    variables = set()
+    variables, folders = set(), set()
     for name in os.listdir(tests):
         if name.endswith(".py"):
             with open(os.path.join(tests, name)) as f:
-                variables |= set(re.findall(r"KDISTPP_(?:COMFYUI|A1111|FORGE)", f.read()))
-    assert variables == {"KDISTPP_COMFYUI", "KDISTPP_A1111", "KDISTPP_FORGE"}
-    for needed in (*variables, ".ci/run", "numpy < 2", "k-diffusion"):
+                text = f.read()
+            variables |= set(re.findall(r"KDISTPP_(?:COMFYUI|A1111|FORGE)", text))
+            folders |= set(re.findall(r"\.\./shared/hosts/[\w.-]+", text))  # default folders skip reasons name
+    assert variables == {"KDISTPP_COMFYUI", "KDISTPP_A1111", "KDISTPP_FORGE"} and folders
+    for needed in (*variables, *folders, ".ci/run", "numpy < 2", "k-diffusion"):
         assert needed in readme, needed
 
 
