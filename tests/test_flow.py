@@ -371,3 +371,31 @@ def test_the_eps_form_warns_where_its_w_values_do_not_hold():
                                           form="eps", guidance_steps=[late], parametrization="flow", disable=True)
         kdistpp.sample_consistency_distpp(ElementwiseDenoiser(), x, s, teacher=ElementwiseDenoiser(), w=0.01,
                                           guidance_steps=[1], parametrization="flow", disable=True)
+
+
+def test_flow_schedule_ends_and_step_counts():
+    """The shifts are exact at t = 0 and 1 (floats and tensors); get_sigmas_flow takes a positive integer n."""
+    for mu in (0.5, 1.15):
+        assert flow.flux_time_shift(mu, 0.0) == 0.0 and flow.flux_time_shift(mu, 1.0) == 1.0
+        ends = flow.flux_time_shift(mu, torch.tensor([0.0, 1.0], dtype=torch.float64))
+        assert ends.tolist() == [0.0, 1.0]
+    assert kdistpp.get_sigmas_flow(1).tolist() == [1.0, 0.0]
+    for n in (0, -2, 1.5):
+        with pytest.raises(ValueError, match="positive integer"):
+            kdistpp.get_sigmas_flow(n)
+
+
+def test_an_attribute_named_parametrization_that_kdistpp_does_not_know_is_not_a_declaration():
+    """Another library's attribute of that name ('eps', 'v', a list) is ignored: the run is VE as asked."""
+    x, sigmas = noise_list(2, 1)[0], kdistpp.get_sigmas_karras(3, 0.1, 10.0)
+    expected = kdistpp.sample_euler_distpp(ElementwiseDenoiser(), x, sigmas, disable=True)
+    for value in ("eps", "v_prediction", ["flow"], 3):
+        model = ElementwiseDenoiser()
+        model.parametrization = value
+        torch.testing.assert_close(kdistpp.sample_euler_distpp(model, x, sigmas, disable=True), expected)
+
+
+def test_a_fixed_renoise_level_of_1_is_not_a_flow_sigma():
+    with pytest.raises(ValueError, match="renoise=1.0 is not a flow sigma"):
+        kdistpp.sample_euler_distpp(ElementwiseDenoiser(), noise_list(2, 1)[0], schedule(4, 3.0), parametrization="flow",
+                                    teacher=ElementwiseDenoiser(), w=0.1, renoise=1.0)
