@@ -315,6 +315,8 @@ def test_a_default_ve_run_over_a_flow_looking_schedule_warns():
         kdistpp.sample_euler_distpp(ElementwiseDenoiser(), x, s, disable=True)
     with pytest.warns(kdistpp.ParametrizationWarning):
         kdistpp.teacher_guided(ElementwiseDenoiser(), ElementwiseDenoiser(), s.float(), w=0.1)
+    with pytest.warns(kdistpp.ParametrizationWarning):  # a one-step flow schedule
+        kdistpp.sample_consistency(ElementwiseDenoiser(), x, torch.tensor([1.0, 0.0]), disable=True)
     import warnings
 
     with warnings.catch_warnings():
