@@ -347,9 +347,14 @@ def test_a_repeated_leading_1_is_a_zero_length_step(name):
 def test_eta_above_1_on_flow_2s_ancestral():
     s, x = schedule(4, 3.0), noise_list(7, 1)[0]
     model = ElementwiseDenoiser(bias=0.3)
-    with pytest.raises(ValueError, match=r"eta=4 puts step \d's down step .* below s = 0.*eta must stay below"):
+    with pytest.raises(ValueError, match=r"eta=4 puts step \d's down step .* below s = 0.*eta must stay below 3 "):
         kdistpp.sample_dpmpp_2s_ancestral_distpp(model, x, s, eta=4.0, parametrization="flow")
     assert model.calls == 0
+    # a down step exactly at 0 is the step to the estimate (no midpoint needed): eta = 2 on [1, 0.5, 0.25, 0]
+    model.calls = 0
+    out = kdistpp.sample_dpmpp_2s_ancestral_distpp(model, x, torch.tensor([1.0, 0.5, 0.25, 0.0]), eta=2.0,
+                                                   parametrization="flow", disable=True)
+    assert bool(torch.isfinite(out).all()) and model.calls == 3  # one evaluation per step: no midpoints
     # where the down step stays above 0, eta > 1 runs as ComfyUI's formula gives
     s = schedule(8, 3.0, start=0.9)
     noises = noise_list(8, len(s) - 1)
