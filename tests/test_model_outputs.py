@@ -140,3 +140,13 @@ def test_a_bad_teacher_output_at_the_2s_midpoint_names_the_step_sigma_and_the_ev
     down = math.sqrt(s1 ** 2 - min(s1, math.sqrt(s1 ** 2 * (s0 ** 2 - s1 ** 2) / s0 ** 2)) ** 2)
     assert seen[0] == pytest.approx(math.sqrt(s0 * down), rel=1e-5)
     assert f"evaluated at sigma={seen[0]:.4g}" in message
+
+
+def test_a_bad_output_late_in_a_long_run_is_named_and_the_first_bad_one_wins():
+    """The checks are read from the device once per run: a failure after hundreds of good calls is still
+    found, and of several failures the first is the one reported."""
+    sigmas = kdistpp.get_sigmas_karras(300, 0.05, 14.6)
+    late = [float(sigmas[280]), float(sigmas[290])]
+    with pytest.raises(kdistpp.StudentOutputError, match="non-finite") as info:
+        kdistpp.sample_euler_distpp(Broken(NAN, at=late), latent(), sigmas, disable=True)
+    assert f"at sigma={late[0]:.4g}" in str(info.value)
