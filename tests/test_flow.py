@@ -406,3 +406,16 @@ def test_a_fixed_renoise_level_of_1_is_not_a_flow_sigma():
     with pytest.raises(ValueError, match="renoise=1.0 is not a flow sigma"):
         kdistpp.sample_euler_distpp(ElementwiseDenoiser(), noise_list(2, 1)[0], schedule(4, 3.0), parametrization="flow",
                                     teacher=ElementwiseDenoiser(), w=0.1, renoise=1.0)
+
+
+def test_the_eps_form_warning_starts_above_ve_sigma_20():
+    import warnings
+
+    x = noise_list(7, 1)[0]
+    for ve, warns in ((20.5, True), (19.5, False)):
+        s = torch.tensor([1.0, ve / (1 + ve), 0.5, 0.0], dtype=torch.float64)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            kdistpp.sample_consistency_distpp(ElementwiseDenoiser(), x, s, teacher=ElementwiseDenoiser(bias=1.0), w=0.01,
+                                              form="eps", guidance_steps=[1], parametrization="flow", disable=True)
+        assert any("form='eps' scales" in str(w.message) for w in seen) == warns, ve

@@ -150,3 +150,11 @@ def test_a_bad_output_late_in_a_long_run_is_named_and_the_first_bad_one_wins():
     with pytest.raises(kdistpp.StudentOutputError, match="non-finite") as info:
         kdistpp.sample_euler_distpp(Broken(NAN, at=late), latent(), sigmas, disable=True)
     assert f"at sigma={late[0]:.4g}" in str(info.value)
+
+
+def test_a_w_at_the_step_dtypes_largest_value_is_still_a_number_it_computes_with():
+    """w = float32's largest finite value is in range (only beyond it is refused up front); with the student
+    as its own teacher the refined estimate is the student's, so the run completes."""
+    out = kdistpp.sample_euler_distpp(ElementwiseDenoiser(), latent(), SIGMAS, teacher=ElementwiseDenoiser(),
+                                      w=float(torch.finfo(torch.float32).max), disable=True)
+    assert bool(torch.isfinite(out).all())
