@@ -68,6 +68,9 @@ BAD = [
     ("s_churn", dict(sampler="euler", s_churn=float("nan")), ValueError, "got nan"),
     ("s_tmin", dict(sampler="euler", s_tmin=float("nan")), ValueError, "got nan"),
     ("s_tmax", dict(sampler="euler", s_tmax=float("-inf")), ValueError, "got -inf"),
+    ("s_noise", dict(sampler="euler_ancestral", s_noise=float("inf")), ValueError, "finite"),
+    ("s_churn", dict(sampler="euler", s_churn=float("inf")), ValueError, "finite"),
+    ("s_tmin", dict(sampler="euler", s_tmin=float("inf")), ValueError, "finite"),
     ("sigmas", dict(sigmas=torch.tensor([14.6, 2.0, 5.0, 0.5, 0.0])), ValueError, "sigma_2=5 is above sigma_1=2"),
 ]
 
@@ -97,6 +100,7 @@ def test_a_noise_sampler_of_the_wrong_shape_is_named_at_its_first_draw():
 def test_sampler_options_in_range_run():
     call("euler_ancestral", eta=0.0, s_noise=0.0)
     call("euler", s_churn=1.0, s_tmin=0.0, s_tmax=float("inf"), guidance_steps=[1])
+    call("euler", s_churn=1.0, s_tmin=0.2, s_tmax=0.5, guidance_steps=[1])
     call("dpmpp_2s_ancestral", eta=torch.tensor(0.5), s_noise=1)
 
 
