@@ -72,6 +72,8 @@ BAD = [
     ("s_churn", dict(sampler="euler", s_churn=float("inf")), ValueError, "finite"),
     ("s_tmin", dict(sampler="euler", s_tmin=float("inf")), ValueError, "finite"),
     ("sigmas", dict(sigmas=torch.tensor([14.6, 2.0, 5.0, 0.5, 0.0])), ValueError, "sigma_2=5 is above sigma_1=2"),
+    ("sigmas", dict(sigmas=torch.tensor([1.0, 3.0, 2.0, 4.0])), ValueError, "sigma_1=3 is above sigma_0=1"),
+    ("sigmas", dict(sigmas=torch.tensor([0.0, 1.0, 1.0, 2.0])), ValueError, "reverse it"),
 ]
 
 
