@@ -194,3 +194,27 @@ def test_a_repeated_guided_sigma_on_the_last_step_warns_too():
     with pytest.warns(kdistpp.GuidanceWarning, match="guided step 1's sigma 5 also starts step 2"):
         kdistpp.teacher_guided(ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0), torch.tensor([10.0, 5.0, 5.0, 0.0]),
                                w=[0.0, 0.5])
+
+
+def test_a_run_that_skips_several_guided_sigmas_warns_once():
+    x, student, teacher = latent(2), ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0)
+    wrapped = kdistpp.teacher_guided(student, teacher, kdistpp.get_sigmas_karras(8, SIGMA_MIN, SIGMA_MAX), w=0.3,
+                                     guidance_steps=[0, 1, 2, 3, 4])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        K.sample_euler(wrapped, x, kdistpp.get_sigmas_karras(3, SIGMA_MIN, SIGMA_MAX).to(DEVICE), disable=True)
+    assert len([w for w in seen if issubclass(w.category, kdistpp.GuidanceWarning)]) == 1
+
+
+def test_the_wrapper_draws_the_renoise_noise_from_the_callers_generator():
+    """A renoise_generator given to teacher_guided is the one used, in every run: the wrapper equals the
+    dedicated sampler (direction='refined') given a generator seeded the same."""
+    sigmas = kdistpp.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX)
+    x, student, teacher = latent(4), ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0)
+    wrapped = kdistpp.teacher_guided(student, teacher, sigmas, w=0.3, guidance_steps=[0, 1],
+                                     renoise_generator=torch.Generator(device=DEVICE).manual_seed(5))
+    got = K.sample_euler(wrapped, x, sigmas.to(DEVICE), disable=True)
+    expected = kdistpp.sample_euler_distpp(student, x, sigmas, teacher=teacher, w=0.3, guidance_steps=[0, 1],
+                                           direction="refined", disable=True,
+                                           renoise_generator=torch.Generator(device=DEVICE).manual_seed(5))
+    torch.testing.assert_close(got, expected)
