@@ -218,3 +218,21 @@ def test_the_wrapper_draws_the_renoise_noise_from_the_callers_generator():
                                            direction="refined", disable=True,
                                            renoise_generator=torch.Generator(device=DEVICE).manual_seed(5))
     torch.testing.assert_close(got, expected)
+
+
+def test_per_sample_sigmas_within_the_relative_tolerance_are_one_sigma():
+    sigmas = kdistpp.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX).double()
+    wrapped = kdistpp.teacher_guided(ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0), sigmas, w=0.3)
+    s0 = float(sigmas[0])  # ~14.6: a spread of 1e-5 relative is within 1e-4 relative, not within 1e-4 / sigma
+    x = latent(6).double()
+    assert wrapped(x, torch.tensor([s0, s0 * (1 + 1e-5)], dtype=torch.float64, device=DEVICE)).shape == x.shape
+
+
+def test_matching_runs_with_the_last_step_guided_do_not_warn():
+    """The schedule's final 0 is never evaluated and is not expected to be."""
+    sigmas = kdistpp.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX)
+    wrapped = kdistpp.teacher_guided(ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0), sigmas, w=0.3,
+                                     guidance_steps=[3], renoise="current")
+    with no_guidance_warnings():
+        for seed in (0, 1):
+            K.sample_euler(wrapped, latent(seed), sigmas.to(DEVICE), disable=True)
