@@ -236,3 +236,10 @@ def test_matching_runs_with_the_last_step_guided_do_not_warn():
     with no_guidance_warnings():
         for seed in (0, 1):
             K.sample_euler(wrapped, latent(seed), sigmas.to(DEVICE), disable=True)
+
+
+def test_a_longer_run_that_starts_above_the_guided_sigma_warns_at_its_start():
+    sigmas = kdistpp.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX)
+    wrapped = kdistpp.teacher_guided(ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0), sigmas, w=0.3)
+    with pytest.warns(kdistpp.GuidanceWarning, match="starts at sigma"):
+        K.sample_euler(wrapped, latent(8), sigmas.to(DEVICE), s_churn=4.0, disable=True)
