@@ -268,6 +268,9 @@ def main():
     parser.add_argument("--update", action="store_true",
                         help="re-run only the named files and replace their rows in the existing report")
     parser.add_argument("--no-select", action="store_true", help="run each file's whole test scope per mutant")
+    parser.add_argument("--rerun-survivors", action="store_true",
+                        help="run again only the mutants that survived in the existing report (after tests were added) "
+                             "and replace their rows")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--map", nargs=2, help=argparse.SUPPRESS)  # workdir, output file
     args = parser.parse_args()
@@ -281,6 +284,11 @@ def main():
         source = (ROOT / path).read_text()
         for index, what in mutation_points(source):
             jobs.append((path, index, what))
+    if args.rerun_survivors:
+        earlier = json.loads(Path(args.out).read_text())
+        again = {(r["file"], r["mutation"]) for r in earlier["results"] if r["outcome"] == "survived"}
+        jobs = [job for job in jobs if (job[0], job[2]) in again]
+        args.files = sorted({job[0] for job in jobs}, key=args.files.index)
     if args.list:
         print("\n".join(f"{p} {w}" for p, _, w in jobs), f"\n{len(jobs)} mutants", sep="")
         return
@@ -295,6 +303,8 @@ def main():
         workers.append(copy_root)
     args.total = len(jobs)
     args.previous = json.loads(Path(args.out).read_text()) if args.update and Path(args.out).exists() else None
+    if args.rerun_survivors:
+        args.previous = earlier
     started = time.time()
     line_map = None
     if not args.no_select:
@@ -340,7 +350,14 @@ def write(results: list, args, started: float, partial: bool) -> None:
     seconds = round(time.time() - started)
     reruns = []
     previous = args.previous
-    if previous is not None:  # --update: keep the other files' rows from the last full run
+    if previous is not None and args.rerun_survivors:  # the survivors' rows replaced by their new outcomes
+        again = {(r["file"], r["mutation"]) for r in results}
+        kept = [r for r in previous["results"] if (r["file"], r["mutation"]) not in again]
+        order = {key: k for k, key in enumerate(dict.fromkeys((r["file"], r["mutation"]) for r in previous["results"]))}
+        results = sorted(kept + results, key=lambda r: order[(r["file"], r["mutation"])])
+        seconds += previous["seconds"]
+        reruns = previous.get("reruns", []) + [f"the {len(again)} surviving mutations, after tests were added"]
+    elif previous is not None:  # --update: keep the other files' rows from the last full run
         kept = [r for r in previous["results"] if r["file"] not in args.files]
         results = kept + results
         seconds += previous["seconds"]
@@ -348,12 +365,18 @@ def write(results: list, args, started: float, partial: bool) -> None:
     killed = sum(r["outcome"].startswith("killed") for r in results)
     summary = {"mutants": len(results), "killed": killed, "score": killed / max(len(results), 1),
                "seconds": seconds, "results": results, "reruns": reruns,
-               "planned": args.total + (len(previous["results"]) - len([r for r in previous["results"] if r["file"] in
-                                                                                    args.files]) if previous else 0)}
+               "planned": len(results) if args.rerun_survivors else
+               args.total + (len(previous["results"]) - len([r for r in previous["results"] if r["file"] in args.files])
+                             if previous else 0)}
     if partial:
         summary["partial"] = True
     Path(args.out).write_text(json.dumps(summary, indent=1))
-    Path(args.out).with_suffix(".md").write_text(report(summary, "" if args.update else " ".join(sys.argv[1:])))
+    command = "" if args.update else " ".join(sys.argv[1:])
+    if args.rerun_survivors:
+        command = previous.get("command", "")
+    summary["command"] = command
+    Path(args.out).write_text(json.dumps(summary, indent=1))
+    Path(args.out).with_suffix(".md").write_text(report(summary, command))
     if not partial:
         print(f"{killed}/{len(results)} killed ({100 * summary['score']:.1f}%) in {summary['seconds']} s")
 
@@ -376,8 +399,8 @@ def report(summary: dict, argv: str) -> str:
         lines.append(f"This report covers {summary['mutants']} of the run's {summary['planned']} mutants, in the order "
                      "of the table; the files and mutants after them were not run.")
     if summary.get("reruns"):
-        lines.append("Files re-run alone with `--update` after the full run (their rows replace the earlier ones): "
-                     + "; ".join(summary["reruns"]) + ".")
+        lines.append("Re-run after the full run (`--update` for files, `--rerun-survivors` for the survivors once "
+                     "tests were added; their rows replace the earlier ones): " + "; ".join(summary["reruns"]) + ".")
     lines += ["", "| file | mutants | killed | score |", "|---|---|---|---|"]
     for f, (n, k) in files.items():
         lines.append(f"| {f} | {n} | {k} | {100 * k / n:.0f}% |")
