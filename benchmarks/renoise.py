@@ -24,7 +24,9 @@ def run(cfg: Config, settings: dict) -> str:
             for seed in cfg.seeds:
                 ref = reference(cfg, mixture, seed)
                 for level in LEVELS:
-                    out = kind.sample(student, mixture, noise(cfg, dim, seed), sigmas, w=w, form=form, renoise=level)
+                    # the guidance form calls the teacher at the student's own point: no level to set (same numbers)
+                    renoise = {} if form == "guidance" else {"renoise": level}
+                    out = kind.sample(student, mixture, noise(cfg, dim, seed), sigmas, w=w, form=form, **renoise)
                     by_level.setdefault(level, []).append(sliced_w2(out, ref))
                 for steps in STEP_CHOICES:
                     out = kind.sample(student, mixture, noise(cfg, dim, seed), sigmas, w=w, form=form, guidance_steps=steps)

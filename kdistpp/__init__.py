@@ -14,7 +14,8 @@ Wrapper for any other k-diffusion-convention sampler:
     teacher_guided(student, teacher, sigmas, w=...) -> TeacherGuidedDenoiser
 Schedules: get_sigmas_karras, get_sigmas_exponential, get_sigmas_flow (shifted flow schedules);
     SigmaWindow picks guided steps by sigma.
-Parametrizations: VE, RectifiedFlow; kdistpp.flow maps flow states, sigmas and denoisers to VE.
+Parametrizations: VE, RectifiedFlow (a denoiser may declare its own as `parametrization`;
+    ParametrizationWarning flags a flow-looking schedule run as VE); kdistpp.flow maps flow states, sigmas and denoisers to VE.
 Denoisers: CFGDenoiser (cond and uncond in one batched call; keeps the unconditional estimate
     that cfg_pp=True reads).
 The refinement: Guidance, FORMS, DIRECTIONS; ancestral_step.
@@ -34,7 +35,7 @@ from .cfg import CFGDenoiser
 from .guided_denoiser import TeacherGuidedDenoiser, teacher_guided
 from .flow import get_sigmas_flow
 from .guided_steps import GuidanceWarning, SigmaWindow
-from .parametrization import VE, RectifiedFlow
+from .parametrization import VE, ParametrizationWarning, RectifiedFlow
 from .refine import DIRECTIONS, FORMS, Guidance
 from .validation import DenoiserOutputError, StudentOutputError, TeacherOutputError
 from .registry import REGISTRY, SAMPLERS
@@ -58,6 +59,7 @@ __all__ = [
     "FORMS",
     "Guidance",
     "GuidanceWarning",
+    "ParametrizationWarning",
     "REGISTRY",
     "RectifiedFlow",
     "SAMPLERS",

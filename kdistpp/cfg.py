@@ -33,6 +33,11 @@ class CFGDenoiser:
         self.model, self.cond, self.uncond, self.cond_scale, self.cond_key = model, cond, uncond, cond_scale, cond_key
         self.last_uncond_denoised: torch.Tensor | None = None
 
+    @property
+    def parametrization(self):
+        """The wrapped model's declared parametrization ('flow' for kdistpp's flow adapters), or None."""
+        return getattr(self.model, "parametrization", None)
+
     def __call__(self, x, sigma, cond=None, uncond=None, cond_scale=None, **extra_args):
         cond = self.cond if cond is None else cond
         uncond = self.uncond if uncond is None else uncond

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics, toys
-from .png import scatter_panel, side_by_side, titled, write_png
+from .png import density_legend, scatter_panel, side_by_side, titled, write_png
 from .samplers import sample_consistency, sample_consistency_distpp, sample_dpmpp_2m_distpp, sample_euler_distpp
 from .schedules import get_sigmas_karras
 
@@ -84,7 +84,8 @@ def run_demo(n: int = 4000, seed: int = 0, steps: int = 4, w: float = 0.3, form:
     panels += [titled(scatter_panel(samples[name].numpy()[:1500], density, extent), title)
                for (name, _, _), title in zip(runs[:3], panel_titles(steps, w, form))]
     path = os.path.join(out_dir, "demo_scatter.png")
-    write_png(path, side_by_side(panels, gap=PANEL_GAP))
+    image = side_by_side(panels, gap=PANEL_GAP)
+    write_png(path, np.concatenate([image, density_legend(image.shape[1])], axis=0))
     return rows, path
 
 
@@ -97,16 +98,52 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _at_least(low: int, why: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}: {why}")
+        return value
+
+    return parse
+
+
+def _weight(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite weight >= 0 (0 = no teacher)")
+    return value
+
+
+def _device(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, mps...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this torch sees no CUDA device; use --device cpu")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kdistpp demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=4000, help="samples per method (default 4000)")
+    parser.add_argument("--n", type=_at_least(1, "the demo needs at least one sample"), default=4000,
+                        help="samples per method (default 4000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the start noise (default 0)")
-    parser.add_argument("--steps", type=int, default=4, help="student steps (default 4)")
-    parser.add_argument("--w", type=float, default=0.3, help="teacher weight of the guided step (default 0.3)")
+    parser.add_argument("--steps", type=_at_least(2, "the guided first step renoises to the next sigma, which the "
+                                                    "last step does not have"), default=4,
+                        help="student steps, at least 2 (default 4)")
+    parser.add_argument("--w", type=_weight, default=0.3, help="teacher weight of the guided step (default 0.3)")
     parser.add_argument("--form", default="eps", choices=["interpolate", "guidance", "eps"],
                         help="form of the refinement (default eps, the authors' choice for consistency students)")
     parser.add_argument("--out", default="kdistpp-demo", help="folder for the PNG (default ./kdistpp-demo)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    parser.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default cuda when available, else cpu)")
     return parser
 

@@ -54,6 +54,8 @@ def call_as_ve(flow_model, y: torch.Tensor, sigma: torch.Tensor, **extra_args) -
 class VEDenoiser:
     """A flow denoiser D(x, s) seen as a VE denoiser: D_ve(y, sigma) = D(y / (1 + sigma), sigma / (1 + sigma))."""
 
+    parametrization = "ve"  # what the samplers see: a VE denoiser, whatever the wrapped model is
+
     def __init__(self, flow_model):
         validation.check_callable("flow_model", flow_model)
         self.flow_model = flow_model

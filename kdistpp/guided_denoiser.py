@@ -14,8 +14,8 @@ import torch
 
 from . import validation
 from .guided_steps import GuidanceWarning, caller_stacklevel
-from .parametrization import resolve
-from .refine import Guidance, plan
+from .parametrization import for_run
+from .refine import Guidance, default_renoise_generator, needs_generator, plan
 from .steps import Run, default_noise_sampler
 
 # Relative tolerance for "the sampler evaluates at schedule sigma i". Schedules built by two
@@ -54,6 +54,9 @@ class TeacherGuidedDenoiser:
         self._expected = [] if not guided else [
             j for j in range(guided[0], min(guided[-1] + 2, len(self._schedule))) if self._schedule[j] > 0]
         self._last_sigma = None
+        g = guidance
+        self._own_generator = g.generator is None and needs_generator(g.form, g.renoise, g.renoise_sampler, g.weights)
+        self._generator = g.generator
         self._visited: set[int] = set()
         self._warned = False
         for i in guided:
@@ -79,10 +82,12 @@ class TeacherGuidedDenoiser:
                 return i
         return None
 
-    def _track(self, value: float, rtol: float) -> None:
+    def _track(self, value: float, rtol: float) -> bool:
         """Warns once per run when the sampler's schedule skips a sigma the guidance depends on: seen when
-        it evaluates below that sigma, or when the next run starts (a wrapper cannot see a run end)."""
-        if self._last_sigma is None or value > self._last_sigma * (1 + rtol):  # a new run
+        it evaluates below that sigma, or when the next run starts (a wrapper cannot see a run end).
+        Returns whether this evaluation starts a new run."""
+        new_run = self._last_sigma is None or value > self._last_sigma * (1 + rtol)
+        if new_run:
             if self._last_sigma is not None:
                 self._warn_skipped([j for j in self._expected if j not in self._visited], "the previous run")
             self._visited, self._warned = set(), False
@@ -92,6 +97,7 @@ class TeacherGuidedDenoiser:
         self._visited.update(j for j in self._expected if self._matches(value, j, rtol))
         self._warn_skipped([j for j in self._expected if j not in self._visited
                             and value < self._schedule[j] * (1 - rtol)], f"the sampler, now at sigma={value:.6g},")
+        return new_run
 
     def _warn_skipped(self, skipped: list[int], who: str) -> None:
         if skipped and not self._warned:
@@ -108,23 +114,26 @@ class TeacherGuidedDenoiser:
                                          validation.StudentOutputError)
         i = self.step_of(sigma)
         value = float(sigma.reshape(-1)[0])
-        self._track(value, _tolerance(sigma))
+        if self._track(value, _tolerance(sigma)) and self._own_generator:
+            # a new run: its renoise stream is seeded as a sampler's is at its start (before any draw)
+            self._generator = default_renoise_generator(x)
         if i is None:
             return denoised
         run = replace(self.guidance.run, x_in=x, extra_args=extra_args)
-        guide = replace(self.guidance, run=run)
+        guide = replace(self.guidance, run=run, generator=self._generator)
         g = guide.refine(i, x.to(run.dtype), value, denoised.to(run.dtype), extra_args)
         return g.denoised.to(denoised.dtype)
 
     def __getattr__(self, name):
-        if name in ("student", "guidance", "_schedule", "_expected", "_last_sigma", "_visited", "_warned"):
+        if name in ("student", "guidance", "_schedule", "_expected", "_last_sigma", "_visited", "_warned",
+                    "_own_generator", "_generator"):
             raise AttributeError(name)  # not yet set (e.g. while unpickling)
         return getattr(self.student, name)
 
 
 def teacher_guided(student, teacher, sigmas, *, w, guidance_steps=None, form="interpolate", renoise="next",
                    renoise_sampler=None, teacher_extra_args=None, renoise_generator=None,
-                   parametrization="ve") -> TeacherGuidedDenoiser:
+                   parametrization=None) -> TeacherGuidedDenoiser:
     """Wraps a student so that any k-diffusion-convention sampler becomes a Distillation++ sampler.
 
     Pass the same `sigmas` to the sampler. The refinement is paper eq. 9 (or eq. 10 / eps-mixing
@@ -145,9 +154,9 @@ def teacher_guided(student, teacher, sigmas, *, w, guidance_steps=None, form="in
     validation.check_callable("student", student)
     validation.check_callable("teacher", teacher)
     values = validation.check_sigmas(sigmas)
-    param = resolve(parametrization)
+    param = for_run(parametrization, student, values)
     param.check_sigmas(values)
     template = Run(student, torch.empty(0), sigmas, values, {}, default_noise_sampler(torch.empty(0)), param)
     guidance = plan(template, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args,
-                    "refined", renoise_generator, resolve_extra_args=False)
+                    "refined", renoise_generator, resolve_extra_args=False, default_generator=False)
     return TeacherGuidedDenoiser(student, guidance, sigmas)

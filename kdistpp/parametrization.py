@@ -19,8 +19,11 @@ in flow coordinates keeps s = 1 (sigma = infinity), where most flow schedules st
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
+
+from .guided_steps import caller_stacklevel
 
 
 def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
@@ -67,6 +70,9 @@ class Parametrization:
     def check_sigmas(self, values: list[float]) -> None:
         pass
 
+    def check_midpoint_eta(self, values: list[float], eta: float) -> None:
+        """k-diffusion's VE ancestral step caps the noise, so every eta >= 0 keeps the down step >= 0."""
+
     def check_renoise_level(self, sigma: float) -> None:
         """A fixed renoise level must be a sigma of this parametrization."""
 
@@ -96,8 +102,12 @@ class RectifiedFlow(Parametrization):
         s_d = s' (1 + (s'/s - 1) eta), then x' = (1 - s') / (1 - s_d) * x_d + c n with
         c = sqrt(s'^2 - s_d^2 (1 - s')^2 / (1 - s_d)^2). In VE terms it is an ancestral step to
         sigma_d = s_d / (1 - s_d) with sigma_up^2 = sigma'^2 - sigma_d^2: only the rule picking the
-        down step differs from k-diffusion's. At eta = 0 or s' = 0 it is the deterministic step to s'."""
+        down step differs from k-diffusion's. At eta = 0 or s' = 0 it is the deterministic step to s'.
+        A zero-length step (s' = s, e.g. a bf16-rounded schedule starting 1.0, 1.0) keeps x and adds
+        no noise: ComfyUI's formula gives exactly that at a repeated s < 1, and 0/0 at s = 1."""
         sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
+        if sigma_down == sigma_next:
+            return sigma_next, 0.0, 1.0
         scale = (1 - sigma_next) / (1 - sigma_down)  # exactly 1 at eta = 0: then no noise at all
         coefficient = math.sqrt(max(sigma_next**2 - (sigma_down * scale) ** 2, 0.0))
         return sigma_down, coefficient, scale
@@ -115,6 +125,17 @@ class RectifiedFlow(Parametrization):
     def ve_sigma(self, sigma):
         return math.inf if sigma >= 1 else sigma / (1 - sigma)
 
+    def check_midpoint_eta(self, values: list[float], eta: float) -> None:
+        """DPM-Solver++(2S) needs its down step s_d = s' (1 + (s'/s - 1) eta) above 0 to place its midpoint
+        (in log-SNR); eta > 1 pushes it below 0 on a large step (ComfyUI's 2S a RF then returns NaN)."""
+        bad = [(i, s, t) for i, (s, t) in enumerate(zip(values, values[1:])) if t > 0 and t * (1 + (t / s - 1) * eta) < 0]
+        if bad:
+            i, s, t = bad[0]
+            limit = min(a / (a - b) for a, b in zip(values, values[1:]) if 0 < b < a)
+            raise ValueError(f"eta={eta:g} puts step {i}'s down step (s={s:.4g} to {t:.4g}) below s = 0, where DPM++ 2S "
+                             f"ancestral has no midpoint: on this schedule eta must stay below {limit:.4g} (eta <= 1 "
+                             "always works)")
+
     def check_renoise_level(self, sigma):
         if sigma >= 1:
             raise ValueError(f"renoise={sigma} is not a flow sigma: a fixed renoise level of a rectified-flow model "
@@ -127,6 +148,61 @@ class RectifiedFlow(Parametrization):
 
 
 PARAMETRIZATIONS = {"ve": VE(), "flow": RectifiedFlow()}
+VE_PARAMETRIZATION = PARAMETRIZATIONS["ve"]
+
+
+class ParametrizationWarning(UserWarning):
+    """A run whose parametrization was not given looks like it needs another one."""
+
+
+def declared(model) -> Parametrization | None:
+    """What a denoiser says it is: its `parametrization` attribute ('ve', 'flow' or a Parametrization
+    object; kdistpp's flow adapters set 'flow'), or None when it says nothing kdistpp reads."""
+    value = getattr(model, "parametrization", None)
+    if isinstance(value, Parametrization):
+        return value
+    if isinstance(value, str) and value in PARAMETRIZATIONS:
+        return PARAMETRIZATIONS[value]
+    return None
+
+
+def looks_like_flow(values: list[float]) -> bool:
+    """A schedule as flow hosts give it: from s = 1.0 exactly down to 0, every sigma in [0, 1]."""
+    return len(values) > 1 and values[0] == 1.0 and values[-1] == 0.0 and all(0.0 <= s <= 1.0 for s in values)
+
+
+def for_run(parametrization, model, values: list[float]) -> Parametrization:
+    """The run's parametrization: the caller's, else the one the model declares, else VE.
+
+    A caller's value that contradicts the model's declaration is refused, naming both; a VE run
+    that nobody asked for over a schedule that looks like a flow one warns (ParametrizationWarning):
+    a flow model run as VE samples without an error and gives a different image.
+    """
+    own = declared(model)
+    if parametrization is None:
+        if own is not None:
+            return own
+        if looks_like_flow(values):
+            warnings.warn("sigmas run from 1.0 down to 0 like a rectified-flow schedule, but the run is VE (the default, "
+                          "and the model declares no parametrization): pass parametrization='flow' for a flow model "
+                          "(Flux, SD3, Wan...), or parametrization='ve' to keep VE and silence this",
+                          ParametrizationWarning, stacklevel=caller_stacklevel())
+        return VE_PARAMETRIZATION
+    param = resolve(parametrization)
+    if own is not None and own.name != param.name:
+        raise ValueError(f"parametrization={param.name!r} contradicts the model, which declares "
+                         f"parametrization={own.name!r}: leave parametrization out to use the model's, or wrap the "
+                         "model as the other kind (kdistpp.flow.VEDenoiser runs a flow model as VE)")
+    return param
+
+
+def check_teacher(param: Parametrization, teacher) -> None:
+    """The teacher must be the run's kind of model: the refinement mixes their estimates at one state."""
+    own = declared(teacher)
+    if own is not None and own.name != param.name:
+        raise ValueError(f"the teacher declares parametrization={own.name!r} but the run's parametrization is "
+                         f"{param.name!r}: student and teacher must share one (wrap one of them, e.g. with "
+                         "kdistpp.flow.VEDenoiser for a flow model in a VE run)")
 
 
 def resolve(parametrization) -> Parametrization:

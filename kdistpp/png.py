@@ -25,9 +25,8 @@ def write_png(path, rgb: np.ndarray) -> None:
 def scatter_panel(points: np.ndarray, density: np.ndarray, extent: float, color=(200, 40, 40)) -> np.ndarray:
     """An (S, S, 3) panel: `density` (S, S, rows = +y down) as a blue-white background, points as dots."""
     size = density.shape[0]
-    shade = (density / max(density.max(), 1e-12)) ** 0.5
     panel = np.empty((size, size, 3))
-    panel[...] = 255 - shade[..., None] * np.array([150.0, 110.0, 40.0])
+    panel[...] = density_colors((density / max(density.max(), 1e-12)) ** 0.5)
     cols = ((points[:, 0] + extent) / (2 * extent) * (size - 1)).round().astype(int)
     rows = ((extent - points[:, 1]) / (2 * extent) * (size - 1)).round().astype(int)
     inside = (cols >= 1) & (cols < size - 1) & (rows >= 1) & (rows < size - 1)
@@ -35,6 +34,35 @@ def scatter_panel(points: np.ndarray, density: np.ndarray, extent: float, color=
         for dc in (0, 1):
             panel[rows[inside] + dr, cols[inside] + dc] = color
     return panel.astype(np.uint8)
+
+
+DENSITY_TINT = np.array([150.0, 110.0, 40.0])  # subtracted from white at the densest point
+
+
+def density_colors(shade: np.ndarray) -> np.ndarray:
+    """The background colour for a shade in [0, 1] (square root of the density over its maximum)."""
+    return 255 - np.asarray(shade, dtype=float)[..., None] * DENSITY_TINT
+
+
+def density_legend(width: int, scale: int = 2, margin: int = 4, ramp_width: int = 160) -> np.ndarray:
+    """A white (H, width, 3) band saying what the panels show: the background's colour ramp from no
+    data density to the highest (the halos around the modes), and what the dots are."""
+    height = GLYPH_HEIGHT * scale
+    left, right = render_text("no data", scale), render_text("highest data density", scale)
+    ramp = density_colors(np.linspace(0.0, 1.0, ramp_width)[None, :].repeat(height, axis=0))
+    gap = 3 * GLYPH_WIDTH * scale // 2
+    total = left.shape[1] + right.shape[1] + ramp_width + 2 * gap
+    row = np.full((height, max(total, width), 3), 255.0)
+    x = max((width - total) // 2, 0)
+    row[:, x:x + left.shape[1]][left] = 30
+    x += left.shape[1] + gap
+    row[:, x:x + ramp_width] = ramp
+    x += ramp_width + gap
+    row[:, x:x + right.shape[1]][right] = 30
+    top = np.full((margin, width, 3), 255, dtype=np.uint8)
+    dots = title_band(["background: the data density. dots: samples (grey: exact data, red: each method)"], width,
+                      scale)
+    return np.concatenate([top, row[:, :width].astype(np.uint8), dots], axis=0)
 
 
 def side_by_side(panels: list[np.ndarray], gap: int = 6) -> np.ndarray:

@@ -8,6 +8,7 @@ to the new state afterwards, so that a guided step means what it means in the au
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import torch
 
 from . import validation
 from .guided_steps import GuidanceWarning, caller_stacklevel, step_weights
-from .parametrization import VE, Parametrization
+from .parametrization import VE, Parametrization, check_teacher
 from .steps import Run, default_noise_sampler
 from .validation import TeacherOutputError
 
@@ -65,7 +66,7 @@ class Guidance:
     teacher_extra_args: dict | None  # None: the student's extra_args of the same call
     run: Run
     direction: str = "student"
-    generator: torch.Generator | None = None  # the renoise noise and 'random' level; None: global RNG
+    generator: torch.Generator | None = None  # the renoise noise and 'random' level (plan fills in a default)
 
     def renoise_level(self, i: int, sigma: float) -> float:
         """sigma_r of eq. 9: the next sigma of the schedule (the paper's decreasing schedule, default),
@@ -79,7 +80,7 @@ class Guidance:
             lo, hi = math.log(positive[-1]), math.log(positive[0])
             g = self.generator
             u = torch.rand((), generator=g, device=g.device) if g is not None else torch.rand(())
-            return math.exp(lo + (hi - lo) * float(u))
+            return math.exp(lo + (hi - lo) * float(u))  # a host-side level: one read per guided step
         return float(self.renoise)
 
     def refine(self, i: int, x: torch.Tensor, sigma: float, denoised: torch.Tensor, extra_args: dict | None = None,
@@ -128,19 +129,34 @@ class Guidance:
         else:
             refined = torch.lerp(denoised, teacher_denoised, w)  # exact at w = 0 and w = 1
         # A large w extrapolates past what the model's dtype holds: fail here, not as NaN steps later.
-        if not bool(torch.isfinite(refined.to(self.run.x_in.dtype)).all()):
-            raise ValueError(f"w={w} made the refined estimate overflow {self.run.x_in.dtype} {where}; "
-                             "the paper's weights are below 1: use a smaller w")
+        # The run's checks so far (student, teacher, this one) are read once, here, per guided step.
+        self.run.expect_finite(refined.to(self.run.x_in.dtype), ValueError,
+                               f"w={w} made the refined estimate overflow {self.run.x_in.dtype} {where}; "
+                               "the paper's weights are below 1: use a smaller w")
+        self.run.check_outputs()
         return refined, {"student_denoised": denoised, "teacher_denoised": teacher_denoised}
 
     def _renoise_noise(self, i: int) -> torch.Tensor:
         if self.renoise_sampler is not None:
-            return self.renoise_sampler(self.run.sigmas_in[i], self.run.sigmas_in[i + 1]).to(self.run.dtype)
+            noise = self.renoise_sampler(self.run.sigmas_in[i], self.run.sigmas_in[i + 1])
+            validation.check_noise("renoise_sampler", noise, self.run.x_in, i)
+            return noise.to(self.run.dtype)
         x, g = self.run.x_in, self.generator
         if g is not None:
             return torch.randn(x.shape, generator=g, device=g.device, dtype=x.dtype).to(x.device, self.run.dtype)
-        # Default: the global RNG, drawn like the caller's x, so a webui seed controls it too.
         return default_noise_sampler(x)(None, None).to(self.run.dtype)
+
+
+def default_renoise_generator(x: torch.Tensor) -> torch.Generator:
+    """The renoise stream when the caller names none: a generator of its own, seeded from the state of
+    the global RNG that draws x's sampler noise, read without advancing it. So the sampler's own
+    (ancestral) noise stream is the same with and without guidance, a seeded w=0 vs w>0 A/B differs by
+    the teacher alone, the same torch.manual_seed gives the same renoise noise, and a host's seed
+    (which sets the global RNG) still controls it; a run that guides nothing does not create it."""
+    cuda = x.device.type == "cuda"
+    state = torch.cuda.get_rng_state(x.device) if cuda else torch.get_rng_state()
+    digest = hashlib.blake2b(state.numpy().tobytes(), digest_size=8, person=b"kdistpp-renoise").digest()
+    return torch.Generator(device=x.device if cuda else "cpu").manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 def plan(
@@ -156,6 +172,7 @@ def plan(
     renoise_generator=None,
     *,
     resolve_extra_args: bool = True,
+    default_generator: bool = True,
 ) -> Guidance:
     """Validates the Distillation++ keyword arguments against the run's schedule.
 
@@ -163,6 +180,7 @@ def plan(
     """
     if teacher is not None:
         validation.check_callable("teacher", teacher)
+        check_teacher(run.param, teacher)
     if teacher is not None and w is None:
         raise TypeError("w is required with a teacher: the teacher weight (the paper's lambda), e.g. w=0.1; "
                         "w=0 runs the plain sampler")
@@ -182,6 +200,8 @@ def plan(
     if form == "eps" and any(v > 0 and math.isinf(run.param.ve_sigma(s)) for v, s in zip(weights, run.sigmas)):
         raise ValueError("form='eps' cannot refine a step at s = 1 (sigma = infinity: the noise estimate fixes no x0); "
                          "guide from the next step on (guidance_steps=[1]), or use form='interpolate'")
+    if form == "eps":
+        warn_eps_scale(run, weights)
     if validation.is_real(renoise):
         run.param.check_renoise_level(float(renoise))
     ignored = [name for name, value in (("renoise", renoise != "next"), ("renoise_sampler", renoise_sampler is not None),
@@ -202,8 +222,36 @@ def plan(
             )
     if teacher_extra_args is None and resolve_extra_args:
         teacher_extra_args = run.extra_args
+    if renoise_generator is None and default_generator and needs_generator(form, renoise, renoise_sampler, weights):
+        renoise_generator = default_renoise_generator(run.x_in)
     return Guidance(teacher, weights, form, renoise, renoise_sampler, teacher_extra_args, run, direction,
                     renoise_generator)
+
+
+# The eps form moves the estimate by w * sigma (eps_T - eps_s) (sigma in VE terms): the authors' eps-form
+# weights (w ~ 0.01-0.03) are for VE consistency students, whose sigmas stop at ~15 (SD's 14.6). A flow
+# run's VE sigma s / (1 - s) grows without bound towards s = 1 (999 at s = 0.999).
+EPS_FORM_MAX_SIGMA = 20.0
+
+
+def warn_eps_scale(run: Run, weights) -> None:
+    """Warns when form='eps' guides a flow step whose VE sigma is far beyond the range its w values hold in."""
+    if isinstance(run.param, VE):
+        return
+    far = [(i, s, run.param.ve_sigma(s)) for i, (v, s) in enumerate(zip(weights, run.sigmas))
+           if v > 0 and EPS_FORM_MAX_SIGMA < run.param.ve_sigma(s) < math.inf]
+    if far:
+        i, s, ve = far[0]
+        warnings.warn(f"form='eps' scales the teacher's shift by the VE sigma s / (1 - s) = {ve:.4g} at step {i} "
+                      f"(s={s:.4g}): eps-form w values hold for VE sigmas up to ~{EPS_FORM_MAX_SIGMA:g} (s <= "
+                      f"{EPS_FORM_MAX_SIGMA / (1 + EPS_FORM_MAX_SIGMA):.3f}); there use form='interpolate', guide a "
+                      "later step, or scale w down by about that factor", GuidanceWarning, stacklevel=caller_stacklevel())
+
+
+def needs_generator(form, renoise, renoise_sampler, weights) -> bool:
+    """Whether a guided step draws from the renoise generator: the renoise noise (no renoise_sampler)
+    or renoise='random''s level; form='guidance' draws nothing."""
+    return form != "guidance" and (renoise_sampler is None or renoise == "random") and any(v > 0 for v in weights)
 
 
 def unguided(run: Run) -> Guidance:

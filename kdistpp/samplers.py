@@ -35,23 +35,31 @@ _DISTPP_PARAMETERS = """
         renoise: the renoise level sigma_r: 'next' = sigma_{i+1} (default), 'current', 'random'
             (log-uniform over the schedule) or a fixed sigma > 0. Ignored by form='guidance'.
         renoise_sampler: (sigma, sigma_next) -> unit noise for the renoised point
-            x0s + sigma_r * noise; default torch.randn_like from the global RNG.
+            x0s + sigma_r * noise; default: drawn from renoise_generator.
         renoise_generator: a torch.Generator for the renoise noise (when renoise_sampler is None)
-            and renoise='random''s level, so guiding leaves the global RNG untouched.
+            and renoise='random''s level. Default: a generator of its own, seeded from the global
+            RNG's state at the start of the run without advancing it; either way guiding leaves
+            the global RNG, and with it the sampler's own noise, untouched (same seed, w=0 vs w>0
+            differ by the teacher alone).
         teacher_extra_args: the teacher's keyword arguments (default: extra_args).
         direction: 'student' (default, the authors' update): the step keeps the student's noise
             direction and only the clean estimate is replaced, i.e. the unguided step shifted by
             x0h - x0s, so w means what it meant in the paper's runs. 'refined': x0h replaces the
             estimate everywhere (k-diffusion's reading of eq. 9; on Euler the shift is scaled by
             1 - sigma_{i+1}/sigma_i).
-        parametrization: 've' (default, k-diffusion's x = x0 + sigma n) or 'flow' (rectified flow,
+        parametrization: 've' (k-diffusion's x = x0 + sigma n) or 'flow' (rectified flow,
             x = (1 - s) x0 + s n, sigmas s in [0, 1] as the host gives them: Flux, SD3, Wan...).
+            None (default): what the model declares as its `parametrization` attribute (kdistpp's
+            flow adapters declare 'flow'), else 've'; a value contradicting the model's or the
+            teacher's declaration is a ValueError, and a default VE run over sigmas that look
+            like a flow schedule (1.0 down to 0) warns (kdistpp.ParametrizationWarning).
             With 'flow' the ancestral steps are ComfyUI's *_RF ones and the renoise is
             (1 - s_r) x0s + s_r n; docs/samplers.md has the derivation.
     The callback's 'denoised' is the refined estimate; guided steps add 'student_denoised' and
     'teacher_denoised'. A guided step costs one teacher call; unguided steps cost nothing extra.
     The student's and teacher's outputs are checked (a tensor of the latent's shape, finite):
-    kdistpp.StudentOutputError / kdistpp.TeacherOutputError name the model, step and sigma.
+    kdistpp.StudentOutputError / kdistpp.TeacherOutputError name the model, step and sigma. The
+    finiteness is read from the device once at the end of the run and after each guided step.
 """
 
 _CFG_PP_PARAMETER = """        cfg_pp: CFG++ (Chung et al. 2024): renoise along the student's unconditional estimate,
@@ -72,13 +80,14 @@ def _documented(cfg_pp: bool = True):
 def sample_euler_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
                         s_tmax=float("inf"), s_noise=1.0, *, teacher=None, w=None, guidance_steps=None, form="interpolate",
                         renoise="next", renoise_sampler=None, teacher_extra_args=None, cfg_pp=False,
-                        direction="student", renoise_generator=None, parametrization="ve"):
+                        direction="student", renoise_generator=None, parametrization=None):
     """Euler steps (Karras et al. 2022, Algorithm 2) with the Distillation++ refinement (eq. 9).
 
     x_{i+1} = x0h + sigma_{i+1} * (x_i - x0s) / sigma_hat (direction='student'), or with x0h in
     place of x0s (direction='refined').
     """
-    run = prepare(model, x, sigmas, extra_args, cfg_pp=cfg_pp, parametrization=parametrization)
+    run = prepare(model, x, sigmas, extra_args, cfg_pp=cfg_pp, parametrization=parametrization, s_churn=s_churn,
+                  s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
     guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction,
                  renoise_generator)
     x, sig = run.start(), run.sigmas
@@ -103,14 +112,15 @@ def sample_euler_ancestral_distpp(model, x, sigmas, extra_args=None, callback=No
                                   s_noise=1.0, noise_sampler=None, *, teacher=None, w=None, guidance_steps=None,
                                   form="interpolate", renoise="next", renoise_sampler=None,
                                   teacher_extra_args=None, cfg_pp=False, direction="student",
-                                  renoise_generator=None, parametrization="ve"):
+                                  renoise_generator=None, parametrization=None):
     """Ancestral sampling with Euler steps, with the Distillation++ refinement (eq. 9).
 
     x_{i+1} = x0h + sigma_down * (x_i - x0s) / sigma_i + sigma_up * n (direction='student'; x0h in
     place of x0s for 'refined'). The default renoise level sigma_{i+1} is the total noise level
     the ancestral step lands on.
     """
-    run = prepare(model, x, sigmas, extra_args, noise_sampler, cfg_pp=cfg_pp, parametrization=parametrization)
+    run = prepare(model, x, sigmas, extra_args, noise_sampler, cfg_pp=cfg_pp, parametrization=parametrization, eta=eta,
+                  s_noise=s_noise)
     guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction,
                  renoise_generator)
     x, sig = run.start(), run.sigmas
@@ -133,7 +143,7 @@ def sample_dpmpp_2s_ancestral_distpp(model, x, sigmas, extra_args=None, callback
                                      s_noise=1.0, noise_sampler=None, *, teacher=None, w=None, guidance_steps=None,
                                      form="interpolate", renoise="next", renoise_sampler=None,
                                      teacher_extra_args=None, cfg_pp=False, direction="student",
-                                     guided_evaluation="midpoint", renoise_generator=None, parametrization="ve"):
+                                     guided_evaluation="midpoint", renoise_generator=None, parametrization=None):
     """Ancestral DPM-Solver++(2S) (Lu et al. 2022) with the Distillation++ refinement (paper eq. 12).
 
     guided_evaluation='midpoint' (default, the authors' choice): the midpoint is built from the
@@ -146,7 +156,9 @@ def sample_dpmpp_2s_ancestral_distpp(model, x, sigmas, extra_args=None, callback
     with sigma_down = 0 has no midpoint: its one evaluation is refined.
     """
     validation.check_options("guided_evaluation", guided_evaluation, ("midpoint", "first", "both"))
-    run = prepare(model, x, sigmas, extra_args, noise_sampler, cfg_pp=cfg_pp, parametrization=parametrization)
+    run = prepare(model, x, sigmas, extra_args, noise_sampler, cfg_pp=cfg_pp, parametrization=parametrization, eta=eta,
+                  s_noise=s_noise)
+    run.param.check_midpoint_eta(run.sigmas, float(eta))
     guide = plan(run, teacher, w, guidance_steps, form, renoise, renoise_sampler, teacher_extra_args, direction,
                  renoise_generator)
     x, sig = run.start(), run.sigmas
@@ -181,7 +193,7 @@ def sample_dpmpp_2s_ancestral_distpp(model, x, sigmas, extra_args=None, callback
 def sample_dpmpp_2m_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, *, teacher=None, w=None,
                            guidance_steps=None, form="interpolate", renoise="next", renoise_sampler=None,
                            teacher_extra_args=None, cfg_pp=False, direction="student", history="student",
-                           renoise_generator=None, parametrization="ve"):
+                           renoise_generator=None, parametrization=None):
     """DPM-Solver++(2M) (Lu et al. 2022) with the Distillation++ refinement (eq. 9).
 
     direction='student' (default, the authors' 2M++): the unguided update from the student's raw
@@ -219,7 +231,7 @@ def sample_dpmpp_2m_distpp(model, x, sigmas, extra_args=None, callback=None, dis
 
 @torch.no_grad()
 def sample_consistency(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, *,
-                       parametrization="ve"):
+                       parametrization=None):
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1; LCM, DMD2): denoise, then
     renoise the estimate to sigma_{i+1} with fresh noise. Returns the last estimate when the
     schedule ends at 0. parametrization='flow' renoises as (1 - s) x0 + s n (flow models' LCM)."""
@@ -232,7 +244,7 @@ def sample_consistency(model, x, sigmas, extra_args=None, callback=None, disable
 def sample_consistency_distpp(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None,
                               *, teacher=None, w=None, guidance_steps=None, form="interpolate", renoise="next",
                               renoise_sampler=None, teacher_extra_args=None, direction="student",
-                              renoise_generator=None, parametrization="ve"):
+                              renoise_generator=None, parametrization=None):
     """Multistep consistency sampling with the Distillation++ refinement (paper Sec. 3.1, Remarks).
 
     x_{i+1} = x0h + sigma_{i+1} * n', with n' independent of the renoise noise. form='eps' is

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from . import validation
-from .parametrization import VE, Parametrization, ancestral_step, resolve
+from .parametrization import VE, Parametrization, ancestral_step, for_run
 
 __all__ = ["Run", "ancestral_step", "append_dims", "cfg_pp_state", "default_noise_sampler", "log_sigma_gap", "prepare",
            "step_dtype", "supports_uncond"]
+
+
+_PASSED = 2**62  # above any check index: a check's flag is _PASSED + index when it passed
 
 
 def append_dims(x: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -45,6 +48,10 @@ class Run:
     extra_args: dict
     noise_sampler: Callable
     param: Parametrization = VE()  # how the model's state is built from x0 and noise
+    # Deferred finiteness checks: (error class, message) per check, and on the device the index of the
+    # first one that failed (PASSED + index while none has), read once by check_outputs.
+    _checks: list = field(default_factory=list, init=False, repr=False)
+    _first_failed: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -63,15 +70,38 @@ class Run:
         x's shape, finite), in the step dtype."""
         s_in = x.new_full((x.shape[0],), sigma)
         out = model(x.to(self.x_in.dtype), s_in, **extra_args)
-        validation.check_denoiser_output(out, x, who, f"at sigma={sigma:.4g}" if where is None else where, error)
+        where = f"at sigma={sigma:.4g}" if where is None else where
+        validation.check_denoiser_shape(out, x, who, where, error)
+        self.expect_finite(out, error, validation.non_finite_message(who, where))
         return out.to(self.dtype)
+
+    def expect_finite(self, value: torch.Tensor, error: type[Exception], message: str) -> None:
+        """Records, on value's device, whether value is all finite; no host read (a GPU keeps its queue).
+        check_outputs raises `error(message)` for the first recorded check that failed."""
+        index = len(self._checks)
+        self._checks.append((error, message))
+        # PASSED + index when finite, index when not: the minimum over the run is the first failure
+        flag = torch.isfinite(value).all().to(torch.int64) * _PASSED + index
+        self._first_failed = flag if self._first_failed is None else torch.minimum(self._first_failed, flag)
+
+    def check_outputs(self) -> None:
+        """Raises the first failed finiteness check so far (which model, step and sigma): one host read.
+        The samplers call it at the end of the run and after each guided step's refinement."""
+        if self._first_failed is None:
+            return
+        first = int(self._first_failed)
+        if first < _PASSED:
+            error, message = self._checks[first]
+            raise error(message)
 
     def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         return self.call(self.model, x, sigma, self.extra_args)
 
     def noise(self, i: int) -> torch.Tensor:
         """Unit noise for step i from the noise sampler, k-diffusion's (sigma, sigma_next) protocol."""
-        return self.noise_sampler(self.sigmas_in[i], self.sigmas_in[i + 1]).to(self.dtype)
+        noise = self.noise_sampler(self.sigmas_in[i], self.sigmas_in[i + 1])
+        validation.check_noise("noise_sampler", noise, self.x_in, i)
+        return noise.to(self.dtype)
 
     def uncond(self) -> torch.Tensor:
         """The student's unconditional estimate from its last call (CFG++)."""
@@ -89,15 +119,21 @@ class Run:
                       "denoised": refinement.denoised, **refinement.info})
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_outputs()
         return x.to(self.x_in.dtype)
 
 
-def prepare(model, x, sigmas, extra_args=None, noise_sampler=None, cfg_pp: bool = False, parametrization="ve") -> Run:
-    """Validates a sampler's shared arguments and binds them into a Run."""
+def prepare(model, x, sigmas, extra_args=None, noise_sampler=None, cfg_pp: bool = False, parametrization=None,
+            **options) -> Run:
+    """Validates a sampler's shared arguments and binds them into a Run. parametrization None: the
+    model's declared one (its `parametrization` attribute), else VE. `options` are the sampler's
+    k-diffusion options (eta, s_noise, s_churn, s_tmin, s_tmax), checked here with the rest."""
+    for name, value in options.items():
+        validation.check_sampler_option(name, value)
     validation.check_callable("model", model)
     validation.check_latent(x)
     values = validation.check_sigmas(sigmas)
-    param = resolve(parametrization)
+    param = for_run(parametrization, model, values)
     param.check_sigmas(values)
     if cfg_pp and not isinstance(param, VE):
         raise ValueError("cfg_pp=True is defined for VE models here; pass parametrization='ve' or cfg_pp=False")

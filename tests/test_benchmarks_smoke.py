@@ -48,7 +48,9 @@ def label_line(part: str) -> str:
     return next(line for line in part.splitlines() if line.startswith("> "))
 
 
+@pytest.mark.filterwarnings("error::kdistpp.GuidanceWarning", "error::kdistpp.ParametrizationWarning")
 def test_tiny_run_writes_every_section_under_its_label(tiny):
+    """(The tiny run, in this test's set-up, asks for no setting that warns: the benchmarks pass what acts.)"""
     out, text = tiny
     assert (out / "benchmarks.md").read_text() == text
     by_heading = sections(text)

@@ -66,8 +66,17 @@ def test_demo_png_has_a_titled_panel_per_method(tmp_path):
     image = read_png(path)
     band = png.title_band(["x", "y"], width=10).shape[0]
     size, gap = demo.PANEL_SIZE, demo.PANEL_GAP
-    assert image.shape == (band + size, 4 * size + 3 * gap, 3)
-    panels = [image[:, k * (size + gap):k * (size + gap) + size] for k in range(4)]
+    legend = png.density_legend(4 * size + 3 * gap)
+    assert image.shape == (band + size + legend.shape[0], 4 * size + 3 * gap, 3)
+    # the legend under the panels: its ramp runs from the panels' emptiest background to their densest
+    assert (image[band + size:] == legend).all()
+    ramp_colors = {tuple(c) for c in legend.reshape(-1, 3)}
+    background = image[band:band + size, :size].reshape(-1, 3)
+    background = background[(background != (60, 60, 60)).any(1)]  # without the data panel's dots
+    lightest, darkest = background[background.sum(1).argmax()], background[background.sum(1).argmin()]
+    assert tuple(lightest) == (255, 255, 255) and tuple(darkest) in ramp_colors
+    assert tuple(darkest) == tuple(png.density_colors(np.array(1.0)).astype(np.uint8))
+    panels = [image[:band + size, k * (size + gap):k * (size + gap) + size] for k in range(4)]
     titles = [p[:band] for p in panels]
     assert all(ink(t) > 50 for t in titles)
     assert len({t.tobytes() for t in titles}) == 4  # data, student, student++, teacher: four different titles

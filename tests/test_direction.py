@@ -207,3 +207,20 @@ def test_teacher_guided_on_a_batch_of_one_after_a_copy_and_on_the_last_step():
     assert len(wrapped.guidance.teacher.outputs) == 1  # the deep copy's teacher, called at the last step
     plain = K.sample_euler(student, x, SIGMAS.to(DEVICE), disable=True)
     assert (got - plain).abs().max() > 1e-4
+
+
+def test_a_default_renoise_generator_is_made_only_where_a_guided_step_draws_from_it():
+    from kdistpp.refine import plan
+    from kdistpp.steps import prepare
+
+    sigmas = kdistpp.get_sigmas_karras(4, 0.1, 10.0)
+    run = prepare(ElementwiseDenoiser(), torch.zeros(2, 3), sigmas)
+    teacher, sampler = ElementwiseDenoiser(bias=1.0), (lambda s, sn: torch.zeros(2, 3))
+
+    def generator(w=0.1, form="interpolate", renoise="next", renoise_sampler=None):
+        return plan(run, teacher, w, None, form, renoise, renoise_sampler, None, "student").generator
+
+    assert isinstance(generator(), torch.Generator)
+    assert isinstance(generator(renoise="random", renoise_sampler=sampler), torch.Generator)  # the level
+    assert generator(w=0.0) is None and generator(form="guidance") is None
+    assert generator(renoise_sampler=sampler) is None

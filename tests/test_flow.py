@@ -168,6 +168,7 @@ def test_a_guided_flow_step_renoises_with_the_flow_state_and_moves_by_one_minus_
         torch.testing.assert_close(point, evaluated[0], rtol=0, atol=0)  # the state the student evaluated
 
 
+@pytest.mark.filterwarnings("ignore:form='eps' scales")  # an identity of the maps, at any w and sigma
 @pytest.mark.parametrize("name", ["euler", "consistency"])
 @pytest.mark.parametrize("form", kdistpp.FORMS)
 @given(n=st.integers(3, 5), shift=st.floats(1.0, 6.0), w=st.floats(0.0, 0.8), seed=st.integers(0, 99))
@@ -275,3 +276,146 @@ def test_eta_zero_flow_ancestral_steps_add_no_noise(name):
     if name == "euler_ancestral":
         torch.testing.assert_close(out, ref_euler(model, x, [float(v) for v in s]), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+class DeclaredFlow(ElementwiseDenoiser):
+    parametrization = "flow"
+
+
+def test_a_denoiser_declaring_flow_runs_as_flow_and_a_contradiction_is_refused():
+    s = schedule(4, 3.0)
+    x, noises = noise_list(3, 1)[0], noise_list(4, 4)
+    model = DeclaredFlow(bias=0.3)
+    got = kdistpp.sample_euler_ancestral_distpp(model, x, s, noise_sampler=replay(noises), disable=True)
+    torch.testing.assert_close(got, ref_euler_ancestral(model, x, s, noises, 1.0))
+    # through the library's wrappers: CFGDenoiser forwards the inner model's declaration
+    wrapped = kdistpp.CFGDenoiser(model)
+    got = kdistpp.sample_euler_distpp(wrapped, x, s, disable=True)
+    torch.testing.assert_close(got, ref_euler(model, x, s))
+    with pytest.raises(ValueError, match="parametrization='ve'.*declares parametrization='flow'"):
+        kdistpp.sample_euler_distpp(model, x, s, parametrization="ve")
+    with pytest.raises(ValueError, match="teacher declares parametrization='flow'.*'ve'"):
+        kdistpp.sample_euler_distpp(ElementwiseDenoiser(), x, kdistpp.get_sigmas_karras(3, 0.1, 10.0), teacher=model,
+                                    w=0.1)
+    with pytest.raises(ValueError, match="parametrization='flow'.*declares parametrization='ve'"):
+        kdistpp.sample_euler_distpp(flow.VEDenoiser(model), x, s, parametrization="flow")
+
+
+def test_the_library_flow_adapters_declare_flow():
+    from kdistpp.integrations.diffusers import DiffusersFlowTransformerDenoiser, DiffusersUNetDenoiser
+
+    assert DiffusersFlowTransformerDenoiser.parametrization == "flow"
+    assert DiffusersUNetDenoiser.parametrization == "ve"
+    assert flow.VEDenoiser(DeclaredFlow()).parametrization == "ve"
+
+
+def test_a_default_ve_run_over_a_flow_looking_schedule_warns():
+    s, x = schedule(4, 3.0), noise_list(3, 1)[0]
+    with pytest.warns(kdistpp.ParametrizationWarning, match="parametrization='flow'"):
+        kdistpp.sample_euler_distpp(ElementwiseDenoiser(), x, s, disable=True)
+    with pytest.warns(kdistpp.ParametrizationWarning):
+        kdistpp.teacher_guided(ElementwiseDenoiser(), ElementwiseDenoiser(), s.float(), w=0.1)
+    with pytest.warns(kdistpp.ParametrizationWarning):  # a one-step flow schedule
+        kdistpp.sample_consistency(ElementwiseDenoiser(), x, torch.tensor([1.0, 0.0]), disable=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kdistpp.sample_euler_distpp(ElementwiseDenoiser(), x, s, parametrization="ve", disable=True)  # asked for
+        kdistpp.sample_euler_distpp(DeclaredFlow(), x, s, disable=True)  # declared
+        kdistpp.sample_euler_distpp(ElementwiseDenoiser(), x, schedule(4, 3.0, start=0.9), disable=True)
+        kdistpp.sample_euler_distpp(ElementwiseDenoiser(), x, torch.tensor([1.0, 0.5, 0.1]), disable=True)
+
+
+@pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2s_ancestral"])
+def test_a_repeated_leading_1_is_a_zero_length_step(name):
+    """A bf16-rounded long Flux schedule starts 1.0, 1.0: the step between them keeps x and adds no
+    noise (its draw is still taken, as ComfyUI takes it), so the run is the run without the repeat."""
+    s = kdistpp.get_sigmas_flow(200, mu=1.15).bfloat16().double()[::20]
+    s = torch.cat([s.new_ones(1), s, s.new_zeros(1)]) if float(s[-1]) != 0 else torch.cat([s.new_ones(1), s])
+    assert float(s[0]) == float(s[1]) == 1.0
+    x, noises = noise_list(5, 1)[0], noise_list(6, len(s) - 1)
+    model = ElementwiseDenoiser(bias=0.3)
+    got = kdistpp.SAMPLERS[name](model, x, s, noise_sampler=replay(noises), disable=True, parametrization="flow")
+    expected = REFERENCES[name](model, x, s[1:], noises[1:], 1.0)
+    torch.testing.assert_close(got, expected)
+    guided = kdistpp.SAMPLERS[name](model, x, s, noise_sampler=replay(noises), disable=True, parametrization="flow",
+                                    teacher=ElementwiseDenoiser(bias=-0.5), w=0.2, guidance_steps=[0, 1])
+    assert bool(torch.isfinite(guided).all())
+
+
+def test_eta_above_1_on_flow_2s_ancestral():
+    s, x = schedule(4, 3.0), noise_list(7, 1)[0]
+    model = ElementwiseDenoiser(bias=0.3)
+    with pytest.raises(ValueError, match=r"eta=4 puts step \d's down step .* below s = 0.*eta must stay below 3 "):
+        kdistpp.sample_dpmpp_2s_ancestral_distpp(model, x, s, eta=4.0, parametrization="flow")
+    assert model.calls == 0
+    # a down step exactly at 0 is the step to the estimate (no midpoint needed): eta = 2 on [1, 0.5, 0.25, 0]
+    model.calls = 0
+    out = kdistpp.sample_dpmpp_2s_ancestral_distpp(model, x, torch.tensor([1.0, 0.5, 0.25, 0.0]), eta=2.0,
+                                                   parametrization="flow", disable=True)
+    assert bool(torch.isfinite(out).all()) and model.calls == 3  # one evaluation per step: no midpoints
+    # where the down step stays above 0, eta > 1 runs as ComfyUI's formula gives
+    s = schedule(8, 3.0, start=0.9)
+    noises = noise_list(8, len(s) - 1)
+    got = kdistpp.sample_dpmpp_2s_ancestral_distpp(model, x, s, eta=1.3, noise_sampler=replay(noises),
+                                                   parametrization="flow", disable=True)
+    torch.testing.assert_close(got, ref_dpmpp_2s_ancestral(model, x, s, noises, 1.3))
+
+
+def test_the_eps_form_warns_where_its_w_values_do_not_hold():
+    s, x = schedule(8, 3.0), noise_list(7, 1)[0]
+    assert flow.ve_sigma(float(s[1])) > 20
+    with pytest.warns(kdistpp.GuidanceWarning, match=r"form='eps' scales .* step 1 \(s=0.9"):
+        kdistpp.sample_consistency_distpp(ElementwiseDenoiser(), x, s, teacher=ElementwiseDenoiser(), w=0.01,
+                                          form="eps", guidance_steps=[1], parametrization="flow", disable=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        late = [i for i in range(1, 8) if flow.ve_sigma(float(s[i])) <= 20][0]
+        kdistpp.sample_consistency_distpp(ElementwiseDenoiser(), x, s, teacher=ElementwiseDenoiser(), w=0.01,
+                                          form="eps", guidance_steps=[late], parametrization="flow", disable=True)
+        kdistpp.sample_consistency_distpp(ElementwiseDenoiser(), x, s, teacher=ElementwiseDenoiser(), w=0.01,
+                                          guidance_steps=[1], parametrization="flow", disable=True)
+
+
+def test_flow_schedule_ends_and_step_counts():
+    """The shifts are exact at t = 0 and 1 (floats and tensors); get_sigmas_flow takes a positive integer n."""
+    for mu in (0.5, 1.15):
+        assert flow.flux_time_shift(mu, 0.0) == 0.0 and flow.flux_time_shift(mu, 1.0) == 1.0
+        ends = flow.flux_time_shift(mu, torch.tensor([0.0, 1.0], dtype=torch.float64))
+        assert ends.tolist() == [0.0, 1.0]
+    assert kdistpp.get_sigmas_flow(1).tolist() == [1.0, 0.0]
+    for n in (0, -2, 1.5):
+        with pytest.raises(ValueError, match="positive integer"):
+            kdistpp.get_sigmas_flow(n)
+
+
+def test_an_attribute_named_parametrization_that_kdistpp_does_not_know_is_not_a_declaration():
+    """Another library's attribute of that name ('eps', 'v', a list) is ignored: the run is VE as asked."""
+    x, sigmas = noise_list(2, 1)[0], kdistpp.get_sigmas_karras(3, 0.1, 10.0)
+    expected = kdistpp.sample_euler_distpp(ElementwiseDenoiser(), x, sigmas, disable=True)
+    for value in ("eps", "v_prediction", ["flow"], 3):
+        model = ElementwiseDenoiser()
+        model.parametrization = value
+        torch.testing.assert_close(kdistpp.sample_euler_distpp(model, x, sigmas, disable=True), expected)
+
+
+def test_a_fixed_renoise_level_of_1_is_not_a_flow_sigma():
+    with pytest.raises(ValueError, match="renoise=1.0 is not a flow sigma"):
+        kdistpp.sample_euler_distpp(ElementwiseDenoiser(), noise_list(2, 1)[0], schedule(4, 3.0), parametrization="flow",
+                                    teacher=ElementwiseDenoiser(), w=0.1, renoise=1.0)
+
+
+def test_the_eps_form_warning_starts_above_ve_sigma_20():
+    import warnings
+
+    x = noise_list(7, 1)[0]
+    for ve, warns in ((20.5, True), (19.5, False)):
+        s = torch.tensor([1.0, ve / (1 + ve), 0.5, 0.0], dtype=torch.float64)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            kdistpp.sample_consistency_distpp(ElementwiseDenoiser(), x, s, teacher=ElementwiseDenoiser(bias=1.0), w=0.01,
+                                              form="eps", guidance_steps=[1], parametrization="flow", disable=True)
+        assert any("form='eps' scales" in str(w.message) for w in seen) == warns, ve

@@ -121,5 +121,5 @@ def test_flow_samplers_equal_comfyuis_on_a_const_model_at_w0(name, shift):
     ours = kdistpp.SAMPLERS[name](FlowModel(comfy), x, sigmas, disable=True, parametrization="flow", **kw, **noise())
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     if noisy:  # the VE update on the same model is a different sample: the comparison can fail
-        ve = kdistpp.SAMPLERS[name](FlowModel(comfy), x, sigmas, disable=True, **kw, **noise())
+        ve = kdistpp.SAMPLERS[name](FlowModel(comfy), x, sigmas, disable=True, parametrization="ve", **kw, **noise())
         assert (ve - theirs).abs().max() > 1e-3

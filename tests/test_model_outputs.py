@@ -140,3 +140,21 @@ def test_a_bad_teacher_output_at_the_2s_midpoint_names_the_step_sigma_and_the_ev
     down = math.sqrt(s1 ** 2 - min(s1, math.sqrt(s1 ** 2 * (s0 ** 2 - s1 ** 2) / s0 ** 2)) ** 2)
     assert seen[0] == pytest.approx(math.sqrt(s0 * down), rel=1e-5)
     assert f"evaluated at sigma={seen[0]:.4g}" in message
+
+
+def test_a_bad_output_late_in_a_long_run_is_named_and_the_first_bad_one_wins():
+    """The checks are read from the device once per run: a failure after hundreds of good calls is still
+    found, and of several failures the first is the one reported."""
+    sigmas = kdistpp.get_sigmas_karras(300, 0.05, 14.6)
+    late = [float(sigmas[280]), float(sigmas[290])]
+    with pytest.raises(kdistpp.StudentOutputError, match="non-finite") as info:
+        kdistpp.sample_euler_distpp(Broken(NAN, at=late), latent(), sigmas, disable=True)
+    assert f"at sigma={late[0]:.4g}" in str(info.value)
+
+
+def test_a_w_at_the_step_dtypes_largest_value_is_still_a_number_it_computes_with():
+    """w = float32's largest finite value is in range (only beyond it is refused up front); with the student
+    as its own teacher the refined estimate is the student's, so the run completes."""
+    out = kdistpp.sample_euler_distpp(ElementwiseDenoiser(), latent(), SIGMAS, teacher=ElementwiseDenoiser(),
+                                      w=float(torch.finfo(torch.float32).max), disable=True)
+    assert bool(torch.isfinite(out).all())

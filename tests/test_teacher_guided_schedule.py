@@ -194,3 +194,52 @@ def test_a_repeated_guided_sigma_on_the_last_step_warns_too():
     with pytest.warns(kdistpp.GuidanceWarning, match="guided step 1's sigma 5 also starts step 2"):
         kdistpp.teacher_guided(ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0), torch.tensor([10.0, 5.0, 5.0, 0.0]),
                                w=[0.0, 0.5])
+
+
+def test_a_run_that_skips_several_guided_sigmas_warns_once():
+    x, student, teacher = latent(2), ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0)
+    wrapped = kdistpp.teacher_guided(student, teacher, kdistpp.get_sigmas_karras(8, SIGMA_MIN, SIGMA_MAX), w=0.3,
+                                     guidance_steps=[0, 1, 2, 3, 4])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        K.sample_euler(wrapped, x, kdistpp.get_sigmas_karras(3, SIGMA_MIN, SIGMA_MAX).to(DEVICE), disable=True)
+    assert len([w for w in seen if issubclass(w.category, kdistpp.GuidanceWarning)]) == 1
+
+
+def test_the_wrapper_draws_the_renoise_noise_from_the_callers_generator():
+    """A renoise_generator given to teacher_guided is the one used, in every run: the wrapper equals the
+    dedicated sampler (direction='refined') given a generator seeded the same."""
+    sigmas = kdistpp.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX)
+    x, student, teacher = latent(4), ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0)
+    wrapped = kdistpp.teacher_guided(student, teacher, sigmas, w=0.3, guidance_steps=[0, 1],
+                                     renoise_generator=torch.Generator(device=DEVICE).manual_seed(5))
+    got = K.sample_euler(wrapped, x, sigmas.to(DEVICE), disable=True)
+    expected = kdistpp.sample_euler_distpp(student, x, sigmas, teacher=teacher, w=0.3, guidance_steps=[0, 1],
+                                           direction="refined", disable=True,
+                                           renoise_generator=torch.Generator(device=DEVICE).manual_seed(5))
+    torch.testing.assert_close(got, expected)
+
+
+def test_per_sample_sigmas_within_the_relative_tolerance_are_one_sigma():
+    sigmas = kdistpp.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX).double()
+    wrapped = kdistpp.teacher_guided(ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0), sigmas, w=0.3)
+    s0 = float(sigmas[0])  # ~14.6: a spread of 1e-5 relative is within 1e-4 relative, not within 1e-4 / sigma
+    x = latent(6).double()
+    assert wrapped(x, torch.tensor([s0, s0 * (1 + 1e-5)], dtype=torch.float64, device=DEVICE)).shape == x.shape
+
+
+def test_matching_runs_with_the_last_step_guided_do_not_warn():
+    """The schedule's final 0 is never evaluated and is not expected to be."""
+    sigmas = kdistpp.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX)
+    wrapped = kdistpp.teacher_guided(ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0), sigmas, w=0.3,
+                                     guidance_steps=[3], renoise="current")
+    with no_guidance_warnings():
+        for seed in (0, 1):
+            K.sample_euler(wrapped, latent(seed), sigmas.to(DEVICE), disable=True)
+
+
+def test_a_longer_run_that_starts_above_the_guided_sigma_warns_at_its_start():
+    sigmas = kdistpp.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX)
+    wrapped = kdistpp.teacher_guided(ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0), sigmas, w=0.3)
+    with pytest.warns(kdistpp.GuidanceWarning, match="starts at sigma"):
+        K.sample_euler(wrapped, latent(8), sigmas.to(DEVICE), s_churn=4.0, disable=True)

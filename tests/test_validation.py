@@ -57,6 +57,23 @@ BAD = [
     ("teacher_extra_args", dict(teacher_extra_args=[1]), TypeError, "dict"),
     ("extra_args", dict(extra_args="cond"), TypeError, "dict"),
     ("cfg_pp", dict(cfg_pp=True), TypeError, "last_uncond_denoised"),
+    ("eta", dict(sampler="euler_ancestral", eta=-1.0), ValueError, ">= 0"),
+    ("eta", dict(sampler="euler_ancestral", eta=float("nan")), ValueError, "got nan"),
+    ("eta", dict(sampler="dpmpp_2s_ancestral", eta=float("inf")), ValueError, "finite"),
+    ("eta", dict(sampler="euler_ancestral", eta="1"), TypeError, "real number"),
+    ("s_noise", dict(sampler="euler_ancestral", s_noise=-1.0), ValueError, ">= 0"),
+    ("s_noise", dict(sampler="dpmpp_2s_ancestral", s_noise=float("nan")), ValueError, "got nan"),
+    ("s_noise", dict(sampler="euler", s_noise=None), TypeError, "real number"),
+    ("s_churn", dict(sampler="euler", s_churn=-5.0), ValueError, ">= 0"),
+    ("s_churn", dict(sampler="euler", s_churn=float("nan")), ValueError, "got nan"),
+    ("s_tmin", dict(sampler="euler", s_tmin=float("nan")), ValueError, "got nan"),
+    ("s_tmax", dict(sampler="euler", s_tmax=float("-inf")), ValueError, "got -inf"),
+    ("s_noise", dict(sampler="euler_ancestral", s_noise=float("inf")), ValueError, "finite"),
+    ("s_churn", dict(sampler="euler", s_churn=float("inf")), ValueError, "finite"),
+    ("s_tmin", dict(sampler="euler", s_tmin=float("inf")), ValueError, "finite"),
+    ("sigmas", dict(sigmas=torch.tensor([14.6, 2.0, 5.0, 0.5, 0.0])), ValueError, "sigma_2=5 is above sigma_1=2"),
+    ("sigmas", dict(sigmas=torch.tensor([1.0, 3.0, 2.0, 4.0])), ValueError, "sigma_1=3 is above sigma_0=1"),
+    ("sigmas", dict(sigmas=torch.tensor([0.0, 1.0, 1.0, 2.0])), ValueError, "reverse it"),
 ]
 
 
@@ -67,6 +84,26 @@ def test_bad_input_is_refused_before_any_model_call(argument, kwargs, error, tex
         call(student=student, **{"teacher": teacher, **kwargs})
     assert argument in str(info.value)
     assert student.calls == 0 and getattr(teacher, "calls", 0) == 0
+    if argument == "sigmas" and "flip" in str(info.value):  # the hint fixes what it is given for
+        assert kwargs["sigmas"].flip(0).diff().le(0).all()
+
+
+def test_a_noise_sampler_of_the_wrong_shape_is_named_at_its_first_draw():
+    for sampler, key in (("euler_ancestral", "noise_sampler"), ("dpmpp_2s_ancestral", "noise_sampler"),
+                         ("consistency", "noise_sampler"), ("euler", "renoise_sampler")):
+        student = ElementwiseDenoiser()
+        with pytest.raises(ValueError, match=rf"{key} returned shape \(1, 3\) at step 0; .* \(2, 3\)"):
+            call(sampler, student=student, **{key: lambda s, sn: torch.randn(1, 3, device=DEVICE)})
+        assert student.calls == (2 if sampler == "dpmpp_2s_ancestral" else 1)  # the first draw follows step 0's calls
+    with pytest.raises(TypeError, match="noise_sampler returned a float"):
+        call("euler_ancestral", noise_sampler=lambda s, sn: 0.0)
+
+
+def test_sampler_options_in_range_run():
+    call("euler_ancestral", eta=0.0, s_noise=0.0)
+    call("euler", s_churn=1.0, s_tmin=0.0, s_tmax=float("inf"), guidance_steps=[1])
+    call("euler", s_churn=1.0, s_tmin=0.2, s_tmax=0.5, guidance_steps=[1])
+    call("dpmpp_2s_ancestral", eta=torch.tensor(0.5), s_noise=1)
 
 
 def test_model_not_callable():

@@ -41,6 +41,8 @@ class DiffusersUNetDenoiser:
     which is exact at the training timesteps. Step arithmetic is float32; the UNet runs in its dtype.
     """
 
+    parametrization = "ve"
+
     def __init__(self, unet, scheduler_or_alphas, prediction_type: str | None = None):
         if not callable(unet):
             raise TypeError(f"unet must be callable (a diffusers UNet2DConditionModel), got {type(unet).__name__}")
@@ -195,8 +197,11 @@ class DiffusersFlowTransformerDenoiser:
     pooled_prompt_embeds)`. The transformer gets what its diffusers pipeline passes at that sigma:
     SD3 the timestep s * num_train_timesteps, Flux that timestep rounded to the model dtype and
     divided by 1000, and Flux-dev's distilled `guidance` as a per-sample vector. Its velocity v
-    gives x0 = x - s v, computed in float32; the transformer runs in its own dtype.
+    gives x0 = x - s v, computed and returned in float32 (x's dtype when wider), so that CFG on two
+    estimates combines in float32 for a bf16/fp16 latent; the transformer runs in its own dtype.
     """
+
+    parametrization = "flow"  # the samplers run it in flow coordinates without being told
 
     def __init__(self, transformer, kind: str | None = None, guidance: float | None = None,
                  num_train_timesteps: int = 1000):
@@ -260,7 +265,10 @@ class DiffusersFlowTransformerDenoiser:
         if self.kind == "flux":
             out = unpack_flux_latents(out, h, w)
         v = out.float()
-        return (x32 - sigma.reshape(-1, 1, 1, 1) * v).to(x.dtype)
+        # x0 stays in float32 (or x's dtype when wider): the CFG that combines two of these, and the
+        # sampler's step, then run in float32 too; rounding x0 to a bf16 latent's dtype here would
+        # put a bf16 rounding on every estimate on top of the transformer's own.
+        return (x32 - sigma.reshape(-1, 1, 1, 1) * v).to(torch.promote_types(x.dtype, torch.float32))
 
 
 def flow_transformer_denoiser(transformer, cond: dict, uncond: dict | None = None, cond_scale: float = 1.0,
