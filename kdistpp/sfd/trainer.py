@@ -7,6 +7,7 @@ and after each step takes one optimizer step on the L1 distance to the teacher's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import numbers
 import random
@@ -104,11 +105,19 @@ class SFDTrainer:
 
     Conditional models: `condition(generator, batch_size)` returns the batch's extra_args; the teacher
     gets them updated with `teacher_extra_args` (e.g. a guidance scale; SFD distils at scale 1).
+
+    Only the student's parameters with requires_grad are optimised (a LoRA student's adapters).
+    `parallel="fsdp"` shards the student with FSDP2 (`fully_shard` per block, then the whole
+    network; `kdistpp.sfd.distributed.shard`) instead of DDP; shard a separate frozen teacher the
+    same way yourself, or pass a `LoRATeacher`, which is the sharded student with its adapters off.
+    `autocast` (e.g. torch.bfloat16) runs student and teacher under torch.autocast while the weights,
+    the optimizer and the step arithmetic stay float32.
     """
 
     def __init__(self, student: nn.Module, teacher: Callable, config: SFDConfig | None = None, *,
                  shape: Sequence[int] | None = None, condition: Callable | None = None,
-                 teacher_extra_args: dict | None = None, optimizer: torch.optim.Optimizer | None = None):
+                 teacher_extra_args: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
+                 parallel: str = "ddp", autocast: torch.dtype | None = None):
         if not isinstance(student, nn.Module):
             raise TypeError(f"student must be a torch.nn.Module (its weights are trained), got {type(student).__name__}")
         if not callable(teacher):
@@ -117,11 +126,23 @@ class SFDTrainer:
         self.student, self.teacher = student, teacher
         self.shape = tuple(shape) if shape is not None else None
         self.condition, self.teacher_extra_args = condition, dict(teacher_extra_args or {})
+        if parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+        if autocast is not None and not (isinstance(autocast, torch.dtype) and autocast.is_floating_point):
+            raise TypeError(f"autocast must be a floating torch.dtype (e.g. torch.bfloat16) or None, got {autocast!r}")
         self.rank, self.world_size = _distributed()
+        self.parallel, self.autocast = parallel, autocast
         self.model = student
-        if self.world_size > 1:
+        if self.world_size > 1 and parallel == "ddp":
             self.model = nn.parallel.DistributedDataParallel(student)
-        self.optimizer = optimizer or torch.optim.Adam(student.parameters(), lr=self.config.lr, betas=(0.9, 0.999), eps=1e-8)
+        elif self.world_size > 1:
+            from .distributed import shard
+
+            self.model = shard(student)
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("the student has no parameter with requires_grad=True: nothing would be trained")
+        self.optimizer = optimizer or torch.optim.Adam(trainable, lr=self.config.lr, betas=(0.9, 0.999), eps=1e-8)
         self.generator = torch.Generator().manual_seed(self.config.seed * 1000 + self.rank)  # noise, per rank
         self.step_generator = torch.Generator().manual_seed(self.config.seed)  # SFD-v's N, the same on all ranks
         self.iteration = 0
@@ -155,7 +176,8 @@ class SFDTrainer:
         ts = cfg.timestamps(n)
         grid = nested_grid(ts, cfg.substeps, cfg.rho)
         self.teacher_eval()
-        targets = dpmpp_3m_trajectory(self.teacher, x, grid, teacher_args)[:: cfg.substeps]
+        with self.autocast_context():
+            targets = dpmpp_3m_trajectory(self.teacher, x, grid, teacher_args)[:: cfg.substeps]
         lr = self.learning_rate(self.iteration)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -166,7 +188,8 @@ class SFDTrainer:
             if cfg.afs and i == 0:
                 x = euler_step(x, t, t_next, analytic_denoised(x, t, cfg.sigma_data))
                 continue
-            denoised = self.model(x, broadcast_sigma(t, x), **extra_args)
+            with self.autocast_context():
+                denoised = self.model(x, broadcast_sigma(t, x), **extra_args).to(x.dtype)
             if denoised.shape != x.shape:
                 raise ValueError(f"student returned shape {tuple(denoised.shape)} for input {tuple(x.shape)}")
             x_next = euler_step(x, t, t_next, denoised)
@@ -180,6 +203,11 @@ class SFDTrainer:
         mean = sum(losses) / len(losses)
         self.losses.append(mean)
         return mean
+
+    def autocast_context(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
 
     def teacher_eval(self) -> None:
         if isinstance(self.teacher, nn.Module):
