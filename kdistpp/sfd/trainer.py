@@ -229,27 +229,50 @@ class SFDTrainer:
         return self.losses
 
     def state_dict(self) -> dict:
-        return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "iteration": self.iteration, "generator": self.generator.get_state(),
+        """The training state: the student's trainable weights (its frozen ones are the teacher's, loaded
+        with it), the optimizer, iteration, and every rank's noise generator. A collective call under
+        torch.distributed (FSDP's shards are gathered): every rank calls it; rank 0 gets the tensors."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        student, optimizer = get_state_dict(self.student, self.optimizer, options=options)
+        generators = [self.generator.get_state()]
+        if self.world_size > 1:
+            generators = [None] * self.world_size
+            torch.distributed.all_gather_object(generators, self.generator.get_state())
+        return {"student": student, "optimizer": optimizer,
+                "iteration": self.iteration, "generators": generators,
                 "step_generator": self.step_generator.get_state(), "losses": list(self.losses),
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                 "config": dataclasses.asdict(self.config)}
 
     def save(self, path: str) -> None:
-        """Writes model, optimizer, iteration and RNG state (rank 0 only under torch.distributed)."""
+        """Writes model, optimizer, iteration and RNG states; under torch.distributed every rank must call
+        it (the state is gathered) and rank 0 alone writes."""
+        state = self.state_dict()
         if self.rank == 0:
-            torch.save(self.state_dict(), path)
+            torch.save(state, path)
 
     def load(self, path: str) -> "SFDTrainer":
-        """Restores a checkpoint written by `save`; training then continues exactly where it stopped."""
-        state = torch.load(path, map_location=self.device, weights_only=True)  # tensors, numbers and tuples only
+        """Restores a checkpoint written by `save`; training then continues exactly where it stopped.
+        Under torch.distributed every rank reads `path` (a file system all ranks see) and the same
+        number of processes must run as when it was written."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors, numbers and tuples only
         saved = SFDConfig(**state["config"])
         if dataclasses.asdict(saved) != dataclasses.asdict(self.config):
             raise ValueError(f"checkpoint was trained with {saved}, this trainer has {self.config}")
-        self.student.load_state_dict(state["student"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if len(state["generators"]) != self.world_size:
+            raise ValueError(f"checkpoint was written by {len(state['generators'])} processes, this run has "
+                             f"{self.world_size}: resume with as many (each rank's noise stream is in it)")
+        trainable = {name for name, p in self.student.named_parameters() if p.requires_grad}
+        if not trainable <= set(state["student"]):
+            raise ValueError(f"checkpoint lacks trainable weights of this student: {sorted(trainable - set(state['student']))[:5]}")
+        set_state_dict(self.student, self.optimizer, model_state_dict=state["student"],
+                       optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True, strict=False))
         self.iteration, self.losses = state["iteration"], list(state["losses"])
-        self.generator.set_state(state["generator"].cpu())
+        self.generator.set_state(state["generators"][self.rank].cpu())
         self.step_generator.set_state(state["step_generator"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())
         random.setstate(state["python_rng"])
