@@ -1,0 +1,103 @@
+"""An SFD LoRA student exported by kdistpp, loaded by real ComfyUI (the pinned 0.8.0 tree).
+
+A tiny diffusers SD1.5-architecture UNet is the teacher; kdistpp trains a LoRA student on it and
+exports it (kohya keys). ComfyUI builds the same UNet from its own SD15 config, loads the teacher's
+weights as a checkpoint (converted to ldm keys by ComfyUI's own diffusers map), applies the file with
+`comfy.sd.load_lora_for_models` (the LoraLoader node's path) and computes the denoised output with its
+own model sampling: it equals kdistpp's student on the same input to float32 rounding. Needs ComfyUI's
+requirements plus diffusers and peft (`.ci/run` installs them in .venv-comfyui); elsewhere it skips.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hosts import import_comfy
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from kdistpp.sfd import SFDConfig, SFDTrainer  # noqa: E402
+from kdistpp.sfd.export import save_lora  # noqa: E402
+from kdistpp.sfd.lora import LoRATeacher, add_lora  # noqa: E402
+from kdistpp.sfd.networks import UNetStudent  # noqa: E402
+
+CONTEXT = 32
+# ComfyUI's SD15 UNet config for the same tiny architecture as the diffusers UNet below: attention on every
+# level (ComfyUI's diffusers map reads transformer_depth_output from its end, so only a symmetric one maps);
+# 8 heads, as ComfyUI's SD15 class sets whatever the config says.
+COMFY_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+              "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 32,
+              "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "channel_mult": [1, 2],
+              "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": CONTEXT,
+              "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1], "use_temporal_attention": False,
+              "use_temporal_resblock": False, "dtype": torch.float32}
+
+
+def tiny_teacher():
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
+        cross_attention_dim=CONTEXT, attention_head_dim=8, norm_num_groups=32)
+    with torch.no_grad():  # diffusers zero-initialises conv_out: a zero output would hide everything
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    return unet.eval()
+
+
+@pytest.fixture(scope="module")
+def comfy():
+    return import_comfy(full=True)
+
+
+@pytest.mark.parametrize("targets", ["attention", "attention_and_resnets"])
+def test_exported_lora_in_comfyuis_loader_gives_the_students_denoised_output(comfy, tmp_path, targets):
+    import comfy.utils
+
+    unet = tiny_teacher()
+    teacher_state = {k: v.clone() for k, v in unet.state_dict().items()}
+    scheduler = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    names = ("to_q", "to_k", "to_v", "to_out.0") + (("conv1", "conv2", "time_emb_proj", "proj_in", "ff.net.2")
+                                                   if targets != "attention" else ())
+    student = UNetStudent(add_lora(unet, rank=4, alpha=2.0, target_modules=names), scheduler)
+    g = torch.Generator().manual_seed(0)
+
+    def condition(generator, batch):
+        return {"cond": {"encoder_hidden_states": torch.randn(batch, 5, CONTEXT, generator=generator)}}
+
+    config = SFDConfig(num_steps=3, sigma_min=0.1, sigma_max=14.6, batch_size=2, lr=2e-2, iterations=3)
+    SFDTrainer(student, LoRATeacher(student), config, shape=(4, 8, 8), condition=condition).fit(progress=False)
+    lora_path = save_lora(student, tmp_path / "sfd_student.safetensors")
+
+    # ComfyUI: the teacher as a checkpoint (its own diffusers -> ldm map), the LoRA through LoraLoader's function
+    model_config = comfy.supported_models.SD15(dict(COMFY_UNET))
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model({}, device=torch.device("cpu"))
+    to_ldm = comfy.utils.unet_to_diffusers(model_config.unet_config)
+    checkpoint = {f"model.diffusion_model.{to_ldm[k]}": v for k, v in teacher_state.items()}
+    assert len(checkpoint) == len(teacher_state)
+    import safetensors.torch
+
+    safetensors.torch.save_file(checkpoint, str(tmp_path / "teacher.safetensors"))
+    base.load_model_weights(comfy.utils.load_torch_file(str(tmp_path / "teacher.safetensors")), "model.diffusion_model.")
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=torch.device("cpu"))
+    lora = comfy.utils.load_torch_file(str(lora_path))
+    loaded, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
+    assert len(loaded.patches) == len(lora) // 3  # every module of the file found its layer
+    comfy.model_management.load_models_gpu([loaded])
+
+    t = 400
+    sigma = loaded.model.model_sampling.sigmas[t].reshape(1).expand(2)
+    x = torch.randn(2, 4, 8, 8, generator=g) * float(sigma[0])
+    context = torch.randn(2, 5, CONTEXT, generator=g)
+    with torch.no_grad():
+        ours = student(x, sigma, {"encoder_hidden_states": context})
+        teacher_out = LoRATeacher(student)(x, sigma, cond={"encoder_hidden_states": context})
+        device = comfy.model_management.get_torch_device()
+        theirs = loaded.model.apply_model(x.to(device), sigma.to(device), c_crossattn=context.to(device)).cpu()
+    scale = float(ours.abs().max())
+    assert float((ours - teacher_out).abs().max()) > 1e-3 * scale  # the LoRA moves the output: the check below means something
+    assert torch.allclose(theirs, ours, rtol=1e-4, atol=1e-5 * scale), float((theirs - ours).abs().max())
