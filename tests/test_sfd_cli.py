@@ -1,0 +1,165 @@
+"""`python -m kdistpp.sfd train|export` on a tiny random SD-architecture pipeline saved with save_pretrained
+(the real SD1 tokenizer files from the Forge tree; the test skips without them)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hosts import SHARED_HOSTS
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from kdistpp.sfd import cli, prompts  # noqa: E402
+
+TOKENIZER = (Path(os.environ.get("KDISTPP_FORGE", SHARED_HOSTS / "forge-dfdcbab")).resolve()
+             / "backend" / "huggingface" / "runwayml" / "stable-diffusion-v1-5" / "tokenizer")
+CONTEXT = 32
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    if not (TOKENIZER / "vocab.json").is_file():
+        pytest.skip(f"the SD1 tokenizer files are not at {TOKENIZER}")
+    folder = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=CONTEXT, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, projection_dim=CONTEXT))
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CONTEXT, attention_head_dim=8, norm_num_groups=32)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  layers_per_block=1, norm_num_groups=8, sample_size=16)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER)),
+        unet=unet, scheduler=diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def prompts_file(tmp_path, lines=("a red circle", "two blue squares", "")):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def train_args(teacher_dir, tmp_path, *extra, run="run"):
+    return ["train", "--teacher", str(teacher_dir), "--prompts", str(prompts_file(tmp_path)), "--output",
+            str(tmp_path / run), "--steps", "3", "--lora-rank", "2", "--iterations", "2", "--batch-size", "2",
+            "--checkpoint-every", "1", "--samples", "2", "--lr", "1e-2", "--no-progress", *extra]
+
+
+def test_train_writes_log_checkpoints_grids_and_a_lora_that_export_reproduces(teacher_dir, tmp_path):
+    assert cli.main(train_args(teacher_dir, tmp_path)) == 0
+    run = tmp_path / "run"
+    rows = list(csv.DictReader((run / "loss.csv").open()))
+    assert [int(r["iteration"]) for r in rows] == [1, 2] and all(float(r["loss"]) > 0 for r in rows)
+    grids = sorted(run.glob("samples_*.png"))
+    assert [g.name for g in grids] == ["samples_000001.png", "samples_000002.png"]
+    assert grids[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from safetensors.torch import load_file
+
+    lora = load_file(str(run / "student_lora.safetensors"))
+    assert lora and all(k.startswith("lora_unet_") for k in lora)
+    assert any(float(v.abs().max()) > 0 for k, v in lora.items() if "lora_up" in k)  # trained, not the zero init
+    embeddings = load_file(str(run / "prompt_embeddings.safetensors"))
+    assert embeddings["cond.encoder_hidden_states"].shape == (2, 77, CONTEXT)  # the blank line is no prompt
+
+    # export rebuilds the student from the teacher and checkpoint.pt: the same file as at the end of training
+    assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / "exported.safetensors")]) == 0
+    exported = load_file(str(tmp_path / "exported.safetensors"))
+    assert set(exported) == set(lora) and all(torch.equal(exported[k], lora[k]) for k in lora)
+
+
+
+def test_an_interrupted_run_resumed_equals_an_uninterrupted_one_and_reuses_the_embeddings(teacher_dir, tmp_path,
+                                                                                          monkeypatch):
+    from safetensors.torch import load_file
+
+    from kdistpp.sfd.trainer import SFDTrainer
+
+    assert cli.main(train_args(teacher_dir, tmp_path, run="whole")) == 0
+    original = SFDTrainer.train_batch
+
+    def stop_at_the_second_batch(self, *args, **kwargs):
+        if self.iteration == 1:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFDTrainer, "train_batch", stop_at_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(train_args(teacher_dir, tmp_path, run="parts"))
+    monkeypatch.setattr(SFDTrainer, "train_batch", original)
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the prompts were embedded again")
+
+    monkeypatch.setattr(prompts, "encode", no_encoding)  # resuming reads the cached embeddings
+    assert cli.main(train_args(teacher_dir, tmp_path, "--resume", run="parts")) == 0
+    whole, parts = (load_file(str(tmp_path / r / "student_lora.safetensors")) for r in ("whole", "parts"))
+    assert set(whole) == set(parts)
+    for key in whole:
+        assert torch.allclose(parts[key], whole[key], atol=1e-7), key
+    assert [int(r["iteration"]) for r in csv.DictReader((tmp_path / "parts" / "loss.csv").open())] == [1, 2]
+
+
+def test_bad_input_is_refused_before_any_training(teacher_dir, tmp_path, capsys):
+    def refused(args, message):
+        assert cli.main(args) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+    args = train_args(teacher_dir, tmp_path)
+    teacher_at = args.index("--teacher") + 1
+    refused(args[:teacher_at] + [str(tmp_path)] + args[teacher_at + 1:], "not a diffusers model folder")
+    refused(args[:teacher_at] + [str(tmp_path / "missing")] + args[teacher_at + 1:], "does not exist")
+    single = tmp_path / "model.safetensors"
+    single.write_bytes(b"")
+    refused(args[:teacher_at] + [str(single)] + args[teacher_at + 1:], "single file")
+    flow = tmp_path / "flux"
+    flow.mkdir()
+    (flow / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "X"]}))
+    refused(args[:teacher_at] + [str(flow)] + args[teacher_at + 1:], "flow transformer")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    at = args.index("--prompts") + 1
+    refused(args[:at] + [str(empty)] + args[at + 1:], "holds no prompt")
+    bad_jsonl = tmp_path / "p.jsonl"
+    bad_jsonl.write_text('{"text": "a cat"}\n')
+    refused(args[:at] + [str(bad_jsonl)] + args[at + 1:], "'prompt' field")
+    steps_at = args.index("--steps") + 1
+    refused(args[:steps_at] + ["1"] + args[steps_at + 1:], "N >= 2")
+    refused(args[:steps_at] + ["four"] + args[steps_at + 1:], "must be integers")
+    refused(args[:steps_at] + ["2", "--afs"] + args[steps_at + 1:], "afs=True")
+    refused(args + ["--resume"], "no checkpoint.pt")
+
+
+def test_jsonl_prompts(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a cat", "id": 1}\n\n{"prompt": "a dog"}\n')
+    assert prompts.read_prompts(path) == ["a cat", "a dog"]
+
+
+def test_help_documents_every_option():
+    result = subprocess.run([sys.executable, "-m", "kdistpp.sfd", "train", "--help"], capture_output=True, text=True,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert result.returncode == 0
+    train = next(a for a in cli.parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith("train"))
+    for action in train._actions:
+        for flag in action.option_strings:
+            assert flag in result.stdout, flag
+        assert action.help, action.dest
