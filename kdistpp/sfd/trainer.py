@@ -17,7 +17,10 @@ import torch
 from torch import nn
 from tqdm.auto import trange
 
-from .trajectory import analytic_denoised, broadcast_sigma, dpmpp_3m_trajectory, euler_step, nested_grid, polynomial_sigmas
+from .trajectory import (analytic_denoised, broadcast_sigma, dpmpp_3m_trajectory, euler_step, euler_trajectory, nested_grid,
+                         polynomial_sigmas)
+
+TEACHER_SOLVERS = {"dpmpp_3m": dpmpp_3m_trajectory, "euler": euler_trajectory}
 
 
 @dataclasses.dataclass
@@ -31,6 +34,8 @@ class SFDConfig:
     iterations: trajectory batches; each makes N - 1 optimizer steps (one less with `afs`).
     lr_decay_at: fraction of `iterations` after which the learning rate is divided by 10.
     afs: analytical first step (untrained, no model call); sigma_data is the std it assumes for x0.
+    teacher_solver: "dpmpp_3m" (SFD's teacher solver) or "euler" (the second stage's, whose teacher is a
+        first-stage student; see `second_stage`).
     """
 
     num_steps: int | Sequence[int] = 4
@@ -38,6 +43,7 @@ class SFDConfig:
     sigma_max: float = 80.0
     rho: float = 7.0
     substeps: int = 4
+    teacher_solver: str = "dpmpp_3m"
     afs: bool = False
     sigma_data: float = 1.0
     lr: float = 5e-5
@@ -56,6 +62,8 @@ class SFDConfig:
             raise ValueError("afs=True takes the first interval analytically: num_steps must be >= 3")
         if not isinstance(self.substeps, int) or self.substeps < 1:
             raise ValueError(f"substeps (K) must be an int >= 1, got {self.substeps!r}")
+        if self.teacher_solver not in TEACHER_SOLVERS:
+            raise ValueError(f"teacher_solver must be one of {sorted(TEACHER_SOLVERS)}, got {self.teacher_solver!r}")
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
         if self.batch_size < 1 or self.iterations < 1 or self.lr <= 0:
@@ -177,7 +185,7 @@ class SFDTrainer:
         grid = nested_grid(ts, cfg.substeps, cfg.rho)
         self.teacher_eval()
         with self.autocast_context():
-            targets = dpmpp_3m_trajectory(self.teacher, x, grid, teacher_args)[:: cfg.substeps]
+            targets = TEACHER_SOLVERS[cfg.teacher_solver](self.teacher, x, grid, teacher_args)[:: cfg.substeps]
         lr = self.learning_rate(self.iteration)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
