@@ -45,7 +45,8 @@ def teacher_dir(tmp_path_factory):
                                   layers_per_block=1, norm_num_groups=8, sample_size=16)
     pipe = diffusers.StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER)),
-        unet=unet, scheduler=diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        unet=unet, scheduler=diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                     steps_offset=1, clip_sample=False),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(folder))
     return folder
@@ -163,3 +164,28 @@ def test_help_documents_every_option():
         for flag in action.option_strings:
             assert flag in result.stdout, flag
         assert action.help, action.dest
+
+
+@pytest.mark.slow
+def test_under_torchrun_two_processes_train_and_only_rank_0_writes(teacher_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 -m kdistpp.sfd train ... --parallel fsdp` on CPU (gloo)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.is_file():
+        pytest.skip("torchrun is not installed beside this Python")
+    args = train_args(teacher_dir, tmp_path, "--parallel", "fsdp", "--device", "cpu", "--checkpoint-every", "2")
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "kdistpp.sfd", *args],
+                            capture_output=True, text=True, cwd=REPO, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    assert [int(r["iteration"]) for r in csv.DictReader((run / "loss.csv").open())] == [1, 2]  # one writer
+    assert sorted(p.name for p in run.glob("samples_*.png")) == ["samples_000002.png"]
+    from safetensors.torch import load_file
+
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert len(state["generators"]) == 2  # each rank's noise stream, for resuming
+    lora = load_file(str(run / "student_lora.safetensors"))
+    # the LoRA written at the end is the checkpoint's (gathered from the shards), in the hosts' names
+    ups = [k for k in lora if k.endswith("lora_up.weight")]
+    assert ups and any(float(lora[k].abs().max()) > 0 for k in ups)
+    assert sum(1 for k in state["student"] if "lora_" in k) == len(ups) * 2

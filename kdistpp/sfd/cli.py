@@ -240,10 +240,16 @@ class TrainingRun:
                 if self.args.samples:
                     self.sample_grid(out / f"samples_{trainer.iteration:06d}.png")
         bar.close()
-        if self.rank == 0 and self.args.lora_rank and not cfg.step_conditioned:
+        if self.args.lora_rank and not cfg.step_conditioned:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
             from .export import save_lora
 
-            save_lora(self.student, out / "student_lora.safetensors", {"kdistpp_sfd_steps": cfg.num_steps})
+            # gathered on every rank (a collective under FSDP), written by rank 0
+            state = get_model_state_dict(self.student, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+            if self.rank == 0:
+                save_lora(self.student, out / "student_lora.safetensors", {"kdistpp_sfd_steps": cfg.num_steps}, state)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         return 0

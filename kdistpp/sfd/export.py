@@ -87,20 +87,27 @@ def _network(student: nn.Module) -> tuple[nn.Module, str]:
     raise TypeError(f"no diffusers UNet2DConditionModel or SD3/Flux transformer in {type(student).__name__}")
 
 
-def _adapters(network: nn.Module):
-    """(module path, lora_A weight, lora_B weight, alpha, rank) of each LoRA layer of `network`."""
+def _adapters(network: nn.Module, state: dict | None = None, prefix: str = ""):
+    """(module path, lora_A weight, lora_B weight, alpha, rank) of each LoRA layer of `network`; the
+    weights from `state` (a full state dict, keys `prefix + path`) when given: an FSDP-sharded
+    network's own parameters are shards."""
     layers = {id(m) for m in lora_layers(network)}
     for path, module in network.named_modules():
         if id(module) in layers and "default" in module.lora_A:
-            yield (path, module.lora_A["default"].weight, module.lora_B["default"].weight,
-                   float(module.lora_alpha["default"]), int(module.r["default"]))
+            if state is None:
+                down, up = module.lora_A["default"].weight, module.lora_B["default"].weight
+            else:
+                down, up = state[f"{prefix}{path}.lora_A.default.weight"], state[f"{prefix}{path}.lora_B.default.weight"]
+            yield path, down, up, float(module.lora_alpha["default"]), int(module.r["default"])
 
 
-def lora_file_state_dict(student: nn.Module) -> dict[str, torch.Tensor]:
-    """The student's adapters under the names the hosts load (kohya for UNets, peft for transformers)."""
+def lora_file_state_dict(student: nn.Module, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """The student's adapters under the names the hosts load (kohya for UNets, peft for transformers).
+    `state`: the student's full state dict (as gathered from FSDP shards), else its own parameters."""
     network, kind = _network(student)
+    prefix = next(name for name, module in student.named_modules() if module is network)
     out = {}
-    for path, down, up, alpha, _rank in _adapters(network):
+    for path, down, up, alpha, _rank in _adapters(network, state, prefix + "." if prefix else ""):
         if kind == "unet":
             key = "lora_unet_" + ldm_unet_path(path, network.config).replace(".", "_")
             out[f"{key}.lora_down.weight"] = down.detach().float().contiguous().cpu()
@@ -122,14 +129,15 @@ def _check_exportable(student: nn.Module) -> None:
                          "student trained for one step count (SFD), or use it through kdistpp")
 
 
-def save_lora(student: nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
-    """Writes the student's adapters to `path` (.safetensors) in the hosts' key format."""
+def save_lora(student: nn.Module, path: str | Path, metadata: dict | None = None, state: dict | None = None) -> Path:
+    """Writes the student's adapters to `path` (.safetensors) in the hosts' key format (from `state`, the
+    full state dict, when given: see `lora_file_state_dict`)."""
     from safetensors.torch import save_file
 
     _check_exportable(student)
     path = Path(path)
     meta = {k: str(v) for k, v in (metadata or {}).items()}
-    save_file(lora_file_state_dict(student), str(path), metadata=meta)
+    save_file(lora_file_state_dict(student, state), str(path), metadata=meta)
     return path
 
 
