@@ -131,10 +131,10 @@ def test_bad_input_is_refused_before_any_training(teacher_dir, tmp_path, capsys)
     single = tmp_path / "model.safetensors"
     single.write_bytes(b"")
     refused(args[:teacher_at] + [str(single)] + args[teacher_at + 1:], "single file")
-    flow = tmp_path / "flux"
+    flow = tmp_path / "other"
     flow.mkdir()
-    (flow / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "X"]}))
-    refused(args[:teacher_at] + [str(flow)] + args[teacher_at + 1:], "flow transformer")
+    (flow / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]}))
+    refused(args[:teacher_at] + [str(flow)] + args[teacher_at + 1:], "not one the command trains")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     at = args.index("--prompts") + 1
@@ -189,3 +189,58 @@ def test_under_torchrun_two_processes_train_and_only_rank_0_writes(teacher_dir, 
     ups = [k for k in lora if k.endswith("lora_up.weight")]
     assert ups and any(float(lora[k].abs().max()) > 0 for k in ups)
     assert sum(1 for k in state["student"] if "lora_" in k) == len(ups) * 2
+
+
+FLUX_TOKENIZERS = (Path(os.environ.get("KDISTPP_FORGE", SHARED_HOSTS / "forge-dfdcbab")).resolve()
+                   / "backend" / "huggingface" / "black-forest-labs" / "FLUX.1-dev")
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    """A tiny random FluxPipeline (CLIP-L and T5 of width 32 and 16, a 1+1-block transformer, a 2-level VAE)
+    with the real FLUX.1 tokenizers from the Forge tree, saved with save_pretrained."""
+    if not (FLUX_TOKENIZERS / "tokenizer_2" / "tokenizer.json").is_file():
+        pytest.skip(f"the FLUX.1 tokenizer files are not at {FLUX_TOKENIZERS}")
+    folder = tmp_path_factory.mktemp("flux")
+    torch.manual_seed(0)
+    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, projection_dim=32))
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=32128, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                                           num_heads=2))
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  layers_per_block=1, norm_num_groups=8, sample_size=16, shift_factor=0.1,
+                                  scaling_factor=0.5)
+    pipe = diffusers.FluxPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(str(FLUX_TOKENIZERS / "tokenizer")), text_encoder_2=t5,
+        tokenizer_2=transformers.T5TokenizerFast.from_pretrained(str(FLUX_TOKENIZERS / "tokenizer_2")),
+        transformer=transformer)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def test_a_flux_teacher_trains_a_lora_student_and_exports_it(flux_dir, tmp_path, capsys):
+    args = ["train", "--teacher", str(flux_dir), "--prompts", str(prompts_file(tmp_path)), "--output",
+            str(tmp_path / "run"), "--steps", "3", "--lora-rank", "2", "--iterations", "2", "--batch-size", "2",
+            "--resolution", "16", "--samples", "2", "--lr", "1e-2", "--no-progress"]
+    assert cli.main(args) == 2  # this transformer is guidance-distilled (Flux-dev): it needs --guidance
+    assert "--guidance 3.5" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was loaded or written
+    assert cli.main(args + ["--guidance", "3.5"]) == 0
+    run = tmp_path / "run"
+    from safetensors.torch import load_file
+
+    embeddings = load_file(str(run / "prompt_embeddings.safetensors"))
+    assert embeddings["cond.pooled"].shape == (2, 32) and embeddings["cond.encoder_hidden_states"].shape[-1] == 16
+    lora = load_file(str(run / "student_lora.safetensors"))
+    assert lora and all(k.startswith("transformer.") for k in lora)  # peft names, as ComfyUI and Forge read Flux LoRAs
+    assert any(float(v.abs().max()) > 0 for k, v in lora.items() if k.endswith("lora_B.weight"))
+    assert (run / "samples_000002.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / "exported.safetensors")]) == 0
+    exported = load_file(str(tmp_path / "exported.safetensors"))
+    assert set(exported) == set(lora) and all(torch.equal(exported[k], lora[k]) for k in lora)

@@ -31,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="distil a few-step student by SFD", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("--teacher", required=True, help="the teacher: a diffusers pipeline folder (model_index.json, "
-                   "save_pretrained layout) of an SD 1.x/2.x or SDXL UNet model")
+                   "save_pretrained layout) of an SD 1.x/2.x or SDXL UNet model, or of an SD3 or Flux flow transformer")
     t.add_argument("--prompts", required=True, help="prompts file: one prompt per line, or .jsonl with a 'prompt' field")
     t.add_argument("--output", required=True, help="output folder (checkpoint, loss.csv, sample grids, LoRA file)")
     t.add_argument("--steps", default="4", help="number of student timestamps N (NFE = N - 1); several, comma-separated "
@@ -43,8 +43,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None, help="Adam learning rate, divided by 10 halfway "
                    "(default: 5e-5 for full fine-tuning, 1e-4 for LoRA)")
     t.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the UNet's sample size times the VAE's downsampling factor)")
-    t.add_argument("--sigma-min", type=float, default=0.1, help="last student timestamp (VE sigma)")
-    t.add_argument("--sigma-max", type=float, default=None, help="first student timestamp (default: the teacher's largest sigma)")
+    t.add_argument("--sigma-min", type=float, default=None, help="last student timestamp, in VE sigma (default: 0.1 "
+                   "for a UNet, as SFD for Stable Diffusion; 0.006 for a flow transformer, flow sigma 0.006)")
+    t.add_argument("--sigma-max", type=float, default=None, help="first student timestamp, in VE sigma (default: the "
+                   "UNet's largest sigma; 80 for a flow transformer, flow sigma 80/81)")
+    t.add_argument("--guidance", type=float, default=None, help="Flux-dev's distilled guidance value, an input of "
+                   "teacher and student (guidance-distilled Flux transformers need it; others take none)")
     t.add_argument("--teacher-cfg", type=float, default=1.0, help="teacher's classifier-free guidance scale against "
                    "the empty prompt (SFD distils at 1; the student is then sampled at any scale)")
     t.add_argument("--afs", action="store_true", help="analytic first step (no model call at sigma_max; NFE = N - 2)")
@@ -89,11 +93,26 @@ def check_teacher_folder(path: str) -> Path:
         raise ValueError(f"--teacher {path!r} is not a diffusers model folder (no model_index.json): pass the folder "
                          "save_pretrained wrote")
     spec = json.loads(index.read_text())
-    if "unet" not in spec:
-        kind = "a flow transformer" if "transformer" in spec else spec.get("_class_name", "an unknown pipeline")
-        raise ValueError(f"--teacher {path!r} holds {kind}; the command trains UNet teachers (SD 1.x/2.x, SDXL); "
-                         "flow transformers train through the Python API (FlowTransformerStudent, FlowAsVE)")
+    network = spec.get("unet") or spec.get("transformer")
+    if not network or network[1] not in NETWORKS:
+        raise ValueError(f"--teacher {path!r} holds a {spec.get('_class_name', 'pipeline')} whose denoiser "
+                         f"({network[1] if network else 'none'}) is not one the command trains: {sorted(NETWORKS)}")
     return folder
+
+
+NETWORKS = ("UNet2DConditionModel", "FluxTransformer2DModel", "SD3Transformer2DModel")
+
+
+def network_class(folder: Path) -> str:
+    spec = json.loads((folder / "model_index.json").read_text())
+    return (spec.get("unet") or spec.get("transformer"))[1]
+
+
+def sigma_range(args, flow: bool) -> tuple[float, float | None]:
+    """(sigma_min, sigma_max) in VE sigma; sigma_max None: the UNet's own largest."""
+    if flow:
+        return args.sigma_min or 0.006, args.sigma_max or 80.0
+    return args.sigma_min or 0.1, args.sigma_max
 
 
 def _distributed_setup(device_arg):
@@ -128,7 +147,17 @@ def train(args) -> int:
     from .trainer import SFDConfig
 
     lr = args.lr or (5e-5 if args.lora_rank == 0 else 1e-4)
-    SFDConfig(num_steps=steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max or 14.6, afs=args.afs, lr=lr,
+    flow = network_class(folder) != "UNet2DConditionModel"
+    guided = network_class(folder) == "FluxTransformer2DModel" and json.loads(
+        (folder / "transformer" / "config.json").read_text()).get("guidance_embeds", False)
+    if args.guidance is not None and not guided:
+        raise ValueError("--guidance is a guidance-distilled Flux transformer's input (FLUX.1-dev): this teacher has "
+                         "none (guide it with --teacher-cfg)")
+    if guided and args.guidance is None:
+        raise ValueError("this Flux transformer is guidance-distilled (FLUX.1-dev): pass its guidance value, e.g. "
+                         "--guidance 3.5")
+    sigma_min, sigma_max = sigma_range(args, flow)
+    SFDConfig(num_steps=steps, sigma_min=sigma_min, sigma_max=sigma_max or 14.6, afs=args.afs, lr=lr,
               batch_size=args.batch_size, iterations=args.iterations, seed=args.seed)  # refuses a bad combination now
 
     device = _distributed_setup(args.device)
@@ -146,7 +175,8 @@ class TrainingRun:
         import diffusers
 
         from .lora import LoRATeacher, add_lora
-        from .networks import CFGTeacher, UNetStudent
+        from .flow import FlowAsVE
+        from .networks import CFGTeacher, FlowTransformerStudent, UNetStudent
         from .prompts import cached_embeddings
         from .trainer import SFDConfig, SFDTrainer
 
@@ -160,34 +190,45 @@ class TrainingRun:
         if self.rank != 0:
             embeddings = cached_embeddings(None, prompts, cache)
         self.embeddings = {k: v.to(device) for k, v in embeddings.items()}
-        for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):  # training never holds them
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+            # training never holds them
             if getattr(pipe, name, None) is not None:
                 setattr(pipe, name, None)
         self.vae = pipe.vae.to(device).requires_grad_(False).eval()
-        unet = pipe.unet.to(device)
-        self.sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
+        self.flow = getattr(pipe, "unet", None) is None
+        network = (pipe.transformer if self.flow else pipe.unet).to(device)
+        self.kind = type(network).__name__
+        self.sdxl = getattr(network.config, "addition_embed_type", None) == "text_time"
         if args.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+            network.enable_gradient_checkpointing()
         step_conditioned = not isinstance(steps, int)
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)  # the VAE's downsampling
-        resolution = args.resolution or unet.config.sample_size * factor
-        if resolution % factor:
-            raise ValueError(f"--resolution must be a multiple of the VAE's factor {factor}, got {resolution}")
-        self.factor, self.latent = factor, (unet.config.in_channels, resolution // factor, resolution // factor)
+        channels = network.config.in_channels // (4 if self.kind == "FluxTransformer2DModel" else 1)
+        resolution = args.resolution or (network.config.sample_size * factor if not self.flow else 512)
+        if resolution % (factor * 2):
+            raise ValueError(f"--resolution must be a multiple of {factor * 2} (the VAE's factor, and 2x2 latent "
+                             f"patches), got {resolution}")
+        self.factor, self.latent = factor, (channels, resolution // factor, resolution // factor)
         torch.manual_seed(args.seed)  # peft draws lora_A (and SFD-v its embedding) from the global generator
+
+        def wrap(net, step_conditioned=False):
+            if self.flow:
+                return FlowAsVE(FlowTransformerStudent(net, guidance=args.guidance, step_conditioned=step_conditioned))
+            return UNetStudent(net, pipe.scheduler, step_conditioned=step_conditioned)
+
         if args.lora_rank:
-            student = UNetStudent(add_lora(unet, args.lora_rank, args.lora_alpha), pipe.scheduler,
-                                  step_conditioned=step_conditioned).to(device)
+            student = wrap(add_lora(network, args.lora_rank, args.lora_alpha), step_conditioned).to(device)
             base = LoRATeacher(student)
         else:
             import copy
 
-            frozen = copy.deepcopy(unet).requires_grad_(False).eval()
-            student = UNetStudent(unet.requires_grad_(True), pipe.scheduler, step_conditioned=step_conditioned).to(device)
-            base = UNetStudent(frozen, pipe.scheduler)
+            frozen = copy.deepcopy(network).requires_grad_(False).eval()
+            student = wrap(network.requires_grad_(True), step_conditioned).to(device)
+            base = wrap(frozen)
         self.teacher = CFGTeacher(base, self.cond_rows(None, uncond=True), args.teacher_cfg)
-        sigma_max = args.sigma_max or student.sigma_max
-        self.config = SFDConfig(num_steps=steps, sigma_min=args.sigma_min, sigma_max=sigma_max, afs=args.afs, lr=lr,
+        sigma_min, sigma_max = sigma_range(args, self.flow)
+        sigma_max = sigma_max or student.sigma_max
+        self.config = SFDConfig(num_steps=steps, sigma_min=sigma_min, sigma_max=sigma_max, afs=args.afs, lr=lr,
                                 batch_size=args.batch_size, iterations=args.iterations, seed=args.seed)
         self.prompt_count = self.embeddings["cond.encoder_hidden_states"].shape[0]
         self.trainer = SFDTrainer(student, self.teacher, self.config, shape=self.latent, condition=self.condition,
@@ -202,7 +243,10 @@ class TrainingRun:
         hidden = self.embeddings[prefix + "encoder_hidden_states"]
         hidden = hidden if index is None else hidden[index]
         cond = {"encoder_hidden_states": hidden}
-        if self.sdxl:
+        if self.flow:
+            pooled = self.embeddings[prefix + "pooled"]
+            cond["pooled_projections"] = pooled if index is None else pooled[index]
+        elif self.sdxl:
             from ..integrations.diffusers import sdxl_time_ids
 
             pooled = self.embeddings[prefix + "pooled"]
@@ -282,7 +326,12 @@ class TrainingRun:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         scale = getattr(self.vae.config, "scaling_factor", 0.18215)
-        images = self.vae.decode(latents.to(self.vae.dtype) / scale).sample.float()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        if self.flow:  # the VE state at sigma_min as the flow state the VAE's latents are
+            from ..flow import to_flow
+
+            latents = to_flow(latents, self.config.sigma_min)
+        images = self.vae.decode((latents / scale + shift).to(self.vae.dtype)).sample.float()
         return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
@@ -291,8 +340,9 @@ def export(args) -> int:
     import diffusers
 
     from .export import save_full, save_lora
+    from .flow import FlowAsVE
     from .lora import add_lora
-    from .networks import UNetStudent
+    from .networks import FlowTransformerStudent, UNetStudent
 
     run = Path(args.run)
     if not (run / "run.json").is_file() or not (run / "checkpoint.pt").is_file():
@@ -302,11 +352,18 @@ def export(args) -> int:
     if not isinstance(steps, int):
         raise ValueError("this run trained an SFD-v student (several --steps): its step embedding is not part of the "
                          "network the hosts load; use it through kdistpp, or train one step count to export it")
-    unet = diffusers.UNet2DConditionModel.from_pretrained(str(Path(settings["teacher"]) / "unet"))
-    scheduler = diffusers.DDPMScheduler.from_pretrained(str(Path(settings["teacher"]) / "scheduler"))
-    if settings["lora_rank"]:
-        unet = add_lora(unet, settings["lora_rank"], settings["lora_alpha"])
-    student = UNetStudent(unet, scheduler)
+    teacher = Path(settings["teacher"])
+    kind = network_class(teacher)
+    if kind == "UNet2DConditionModel":
+        network = diffusers.UNet2DConditionModel.from_pretrained(str(teacher / "unet"))
+        if settings["lora_rank"]:
+            network = add_lora(network, settings["lora_rank"], settings["lora_alpha"])
+        student = UNetStudent(network, diffusers.DDPMScheduler.from_pretrained(str(teacher / "scheduler")))
+    else:
+        network = getattr(diffusers, kind).from_pretrained(str(teacher / "transformer"))
+        if settings["lora_rank"]:
+            network = add_lora(network, settings["lora_rank"], settings["lora_alpha"])
+        student = FlowAsVE(FlowTransformerStudent(network, guidance=settings.get("guidance")))
     state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["student"]
     missing = {n for n, p in student.named_parameters() if p.requires_grad} - set(state)
     if missing:
