@@ -1,6 +1,7 @@
 """An SFD LoRA student exported by kdistpp, loaded by real ComfyUI (the pinned 0.8.0 tree).
 
-A tiny diffusers SD1.5-architecture UNet is the teacher; kdistpp trains a LoRA student on it and
+A tiny diffusers SD1.5-architecture UNet (and a tiny Flux transformer) is the teacher; kdistpp trains a LoRA
+student on it and
 exports it (kohya keys). ComfyUI builds the same UNet from its own SD15 config, loads the teacher's
 weights as a checkpoint (converted to ldm keys by ComfyUI's own diffusers map), applies the file with
 `comfy.sd.load_lora_for_models` (the LoraLoader node's path) and computes the denoised output with its
@@ -100,4 +101,74 @@ def test_exported_lora_in_comfyuis_loader_gives_the_students_denoised_output(com
         theirs = loaded.model.apply_model(x.to(device), sigma.to(device), c_crossattn=context.to(device)).cpu()
     scale = float(ours.abs().max())
     assert float((ours - teacher_out).abs().max()) > 1e-3 * scale  # the LoRA moves the output: the check below means something
+    assert torch.allclose(theirs, ours, rtol=1e-4, atol=1e-5 * scale), float((theirs - ours).abs().max())
+
+
+def tiny_diffusers_flux():
+    """A diffusers Flux transformer of the architecture of ComfyUI's Flux config below (2x2 patches of a
+    16-channel latent; diffusers' Flux blocks have an MLP ratio of 4)."""
+    torch.manual_seed(1)
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=CONTEXT, pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    with torch.no_grad():  # diffusers zero-initialises some output layers
+        for p in transformer.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    return transformer.eval()
+
+
+COMFY_FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 8, "context_in_dim": CONTEXT,
+              "hidden_size": 32, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+              "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+              "txt_ids_dims": []}
+
+
+def test_exported_flux_lora_in_comfyuis_loader_gives_the_students_denoised_output(comfy, tmp_path, caplog):
+    import comfy.model_detection
+    import comfy.utils
+
+    from kdistpp.integrations.diffusers import flow_cond
+    from kdistpp.sfd import FlowAsVE
+    from kdistpp.sfd.networks import FlowTransformerStudent
+
+    transformer = tiny_diffusers_flux()
+    teacher_state = {k: v.clone() for k, v in transformer.state_dict().items()}
+    student = FlowAsVE(FlowTransformerStudent(add_lora(transformer, rank=4, alpha=2.0, target_modules=(
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")), guidance=3.5))
+    g = torch.Generator().manual_seed(0)
+
+    def condition(generator, batch):
+        return {"cond": flow_cond(torch.randn(batch, 5, CONTEXT, generator=generator), torch.randn(batch, 8, generator=generator))}
+
+    config = SFDConfig(num_steps=3, batch_size=2, lr=2e-2, iterations=3)
+    SFDTrainer(student, LoRATeacher(student), config, shape=(16, 4, 4), condition=condition).fit(progress=False)
+    lora_path = save_lora(student, tmp_path / "sfd_flux.safetensors")
+
+    # ComfyUI: its Flux model, the teacher's diffusers weights converted by ComfyUI's own diffusers-Flux map
+    model_config = comfy.supported_models.Flux({**COMFY_FLUX, "dtype": torch.float32})
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model({}, device=torch.device("cpu"))
+    converted = comfy.model_detection.convert_diffusers_mmdit(teacher_state, "")
+    missing, unexpected = base.diffusion_model.load_state_dict(converted, strict=False)
+    assert not unexpected and not missing, (missing, unexpected)
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=torch.device("cpu"))
+    lora = comfy.utils.load_torch_file(str(lora_path))
+    with caplog.at_level("WARNING"):
+        loaded, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
+    assert "lora key not loaded" not in caplog.text  # every module of the file found its (fused) layer
+    assert len(loaded.patches) > 0
+    comfy.model_management.load_models_gpu([loaded])
+
+    s = torch.full((2,), 0.6)
+    x = torch.randn(2, 16, 4, 4, generator=g)
+    context, pooled = torch.randn(2, 5, CONTEXT, generator=g), torch.randn(2, 8, generator=g)
+    with torch.no_grad():
+        ours = student.flow_model(x, s, flow_cond(context, pooled))
+        teacher_out = LoRATeacher(student.flow_model)(x, s, cond=flow_cond(context, pooled))
+        device = comfy.model_management.get_torch_device()
+        theirs = loaded.model.apply_model(x.to(device), s.to(device), c_crossattn=context.to(device),
+                                          y=pooled.to(device), guidance=torch.full((2,), 3.5, device=device)).cpu()
+    scale = float(ours.abs().max())
+    assert float((ours - teacher_out).abs().max()) > 1e-3 * scale  # the LoRA moves the output
     assert torch.allclose(theirs, ours, rtol=1e-4, atol=1e-5 * scale), float((theirs - ours).abs().max())
