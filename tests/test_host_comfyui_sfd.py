@@ -1,12 +1,12 @@
 """An SFD LoRA student exported by kdistpp, loaded by real ComfyUI (the pinned 0.8.0 tree).
 
-A tiny diffusers SD1.5-architecture UNet (and a tiny Flux transformer) is the teacher; kdistpp trains a LoRA
-student on it and
-exports it (kohya keys). ComfyUI builds the same UNet from its own SD15 config, loads the teacher's
-weights as a checkpoint (converted to ldm keys by ComfyUI's own diffusers map), applies the file with
-`comfy.sd.load_lora_for_models` (the LoraLoader node's path) and computes the denoised output with its
-own model sampling: it equals kdistpp's student on the same input to float32 rounding. Needs ComfyUI's
-requirements plus diffusers and peft (`.ci/run` installs them in .venv-comfyui); elsewhere it skips.
+A tiny diffusers SD1.5-architecture UNet, and a tiny Flux transformer, are the teachers; kdistpp trains a
+LoRA student on each and exports it (kohya keys for the UNet, peft keys for Flux). ComfyUI builds the same
+network from its own config, loads the teacher's weights (converted by ComfyUI's own diffusers maps; the
+UNet's through a checkpoint file), applies the file with `comfy.sd.load_lora_for_models` (the LoraLoader
+node's path) and computes the denoised output with its own model sampling: it equals kdistpp's student on
+the same input to float32 rounding. Needs ComfyUI's requirements plus diffusers and peft (`.ci/run`
+installs them in .venv-comfyui); elsewhere it skips.
 """
 
 from __future__ import annotations
