@@ -65,8 +65,11 @@ def train_args(teacher_dir, tmp_path, *extra, run="run"):
 
 
 def test_train_writes_log_checkpoints_grids_and_a_lora_that_export_reproduces(teacher_dir, tmp_path):
-    assert cli.main(train_args(teacher_dir, tmp_path)) == 0
+    assert cli.main(train_args(teacher_dir, tmp_path, "--ema", "0.5")) == 0
     run = tmp_path / "run"
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert set(checkpoint["ema"]) == set(checkpoint["student"])  # the LoRA file below is the EMA's
+    assert any(not torch.equal(checkpoint["ema"][k], checkpoint["student"][k]) for k in checkpoint["ema"])
     rows = list(csv.DictReader((run / "loss.csv").open()))
     assert [int(r["iteration"]) for r in rows] == [1, 2] and all(float(r["loss"]) > 0 for r in rows)
     grids = sorted(run.glob("samples_*.png"))

@@ -1,5 +1,6 @@
 """SFD under torch.distributed on CPU (gloo, 2 processes): DDP and FSDP2 runs of a LoRA UNet student equal
-one process on the joint batch; an FSDP2 run that stops, saves and resumes equals one that does not."""
+one process on the joint batch; an FSDP2 run that stops, saves and resumes equals one that does not (its EMA
+of the weights, kept on the shards, included)."""
 
 from __future__ import annotations
 
@@ -66,17 +67,21 @@ def trainable_state(trainer):
 def _worker(rank, init_file, out_dir, setup, parallel, resume):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     student, teacher, config, shape = SETUPS[setup]()
-    trainer = SFDTrainer(student, teacher, config, parallel=parallel)
+    ema = 0.5 if resume else None
+    trainer = SFDTrainer(student, teacher, config, parallel=parallel, ema=ema)
     for it in range(ITERATIONS):
         if resume and it == 1:  # stop, save, and continue in a trainer built afresh
             trainer.save(f"{out_dir}/resume.pt")
             torch.distributed.barrier()
             student, teacher, config, shape = SETUPS[setup]()
-            trainer = SFDTrainer(student, teacher, config, parallel=parallel).load(f"{out_dir}/resume.pt")
+            trainer = SFDTrainer(student, teacher, config, parallel=parallel, ema=ema).load(f"{out_dir}/resume.pt")
         trainer.train_batch(*batch(rank, it, shape))
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(trainer.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    ema = trainer._full_ema()  # gathered from the shards on every rank
+    if rank == 0 and ema is not None:
+        torch.save(ema, f"{out_dir}/ema.pt")
     if rank == 0:
         torch.save({k: v for k, v in state.items() if "lora_" in k or "step_embedding" in k or not k.startswith("unet.")},
                    f"{out_dir}/trained.pt")
@@ -90,7 +95,7 @@ def test_two_gloo_processes_equal_one_process_on_the_joint_batch(tmp_path, setup
     torch.multiprocessing.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), setup, parallel, resume),
                                 nprocs=WORLD)
     student, teacher, config, shape = SETUPS[setup]()
-    trainer = SFDTrainer(student, teacher, config)
+    trainer = SFDTrainer(student, teacher, config, ema=0.5 if resume else None)
     initial = trainable_state(trainer)
     for it in range(ITERATIONS):
         trainer.train_batch(*joint_batch(it, shape))
@@ -100,3 +105,8 @@ def test_two_gloo_processes_equal_one_process_on_the_joint_batch(tmp_path, setup
     assert moved > 1e-4  # training moved the weights, so agreeing below is not agreeing at the start
     for name in expected:
         assert torch.allclose(got[name], expected[name], rtol=1e-4, atol=1e-6), name
+    if resume:
+        ema = torch.load(tmp_path / "ema.pt")
+        assert set(ema) == set(trainer.ema)
+        for name in ema:
+            assert torch.allclose(ema[name], trainer.ema[name], rtol=1e-4, atol=1e-6), name

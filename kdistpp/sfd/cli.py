@@ -14,6 +14,7 @@ student as a LoRA file the hosts load (`student_lora.safetensors`). Rank 0 alone
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -56,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
                    "compute (weights, optimizer and step arithmetic stay float32)")
     t.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp", help="under torchrun/accelerate launch: "
                    "DistributedDataParallel or FSDP2 (fully_shard per block) for the student")
+    t.add_argument("--ema", type=float, default=None, help="keep an EMA of the trained weights with this decay "
+                   "(e.g. 0.999); the sample grids and the LoRA file then use it (SFD's authors use none)")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     t.add_argument("--checkpoint-every", type=int, default=200, help="iterations between checkpoints and sample grids (0: at the end only)")
     t.add_argument("--samples", type=int, default=4, help="images per row of the sample grid (0: no grids)")
@@ -232,7 +235,7 @@ class TrainingRun:
                                 batch_size=args.batch_size, iterations=args.iterations, seed=args.seed)
         self.prompt_count = self.embeddings["cond.encoder_hidden_states"].shape[0]
         self.trainer = SFDTrainer(student, self.teacher, self.config, shape=self.latent, condition=self.condition,
-                                  parallel=args.parallel, autocast=PRECISIONS[args.precision])
+                                  parallel=args.parallel, autocast=PRECISIONS[args.precision], ema=args.ema)
         self.student = student
         (self.out / "run.json").write_text(json.dumps({**vars(args), "sigma_max": sigma_max, "lr": lr}, indent=2)) \
             if self.rank == 0 else None
@@ -290,8 +293,8 @@ class TrainingRun:
             from .export import save_lora
 
             # gathered on every rank (a collective under FSDP), written by rank 0
-            state = get_model_state_dict(self.student, options=StateDictOptions(
-                full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+            state = trainer._full_ema() if trainer.ema is not None else get_model_state_dict(
+                self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
             if self.rank == 0:
                 save_lora(self.student, out / "student_lora.safetensors", {"kdistpp_sfd_steps": cfg.num_steps}, state)
         if torch.distributed.is_initialized():
@@ -313,7 +316,8 @@ class TrainingRun:
         index = torch.arange(count, device=self.device) % self.prompt_count
         cond = self.cond_rows(index)
         self.student.eval()
-        student = sample_sfd(self.student, x, cfg, n, extra_args={"cond": cond}, disable=True)
+        with self.trainer.ema_weights() if self.trainer.ema is not None else contextlib.nullcontext():
+            student = sample_sfd(self.student, x, cfg, n, extra_args={"cond": cond}, disable=True)
         teacher_cfg = type(cfg)(**{**vars(cfg), "num_steps": n, "afs": False})
 
         def teacher(x, sigma, num_steps=None, **extra):
@@ -364,7 +368,8 @@ def export(args) -> int:
         if settings["lora_rank"]:
             network = add_lora(network, settings["lora_rank"], settings["lora_alpha"])
         student = FlowAsVE(FlowTransformerStudent(network, guidance=settings.get("guidance")))
-    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["student"]
+    checkpoint = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    state = checkpoint["ema"] if settings.get("ema") else checkpoint["student"]  # the weights train wrote at its end
     missing = {n for n, p in student.named_parameters() if p.requires_grad} - set(state)
     if missing:
         raise ValueError(f"checkpoint.pt lacks trained weights of this student: {sorted(missing)[:3]}")

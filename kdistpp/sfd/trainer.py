@@ -119,13 +119,15 @@ class SFDTrainer:
     network; `kdistpp.sfd.distributed.shard`) instead of DDP; shard a separate frozen teacher the
     same way yourself, or pass a `LoRATeacher`, which is the sharded student with its adapters off.
     `autocast` (e.g. torch.bfloat16) runs student and teacher under torch.autocast while the weights,
-    the optimizer and the step arithmetic stay float32.
+    the optimizer and the step arithmetic stay float32. `ema` (a decay, e.g. 0.999) keeps an exponential
+    moving average of the trained weights after every optimizer step (`ema_weights()` swaps it in); SFD's
+    authors use none.
     """
 
     def __init__(self, student: nn.Module, teacher: Callable, config: SFDConfig | None = None, *,
                  shape: Sequence[int] | None = None, condition: Callable | None = None,
                  teacher_extra_args: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
-                 parallel: str = "ddp", autocast: torch.dtype | None = None):
+                 parallel: str = "ddp", autocast: torch.dtype | None = None, ema: float | None = None):
         if not isinstance(student, nn.Module):
             raise TypeError(f"student must be a torch.nn.Module (its weights are trained), got {type(student).__name__}")
         if not callable(teacher):
@@ -139,7 +141,9 @@ class SFDTrainer:
         if autocast is not None and not (isinstance(autocast, torch.dtype) and autocast.is_floating_point):
             raise TypeError(f"autocast must be a floating torch.dtype (e.g. torch.bfloat16) or None, got {autocast!r}")
         self.rank, self.world_size = _distributed()
-        self.parallel, self.autocast = parallel, autocast
+        if ema is not None and not 0.0 < ema < 1.0:
+            raise ValueError(f"ema must be a decay in (0, 1), e.g. 0.999, or None, got {ema!r}")
+        self.parallel, self.autocast, self.ema_decay = parallel, autocast, ema
         self.model = student
         if self.world_size > 1 and parallel == "ddp":
             self.model = nn.parallel.DistributedDataParallel(student)
@@ -151,6 +155,7 @@ class SFDTrainer:
         if not trainable:
             raise ValueError("the student has no parameter with requires_grad=True: nothing would be trained")
         self.optimizer = optimizer or torch.optim.Adam(trainable, lr=self.config.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.ema = None if ema is None else {name: p.detach().clone() for name, p in self.trained_parameters()}
         self.generator = torch.Generator().manual_seed(self.config.seed * 1000 + self.rank)  # noise, per rank
         self.step_generator = torch.Generator().manual_seed(self.config.seed)  # SFD-v's N, the same on all ranks
         self.iteration = 0
@@ -205,12 +210,41 @@ class SFDTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            self.update_ema()
             losses.append(loss.item())
             x = x_next.detach()  # the next step starts from the student's own state; no gradient through it
         self.iteration += 1
         mean = sum(losses) / len(losses)
         self.losses.append(mean)
         return mean
+
+    def trained_parameters(self):
+        return [(name, p) for name, p in self.student.named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema <- decay * ema + (1 - decay) * weights (on FSDP's shards alike: the update is elementwise)."""
+        if self.ema is None:
+            return
+        for name, p in self.trained_parameters():
+            self.ema[name].lerp_(p.detach(), 1.0 - self.ema_decay)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Within the block the student holds its EMA weights (for sampling or export); restored after."""
+        if self.ema is None:
+            raise ValueError("this trainer keeps no EMA: build it with ema=<decay>")
+        saved = {}
+        with torch.no_grad():
+            for name, p in self.trained_parameters():
+                saved[name] = p.detach().clone()
+                p.copy_(self.ema[name])
+        try:
+            yield self.student
+        finally:
+            with torch.no_grad():
+                for name, p in self.trained_parameters():
+                    p.copy_(saved[name])
 
     def autocast_context(self):
         if self.autocast is None:
@@ -252,7 +286,13 @@ class SFDTrainer:
                 "iteration": self.iteration, "generators": generators,
                 "step_generator": self.step_generator.get_state(), "losses": list(self.losses),
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                "config": dataclasses.asdict(self.config)}
+                "config": dataclasses.asdict(self.config), "ema": self._full_ema()}
+
+    def _full_ema(self) -> dict | None:
+        """The EMA as full CPU tensors (FSDP's shards gathered: a collective, like the rest of state_dict)."""
+        if self.ema is None:
+            return None
+        return {name: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu() for name, t in self.ema.items()}
 
     def save(self, path: str) -> None:
         """Writes model, optimizer, iteration and RNG states; under torch.distributed every rank must call
@@ -282,6 +322,16 @@ class SFDTrainer:
         self.iteration, self.losses = state["iteration"], list(state["losses"])
         self.generator.set_state(state["generators"][self.rank].cpu())
         self.step_generator.set_state(state["step_generator"].cpu())
+        if (state.get("ema") is None) != (self.ema is None):
+            raise ValueError("checkpoint and trainer disagree on EMA: resume with the ema setting it was trained with")
+        if self.ema is not None:
+            for name, p in self.trained_parameters():
+                full = state["ema"][name].to(p.device)
+                if hasattr(p, "device_mesh"):  # an FSDP shard: this rank's part of the full tensor
+                    from torch.distributed.tensor import distribute_tensor
+
+                    full = distribute_tensor(full, p.device_mesh, p.placements)
+                self.ema[name] = full.to(p.dtype)
         torch.set_rng_state(state["torch_rng"].cpu())
         random.setstate(state["python_rng"])
         return self
