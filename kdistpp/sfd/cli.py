@@ -4,9 +4,9 @@
     torchrun --nproc_per_node 4 -m kdistpp.sfd train ... --parallel fsdp --precision bf16
     python -m kdistpp.sfd export --run run/ --output sfd_lora.safetensors
 
-`train` reads the teacher (a diffusers folder, `save_pretrained` layout), embeds the prompts once with
-its text encoders (cached in the output folder) and frees them, and trains a LoRA (or full) student
-by SFD. It writes `loss.csv`, `checkpoint.pt`, a sample grid per checkpoint (`samples_<iteration>.png`:
+`train` reads the teacher (a diffusers folder, `save_pretrained` layout: SD 1.x/2.x, SDXL, SD3, Flux),
+embeds the prompts once with its text encoders (cached in the output folder) and frees them, and
+trains a LoRA (or full) student by SFD. It writes `loss.csv`, `checkpoint.pt`, a sample grid per checkpoint (`samples_<iteration>.png`:
 student above, teacher's Euler at the same timestamps below, same seeds) and, at the end, the
 student as a LoRA file the hosts load (`student_lora.safetensors`). Rank 0 alone logs and writes.
 """
