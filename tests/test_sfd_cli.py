@@ -247,3 +247,47 @@ def test_a_flux_teacher_trains_a_lora_student_and_exports_it(flux_dir, tmp_path,
     assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / "exported.safetensors")]) == 0
     exported = load_file(str(tmp_path / "exported.safetensors"))
     assert set(exported) == set(lora) and all(torch.equal(exported[k], lora[k]) for k in lora)
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    """A tiny random StableDiffusionXLPipeline (two CLIP text encoders of width 16 and 32, the second with
+    a projection: SDXL's pooled embedding), saved with save_pretrained."""
+    if not (TOKENIZER / "vocab.json").is_file():
+        pytest.skip(f"the SD1 tokenizer files are not at {TOKENIZER}")
+    folder = tmp_path_factory.mktemp("sdxl")
+    torch.manual_seed(0)
+    common = dict(vocab_size=49408, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  max_position_embeddings=77)
+    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(hidden_size=16, projection_dim=16, **common))
+    clip_2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(hidden_size=32, projection_dim=32,
+                                                                                  **common))
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=48, attention_head_dim=8, norm_num_groups=32, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  layers_per_block=1, norm_num_groups=8, sample_size=16)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER))
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=vae, text_encoder=clip, text_encoder_2=clip_2, tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+        scheduler=diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def test_an_sdxl_teacher_with_pooled_embeddings_and_time_ids_trains_at_a_teacher_cfg(sdxl_dir, tmp_path):
+    args = train_args(sdxl_dir, tmp_path, "--teacher-cfg", "3.0")
+    assert cli.main(args) == 0
+    run = tmp_path / "run"
+    from safetensors.torch import load_file
+
+    embeddings = load_file(str(run / "prompt_embeddings.safetensors"))
+    # SDXL's prompt embedding is both encoders' hidden states side by side; the pooled one is the second's
+    assert embeddings["cond.encoder_hidden_states"].shape == (2, 77, 48)
+    assert embeddings["cond.pooled"].shape == (2, 32) and embeddings["uncond.pooled"].shape == (1, 32)
+    lora = load_file(str(run / "student_lora.safetensors"))
+    assert lora and all(k.startswith("lora_unet_") for k in lora)
+    assert len(list(csv.DictReader((run / "loss.csv").open()))) == 2
