@@ -181,3 +181,42 @@ def test_flux_lora_student_trains_through_the_flow_path(guidance):
     changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all("lora_" in k or "step_embedding" in k for k in changed)
     assert any("step_embedding" in k for k in changed) and any("lora_B" in k for k in changed)
+
+
+def test_bf16_autocast_runs_the_networks_in_bf16_and_keeps_float32_weights():
+    unet, sched = tiny_unet(), scheduler()
+    student = UNetStudent(add_lora(unet, rank=4), sched)
+    seen = set()
+    hook = student.unet.conv_in.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    trainer = SFDTrainer(student, LoRATeacher(student), SFDConfig(num_steps=3, **CONFIG), shape=(4, 8, 8),
+                         condition=prompts_condition(), autocast=torch.bfloat16)
+    loss = trainer.train_batch()
+    hook.remove()
+    assert seen == {torch.bfloat16} and torch.isfinite(torch.tensor(loss))
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in trainer.optimizer.state.values())
+    with pytest.raises(TypeError, match="autocast"):
+        SFDTrainer(student, LoRATeacher(student), SFDConfig(num_steps=3, **CONFIG), autocast="bf16")
+
+
+def test_gradient_checkpointing_trains_the_same_weights(monkeypatch):
+    import torch.utils.checkpoint
+
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = []
+    for checkpointing in (False, True):
+        unet = tiny_unet()
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        torch.manual_seed(3)
+        student = UNetStudent(add_lora(unet, rank=4), scheduler())
+        student.unet.train()
+        SFDTrainer(student, LoRATeacher(student), SFDConfig(num_steps=3, **CONFIG), shape=(4, 8, 8),
+                   condition=prompts_condition()).fit(progress=False)
+        results.append({k: v for k, v in student.state_dict().items() if "lora_" in k})
+    assert calls  # the checkpointed run recomputed its blocks
+    assert results[0].keys() == results[1].keys()
+    for key in results[0]:
+        assert torch.allclose(results[0][key], results[1][key], atol=1e-6), key

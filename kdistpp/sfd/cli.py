@@ -237,8 +237,8 @@ class TrainingRun:
         self.trainer = SFDTrainer(student, self.teacher, self.config, shape=self.latent, condition=self.condition,
                                   parallel=args.parallel, autocast=PRECISIONS[args.precision], ema=args.ema)
         self.student = student
-        (self.out / "run.json").write_text(json.dumps({**vars(args), "sigma_max": sigma_max, "lr": lr}, indent=2)) \
-            if self.rank == 0 else None
+        if self.rank == 0:  # what `export` rebuilds the student from
+            (self.out / "run.json").write_text(json.dumps({**vars(args), "sigma_max": sigma_max, "lr": lr}, indent=2))
 
     def cond_rows(self, index, uncond: bool = False) -> dict:
         """The UNet's keyword arguments for prompt rows `index` (or the empty prompt)."""
