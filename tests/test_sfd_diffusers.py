@@ -220,3 +220,15 @@ def test_gradient_checkpointing_trains_the_same_weights(monkeypatch):
     assert results[0].keys() == results[1].keys()
     for key in results[0]:
         assert torch.allclose(results[0][key], results[1][key], atol=1e-6), key
+
+
+def test_a_flow_teacher_with_a_ve_student_and_an_unwrapped_flow_network_are_refused():
+    unet_student = UNetStudent(tiny_unet(), scheduler())
+    flux = FlowTransformerStudent(tiny_flux())
+    config = SFDConfig(num_steps=3, **CONFIG)
+    with pytest.raises(ValueError, match="teacher is a flow network and the student a VE"):
+        SFDTrainer(unet_student, FlowAsVE(flux), config)
+    with pytest.raises(ValueError, match="teacher is a VE .UNet. network and the student a flow"):
+        SFDTrainer(FlowAsVE(FlowTransformerStudent(tiny_flux())), CFGTeacher(unet_student), config)
+    with pytest.raises(TypeError, match="the student is a flow network"):
+        SFDTrainer(FlowTransformerStudent(tiny_flux()), FlowAsVE(flux), config)

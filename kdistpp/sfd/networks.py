@@ -159,4 +159,36 @@ class CFGTeacher:
         return (u + self.cond_scale * (c - u)).to(x.dtype)
 
 
-__all__ = ["CFGTeacher", "FlowTransformerStudent", "UNetStudent"]
+def coordinates(denoiser) -> str | None:
+    """'flow' for a flow network, 've' for a VE one (what the trainer calls: 'flow' in VE form for
+    FlowAsVE / flow.VEDenoiser), None where it cannot tell; wrappers are looked through."""
+    from ..flow import VEDenoiser
+    from .flow import FlowAsVE
+    from .lora import LoRATeacher
+
+    if isinstance(denoiser, (CFGTeacher, LoRATeacher)):
+        return coordinates(denoiser.teacher if isinstance(denoiser, CFGTeacher) else denoiser.student)
+    if isinstance(denoiser, (FlowAsVE, VEDenoiser)):
+        return "flow as ve"
+    if isinstance(denoiser, FlowTransformerStudent):
+        return "flow"
+    if isinstance(denoiser, UNetStudent):
+        return "ve"
+    return None
+
+
+def check_pair(student, teacher) -> None:
+    """Refuses what SFD cannot train: a flow network called in flow coordinates by the VE trainer, or a
+    student and teacher of different parametrizations (a flow teacher with a VE student)."""
+    kinds = {"student": coordinates(student), "teacher": coordinates(teacher)}
+    for role, kind in kinds.items():
+        if kind == "flow":
+            raise TypeError(f"the {role} is a flow network: the trainer works in VE sigma, so wrap it: "
+                            f"FlowAsVE(...) for the student, kdistpp.flow.VEDenoiser(...) or FlowAsVE(...) for the teacher")
+    if None not in kinds.values() and kinds["student"] != kinds["teacher"]:
+        names = {"ve": "a VE (UNet) network", "flow as ve": "a flow network"}
+        raise ValueError(f"the teacher is {names[kinds['teacher']]} and the student {names[kinds['student']]}: SFD "
+                         "trains a student of the teacher's own kind (a copy of it); use one of the same family")
+
+
+__all__ = ["CFGTeacher", "FlowTransformerStudent", "UNetStudent", "check_pair", "coordinates"]

@@ -132,6 +132,9 @@ class SFDTrainer:
             raise TypeError(f"student must be a torch.nn.Module (its weights are trained), got {type(student).__name__}")
         if not callable(teacher):
             raise TypeError(f"teacher must be a denoiser D(x, sigma, **extra), got {type(teacher).__name__}")
+        from .networks import check_pair
+
+        check_pair(student, teacher)
         self.config = config or SFDConfig()
         self.student, self.teacher = student, teacher
         self.shape = tuple(shape) if shape is not None else None
