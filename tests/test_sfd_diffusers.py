@@ -232,3 +232,18 @@ def test_a_flow_teacher_with_a_ve_student_and_an_unwrapped_flow_network_are_refu
         SFDTrainer(FlowAsVE(FlowTransformerStudent(tiny_flux())), CFGTeacher(unet_student), config)
     with pytest.raises(TypeError, match="the student is a flow network"):
         SFDTrainer(FlowTransformerStudent(tiny_flux()), FlowAsVE(flux), config)
+
+
+def test_sd3_lora_student_trains_through_the_flow_path_at_a_teacher_cfg():
+    torch.manual_seed(0)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=4, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        caption_projection_dim=16, joint_attention_dim=16, pooled_projection_dim=16, out_channels=4).eval()
+    student = FlowAsVE(FlowTransformerStudent(add_lora(transformer, rank=2), step_conditioned=False))
+    empty = flow_cond(torch.zeros(1, TOKENS, 16), torch.zeros(1, 16))
+    teacher = CFGTeacher(LoRATeacher(student), empty, cond_scale=2.0)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    SFDTrainer(student, teacher, SFDConfig(num_steps=3, **CONFIG), shape=(4, 4, 4), condition=flux_condition).fit(
+        progress=False)
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all("lora_" in k for k in changed)
