@@ -291,3 +291,24 @@ def test_an_sdxl_teacher_with_pooled_embeddings_and_time_ids_trains_at_a_teacher
     lora = load_file(str(run / "student_lora.safetensors"))
     assert lora and all(k.startswith("lora_unet_") for k in lora)
     assert len(list(csv.DictReader((run / "loss.csv").open()))) == 2
+
+
+def test_the_embedding_cache_is_reused_only_for_the_same_prompts_and_teacher(tmp_path):
+    class CountingPipeline:  # the SD pipelines' encode_prompt signature; counts the prompts it embeds
+        def __init__(self):
+            self.seen = []
+
+        def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance):
+            self.seen += prompt
+            return torch.stack([torch.full((3, 4), float(len(p))) for p in prompt]), None
+
+    pipe, cache = CountingPipeline(), tmp_path / "cache.safetensors"
+    first = prompts.cached_embeddings(pipe, ["a cat", "a red dog"], cache, source="teacher A")
+    assert pipe.seen == ["a cat", "a red dog", ""]  # the empty prompt too: the uncond of a teacher CFG scale
+    assert first["cond.encoder_hidden_states"][:, 0, 0].tolist() == [5.0, 9.0]
+    assert first["uncond.encoder_hidden_states"].shape == (1, 3, 4)
+    again = prompts.cached_embeddings(pipe, ["a cat", "a red dog"], cache, source="teacher A")
+    assert len(pipe.seen) == 3 and torch.equal(again["cond.encoder_hidden_states"], first["cond.encoder_hidden_states"])
+    prompts.cached_embeddings(pipe, ["a cat"], cache, source="teacher A")  # other prompts
+    prompts.cached_embeddings(pipe, ["a cat"], cache, source="teacher B")  # another teacher
+    assert len(pipe.seen) == 3 + 2 + 2

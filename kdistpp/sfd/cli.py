@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # no fp16: its training needs loss scaling
 
 
 def parser() -> argparse.ArgumentParser:
@@ -187,11 +187,11 @@ class TrainingRun:
         pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
         cache = self.out / "prompt_embeddings.safetensors"
         if self.rank == 0:
-            embeddings = cached_embeddings(pipe.to(device), prompts, cache, device)
+            embeddings = cached_embeddings(pipe.to(device), prompts, cache, device, source=str(folder.resolve()))
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         if self.rank != 0:
-            embeddings = cached_embeddings(None, prompts, cache)
+            embeddings = cached_embeddings(None, prompts, cache, source=str(folder.resolve()))
         self.embeddings = {k: v.to(device) for k, v in embeddings.items()}
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
             # training never holds them

@@ -3,8 +3,8 @@ encoders, cached on disk, so that training never holds the text encoders.
 
 The cache is a .safetensors file of the pipeline's `encode_prompt` outputs for every prompt
 (`cond.<name>`, one row per prompt) and for the empty prompt (`uncond.<name>`, one row, the
-negative branch of a teacher CFG scale); its metadata records the prompts' hash, so a changed
-prompts file is re-embedded rather than silently reused.
+negative branch of a teacher CFG scale); its metadata records a hash of the prompts and of the
+teacher's folder, so changed prompts or another teacher are re-embedded rather than silently reused.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def prompts_hash(prompts: list[str]) -> str:
-    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+def prompts_hash(prompts: list[str], source: str = "") -> str:
+    """A digest of the prompts and of what embedded them (the teacher's folder)."""
+    return hashlib.sha256("\n".join([source, *prompts]).encode()).hexdigest()
 
 
 def encode(pipe, prompts: list[str], device, batch_size: int = 16) -> dict[str, torch.Tensor]:
@@ -82,12 +83,13 @@ def _encode_prompt(pipe, prompts: list[str], device):
     return embeds, None
 
 
-def cached_embeddings(pipe, prompts: list[str], cache: str | Path, device="cpu") -> dict[str, torch.Tensor]:
-    """The prompts' embeddings from `cache` if it was written for these prompts, else computed and written."""
+def cached_embeddings(pipe, prompts: list[str], cache: str | Path, device="cpu", source: str = "") -> dict[str, torch.Tensor]:
+    """The prompts' embeddings from `cache` if it was written for these prompts by the same `source` (the
+    teacher's folder), else computed by `pipe` and written."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    cache, digest = Path(cache), prompts_hash(prompts)
+    cache, digest = Path(cache), prompts_hash(prompts, source)
     if cache.is_file():
         with safe_open(str(cache), "pt") as f:
             if (f.metadata() or {}).get("prompts_sha256") == digest:
