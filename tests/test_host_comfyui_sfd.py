@@ -53,23 +53,25 @@ def comfy():
     return import_comfy(full=True)
 
 
-@pytest.mark.parametrize("targets", ["attention", "attention_and_resnets"])
-def test_exported_lora_in_comfyuis_loader_gives_the_students_denoised_output(comfy, tmp_path, targets):
+SD_CONFIG = dict(num_steps=3, sigma_min=0.1, sigma_max=14.0, batch_size=2, lr=2e-2, iterations=3)
+
+
+def trained_sd15_student(comfy, tmp_path, targets=("to_q", "to_k", "to_v", "to_out.0")):
+    """(kdistpp's trained LoRA student, ComfyUI's model with the exported file loaded by LoraLoader's function)."""
+    import safetensors.torch
+
     import comfy.utils
 
     unet = tiny_teacher()
     teacher_state = {k: v.clone() for k, v in unet.state_dict().items()}
     scheduler = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    names = ("to_q", "to_k", "to_v", "to_out.0") + (("conv1", "conv2", "time_emb_proj", "proj_in", "ff.net.2")
-                                                   if targets != "attention" else ())
-    student = UNetStudent(add_lora(unet, rank=4, alpha=2.0, target_modules=names), scheduler)
-    g = torch.Generator().manual_seed(0)
+    student = UNetStudent(add_lora(unet, rank=4, alpha=2.0, target_modules=targets), scheduler)
 
     def condition(generator, batch):
         return {"cond": {"encoder_hidden_states": torch.randn(batch, 5, CONTEXT, generator=generator)}}
 
-    config = SFDConfig(num_steps=3, sigma_min=0.1, sigma_max=14.6, batch_size=2, lr=2e-2, iterations=3)
-    SFDTrainer(student, LoRATeacher(student), config, shape=(4, 8, 8), condition=condition).fit(progress=False)
+    SFDTrainer(student, LoRATeacher(student), SFDConfig(**SD_CONFIG), shape=(4, 8, 8),
+               condition=condition).fit(progress=False)
     lora_path = save_lora(student, tmp_path / "sfd_student.safetensors")
 
     # ComfyUI: the teacher as a checkpoint (its own diffusers -> ldm map), the LoRA through LoraLoader's function
@@ -79,8 +81,6 @@ def test_exported_lora_in_comfyuis_loader_gives_the_students_denoised_output(com
     to_ldm = comfy.utils.unet_to_diffusers(model_config.unet_config)
     checkpoint = {f"model.diffusion_model.{to_ldm[k]}": v for k, v in teacher_state.items()}
     assert len(checkpoint) == len(teacher_state)
-    import safetensors.torch
-
     safetensors.torch.save_file(checkpoint, str(tmp_path / "teacher.safetensors"))
     base.load_model_weights(comfy.utils.load_torch_file(str(tmp_path / "teacher.safetensors")), "model.diffusion_model.")
     patcher = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
@@ -88,8 +88,16 @@ def test_exported_lora_in_comfyuis_loader_gives_the_students_denoised_output(com
     lora = comfy.utils.load_torch_file(str(lora_path))
     loaded, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
     assert len(loaded.patches) == len(lora) // 3  # every module of the file found its layer
-    comfy.model_management.load_models_gpu([loaded])
+    return student, loaded
 
+
+@pytest.mark.parametrize("targets", ["attention", "attention_and_resnets"])
+def test_exported_lora_in_comfyuis_loader_gives_the_students_denoised_output(comfy, tmp_path, targets):
+    names = ("to_q", "to_k", "to_v", "to_out.0") + (("conv1", "conv2", "time_emb_proj", "proj_in", "ff.net.2")
+                                                   if targets != "attention" else ())
+    student, loaded = trained_sd15_student(comfy, tmp_path, names)
+    comfy.model_management.load_models_gpu([loaded])
+    g = torch.Generator().manual_seed(0)
     t = 400
     sigma = loaded.model.model_sampling.sigmas[t].reshape(1).expand(2)
     x = torch.randn(2, 4, 8, 8, generator=g) * float(sigma[0])
@@ -101,6 +109,37 @@ def test_exported_lora_in_comfyuis_loader_gives_the_students_denoised_output(com
         theirs = loaded.model.apply_model(x.to(device), sigma.to(device), c_crossattn=context.to(device)).cpu()
     scale = float(ours.abs().max())
     assert float((ours - teacher_out).abs().max()) > 1e-3 * scale  # the LoRA moves the output: the check below means something
+    assert torch.allclose(theirs, ours, rtol=1e-4, atol=1e-5 * scale), float((theirs - ours).abs().max())
+
+
+def test_comfyuis_euler_on_the_students_timestamps_gives_kdistpps_sfd_sample(comfy, tmp_path):
+    """SamplerCustom (Euler, cfg 1, SFD timestamps as SIGMAS) with the exported LoRA draws the sample
+    `kdistpp.sfd.sample_sfd` draws from the same noise, in ComfyUI's latent scaling. ComfyUI calls an SD
+    UNet at the nearest integer timestep, kdistpp at the fractional one a sigma maps to: the timestamps
+    here are two of the model's own sigmas (N = 2, NFE 1), where the two agree; in between they differ by
+    the rounding (docs/sfd.md)."""
+    import comfy.sample
+    import comfy_extras.nodes_custom_sampler as ncs
+
+    from kdistpp.sfd import sample_sfd
+
+    student, loaded = trained_sd15_student(comfy, tmp_path)
+    grid = loaded.model.model_sampling.sigmas
+    config = SFDConfig(num_steps=2, sigma_min=float(grid[20]), sigma_max=float(grid[899]))  # below the largest
+    sigmas = config.timestamps()  # sigma: ComfyUI then scales the noise by sigma, as kdistpp
+    context = torch.randn(1, 5, CONTEXT, generator=torch.Generator().manual_seed(4))
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    out = ncs.SamplerCustom.execute(loaded, True, 7, 1.0, [[context, {}]], [[torch.zeros_like(context), {}]],
+                                    comfy.samplers.ksampler("euler"), sigmas, latent)
+    theirs = out.result[0]["samples"] * loaded.model.latent_format.scale_factor  # back to the model's latent space
+    cond = {"cond": {"encoder_hidden_states": context}}
+    with torch.no_grad():
+        ours = sample_sfd(student, comfy.sample.prepare_noise(latent["samples"], 7) * config.sigma_max, config,
+                          extra_args=cond, disable=True)
+        other = sample_sfd(student, comfy.sample.prepare_noise(latent["samples"], 8) * config.sigma_max, config,
+                           extra_args=cond, disable=True)
+    scale = float(ours.abs().max())
+    assert float((other - ours).abs().max()) > 1e-2 * scale  # another seed is far off: the comparison can fail
     assert torch.allclose(theirs, ours, rtol=1e-4, atol=1e-5 * scale), float((theirs - ours).abs().max())
 
 
