@@ -85,6 +85,7 @@ def _worker(rank, init_file, out_dir, setup, parallel, resume):
     if rank == 0:
         torch.save({k: v for k, v in state.items() if "lora_" in k or "step_embedding" in k or not k.startswith("unet.")},
                    f"{out_dir}/trained.pt")
+    torch.distributed.barrier()  # no rank tears the group down while another still uses it
     torch.distributed.destroy_process_group()
 
 
