@@ -312,3 +312,18 @@ def test_the_embedding_cache_is_reused_only_for_the_same_prompts_and_teacher(tmp
     prompts.cached_embeddings(pipe, ["a cat"], cache, source="teacher A")  # other prompts
     prompts.cached_embeddings(pipe, ["a cat"], cache, source="teacher B")  # another teacher
     assert len(pipe.seen) == 3 + 2 + 2
+
+
+def test_an_sfd_v_run_exports_a_full_unet_per_step_count(teacher_dir, tmp_path, capsys):
+    args = train_args(teacher_dir, tmp_path)
+    args[args.index("--steps") + 1] = "3,4"
+    assert cli.main(args) == 0
+    run = tmp_path / "run"
+    assert not (run / "student_lora.safetensors").exists()  # a LoRA cannot hold the step embedding
+    assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / "x.safetensors")]) == 2
+    assert "--full --steps N" in capsys.readouterr().err
+    outputs = []
+    for n in (3, 4):
+        assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / f"unet{n}"), "--full", "--steps", str(n)]) == 0
+        outputs.append(diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path / f"unet{n}")).time_embedding.linear_2.bias)
+    assert not torch.equal(*outputs)  # each step count's embedding folded in

@@ -98,3 +98,45 @@ def test_export_refusals(tmp_path):
     student, _ = trained_lora_student(step_conditioned=True)
     with pytest.raises(ValueError, match="step embedding"):
         save_lora(student, tmp_path / "x.safetensors")
+
+
+def test_an_sfd_v_student_exports_as_a_full_network_for_one_step_count(tmp_path):
+    student, _ = trained_lora_student(step_conditioned=True)
+    with torch.no_grad():  # a step embedding as after training: its last layer away from zero
+        for p in student.step_embedding.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    x, sigma, cond = inputs()
+    with pytest.raises(ValueError, match="num_steps=n"):
+        save_full(student, tmp_path / "unet")
+    outputs = {}
+    for n in (3, 5):
+        folder = save_full(student, tmp_path / f"unet{n}", num_steps=n)
+        network = diffusers.UNet2DConditionModel.from_pretrained(str(folder)).eval()
+        with torch.no_grad():
+            outputs[n] = UNetStudent(network, diffusers.DDPMScheduler(**SCHEDULE))(x, sigma, cond)
+            assert torch.allclose(outputs[n], student(x, sigma, cond, num_steps=n), atol=1e-5, rtol=1e-5)
+    assert float((outputs[3] - outputs[5]).abs().max()) > 1e-3  # the step count is in the written weights
+
+
+def test_an_sfd_v_flux_student_exports_as_a_full_transformer_for_one_step_count(tmp_path):
+    from kdistpp.integrations.diffusers import flow_cond
+    from kdistpp.sfd.networks import FlowTransformerStudent
+
+    torch.manual_seed(0)
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=False, axes_dims_rope=(2, 2, 4)).eval()
+    student = FlowTransformerStudent(transformer, step_conditioned=True)
+    with torch.no_grad():
+        for p in student.step_embedding.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    g = torch.Generator().manual_seed(2)
+    x, s = torch.randn(2, 4, 4, 4, generator=g), torch.full((2,), 0.6)
+    cond = flow_cond(torch.randn(2, 5, 16, generator=g), torch.randn(2, 16, generator=g))
+    folder = save_full(student, tmp_path / "transformer", num_steps=4)
+    network = diffusers.FluxTransformer2DModel.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        ours, plain = student(x, s, cond, num_steps=4), student(x, s, cond)
+        theirs = FlowTransformerStudent(network)(x, s, cond)
+    assert float((ours - plain).abs().max()) > 1e-3  # the step embedding matters
+    assert torch.allclose(theirs, ours, atol=1e-5, rtol=1e-5)

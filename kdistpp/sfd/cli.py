@@ -70,7 +70,10 @@ def parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("--run", required=True, help="the output folder of `train`")
     e.add_argument("--output", required=True, help="the file (.safetensors LoRA) or folder (--full) to write")
-    e.add_argument("--full", action="store_true", help="write the merged student as a diffusers UNet folder instead of a LoRA")
+    e.add_argument("--full", action="store_true", help="write the merged student as a diffusers network folder "
+                   "(UNet or transformer) instead of a LoRA")
+    e.add_argument("--steps", type=int, default=None, help="an SFD-v run's step count N to write the full network "
+                   "for (its step embedding at N folded in; with --full)")
     return p
 
 
@@ -353,21 +356,27 @@ def export(args) -> int:
         raise ValueError(f"--run {args.run!r} is not a finished `train` output folder (needs run.json and checkpoint.pt)")
     settings = json.loads((run / "run.json").read_text())
     steps = parse_steps(settings["steps"])
-    if not isinstance(steps, int):
-        raise ValueError("this run trained an SFD-v student (several --steps): its step embedding is not part of the "
-                         "network the hosts load; use it through kdistpp, or train one step count to export it")
+    step_conditioned = not isinstance(steps, int)
+    if step_conditioned and not (args.full and args.steps in steps):
+        raise ValueError(f"this run trained an SFD-v student (--steps {settings['steps']}): its step embedding is not "
+                         "part of a LoRA the hosts load; write a full network for one of its step counts with "
+                         f"--full --steps N (N in {list(steps)})")
+    if not step_conditioned and args.steps is not None:
+        raise ValueError("--steps is for SFD-v runs (several step counts); this run trained one")
     teacher = Path(settings["teacher"])
     kind = network_class(teacher)
     if kind == "UNet2DConditionModel":
         network = diffusers.UNet2DConditionModel.from_pretrained(str(teacher / "unet"))
         if settings["lora_rank"]:
             network = add_lora(network, settings["lora_rank"], settings["lora_alpha"])
-        student = UNetStudent(network, diffusers.DDPMScheduler.from_pretrained(str(teacher / "scheduler")))
+        student = UNetStudent(network, diffusers.DDPMScheduler.from_pretrained(str(teacher / "scheduler")),
+                              step_conditioned=step_conditioned)
     else:
         network = getattr(diffusers, kind).from_pretrained(str(teacher / "transformer"))
         if settings["lora_rank"]:
             network = add_lora(network, settings["lora_rank"], settings["lora_alpha"])
-        student = FlowAsVE(FlowTransformerStudent(network, guidance=settings.get("guidance")))
+        student = FlowAsVE(FlowTransformerStudent(network, guidance=settings.get("guidance"),
+                                                  step_conditioned=step_conditioned))
     checkpoint = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
     state = checkpoint["ema"] if settings.get("ema") else checkpoint["student"]  # the weights train wrote at its end
     missing = {n for n, p in student.named_parameters() if p.requires_grad} - set(state)
@@ -375,7 +384,7 @@ def export(args) -> int:
         raise ValueError(f"checkpoint.pt lacks trained weights of this student: {sorted(missing)[:3]}")
     student.load_state_dict(state, strict=False)
     if args.full:
-        save_full(student, args.output)
+        save_full(student, args.output, num_steps=args.steps)
     else:
         if not settings["lora_rank"]:
             raise ValueError("this run fine-tuned the whole UNet (--lora-rank 0): export it with --full")

@@ -122,11 +122,34 @@ def lora_file_state_dict(student: nn.Module, state: dict | None = None) -> dict[
     return out
 
 
+def _step_conditioned(student: nn.Module):
+    """The SFD-v wrapper (UNetStudent / FlowTransformerStudent with a step embedding) inside `student`, or None."""
+    for module in student.modules():
+        if getattr(module, "step_embedding", None) is not None and hasattr(module, "time_module"):
+            return module
+    return None
+
+
 def _check_exportable(student: nn.Module) -> None:
-    step = getattr(student, "step_embedding", None) or getattr(getattr(student, "flow_model", None), "step_embedding", None)
-    if step is not None:
-        raise ValueError("an SFD-v student's step embedding is not part of the network the hosts load: export a "
-                         "student trained for one step count (SFD), or use it through kdistpp")
+    if _step_conditioned(student) is not None:
+        raise ValueError("an SFD-v student's step embedding is not part of the network the hosts load: export it "
+                         "as a full network for one step count (save_full(..., num_steps=n)), train a student for "
+                         "one step count (SFD), or use it through kdistpp")
+
+
+# Where a step count's embedding folds into a bias: the last Linear whose output is (a summand of) the
+# time embedding the step embedding is added to.
+_FOLD_INTO = {"time_embedding": "time_embedding.linear_2", "time_text_embed": "time_text_embed.text_embedder.linear_2"}
+
+
+def _fold_step_embedding(student: nn.Module, network: nn.Module, state: dict, num_steps: int) -> None:
+    """Adds SFD-v's embedding of `num_steps` to the bias of the time embedding's last Linear (in `state`):
+    the network then computes, without any step input, what the student computes at that count."""
+    wrapper = _step_conditioned(student)
+    with torch.no_grad():
+        emb = wrapper.step_embedding(torch.tensor([int(num_steps)]))[0].float().cpu()
+    key = _FOLD_INTO[wrapper.time_module] + ".bias"
+    state[key] = (state[key].float() + emb).to(state[key].dtype)
 
 
 def save_lora(student: nn.Module, path: str | Path, metadata: dict | None = None, state: dict | None = None) -> Path:
@@ -159,19 +182,27 @@ def merged_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_full(student: nn.Module, folder: str | Path) -> Path:
+def save_full(student: nn.Module, folder: str | Path, num_steps: int | None = None) -> Path:
     """Writes the merged student as a diffusers model folder (config.json and
-    diffusion_pytorch_model.safetensors), loadable by `from_pretrained` and by the hosts' model loaders."""
+    diffusion_pytorch_model.safetensors), loadable by `from_pretrained` and by the hosts' model loaders.
+    An SFD-v student needs `num_steps`, the step count the written network is for (its step embedding
+    at that count is folded into the time embedding's bias)."""
     from safetensors.torch import save_file
 
-    _check_exportable(student)
     network, _ = _network(student)
+    state = merged_state_dict(network)
+    if _step_conditioned(student) is not None:
+        if num_steps is None:
+            _check_exportable(student)
+        _fold_step_embedding(student, network, state, num_steps)
+    elif num_steps is not None:
+        raise ValueError("num_steps is for SFD-v students (a step embedding to fold in); this student has none")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in dict(network.config).items() if not k.startswith("_")}
     config["_class_name"] = type(network).__name__
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))
-    save_file(merged_state_dict(network), str(folder / "diffusion_pytorch_model.safetensors"))
+    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
     return folder
 
 
