@@ -41,9 +41,10 @@ import renoise  # noqa: E402
 import sdxl_cost  # noqa: E402
 import sfd  # noqa: E402
 import sfd_flow  # noqa: E402
+import sfd_unet  # noqa: E402
 
 ORDER = ("displacement", "forms", "quality", "compute_matched", "renoise", "conditional", "digits_cfg", "flow",
-         "picture", "overhead", "sdxl", "sfd", "sfd_flow")
+         "picture", "overhead", "sdxl", "sfd", "sfd_flow", "sfd_unet", "sfd_flow_transformer")
 TUNED = ("quality", "compute_matched", "renoise", "picture")  # the sections that read the forms sweep's picks
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
@@ -155,6 +156,10 @@ def sizes(name: str, cfg: common.Config, args) -> str:
     if name == "sfd_flow":
         s = sfd_flow.sizes(cfg)
         return (f"teacher: {s['dsm']} DSM iterations, hidden {2 * s['hidden']}; students: {s['sfd']} SFD batches; "
+                f"{s['n_eval']} samples, {seed_list(s['eval_seeds'])}, NFE {list(s['nfes'])}")
+    if name in ("sfd_unet", "sfd_flow_transformer"):
+        s = sfd_unet.sizes(cfg)
+        return (f"teacher: {s['teacher']} iterations; students: {s['sfd']} SFD batches (LoRA rank {s['rank']}); "
                 f"{s['n_eval']} samples, {seed_list(s['eval_seeds'])}, NFE {list(s['nfes'])}")
     if name == "overhead":
         repeats, steps = overhead_sizes(args)
@@ -339,6 +344,10 @@ def main(argv=None) -> str:
         section("sfd", lambda: sfd.run(cfg))
     if "sfd_flow" in wanted:
         section("sfd_flow", lambda: sfd_flow.run(cfg))
+    if "sfd_unet" in wanted:
+        section("sfd_unet", lambda: sfd_unet.run(cfg))
+    if "sfd_flow_transformer" in wanted:
+        section("sfd_flow_transformer", lambda: sfd_unet.run_flow(cfg))
     torch.set_num_threads(threads)
     print(f"[this invocation] {time.perf_counter() - started:.0f} s; {shown_path(os.path.join(common.DOCS, 'benchmarks.md'))}",
           flush=True)

@@ -12,9 +12,10 @@ import pytest
 ROOT = pathlib.Path(__file__).parent.parent
 HEADINGS = ("## Headline", "## One guided step", "## Forms and w", "## Quality", "## Compute-matched", "## Renoise",
             "## Conditional generation", "## Digits with a CFG teacher", "## Flow-matching students",
-            "## The 2-D picture", "## Overhead", "## Real-size cost", "## SFD: trajectory", "## SFD on a flow teacher")
+            "## The 2-D picture", "## Overhead", "## Real-size cost", "## SFD: trajectory", "## SFD on a flow teacher",
+            "## SFD on an SD-architecture UNet", "## SFD on a flow transformer")
 SECTIONS = ("headline", "displacement", "forms", "quality", "compute_matched", "renoise", "conditional", "digits_cfg",
-            "flow", "picture", "overhead", "sdxl", "sfd", "sfd_flow")
+            "flow", "picture", "overhead", "sdxl", "sfd", "sfd_flow", "sfd_unet", "sfd_flow_transformer")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

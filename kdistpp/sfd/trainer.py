@@ -7,6 +7,7 @@ and after each step takes one optimizer step on the L1 distance to the teacher's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import numbers
 import random
@@ -16,7 +17,10 @@ import torch
 from torch import nn
 from tqdm.auto import trange
 
-from .trajectory import analytic_denoised, broadcast_sigma, dpmpp_3m_trajectory, euler_step, nested_grid, polynomial_sigmas
+from .trajectory import (analytic_denoised, broadcast_sigma, dpmpp_3m_trajectory, euler_step, euler_trajectory, nested_grid,
+                         polynomial_sigmas)
+
+TEACHER_SOLVERS = {"dpmpp_3m": dpmpp_3m_trajectory, "euler": euler_trajectory}
 
 
 @dataclasses.dataclass
@@ -30,6 +34,8 @@ class SFDConfig:
     iterations: trajectory batches; each makes N - 1 optimizer steps (one less with `afs`).
     lr_decay_at: fraction of `iterations` after which the learning rate is divided by 10.
     afs: analytical first step (untrained, no model call); sigma_data is the std it assumes for x0.
+    teacher_solver: "dpmpp_3m" (SFD's teacher solver) or "euler" (the second stage's, whose teacher is a
+        first-stage student; see `second_stage`).
     """
 
     num_steps: int | Sequence[int] = 4
@@ -37,6 +43,7 @@ class SFDConfig:
     sigma_max: float = 80.0
     rho: float = 7.0
     substeps: int = 4
+    teacher_solver: str = "dpmpp_3m"
     afs: bool = False
     sigma_data: float = 1.0
     lr: float = 5e-5
@@ -55,6 +62,8 @@ class SFDConfig:
             raise ValueError("afs=True takes the first interval analytically: num_steps must be >= 3")
         if not isinstance(self.substeps, int) or self.substeps < 1:
             raise ValueError(f"substeps (K) must be an int >= 1, got {self.substeps!r}")
+        if self.teacher_solver not in TEACHER_SOLVERS:
+            raise ValueError(f"teacher_solver must be one of {sorted(TEACHER_SOLVERS)}, got {self.teacher_solver!r}")
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
         if self.batch_size < 1 or self.iterations < 1 or self.lr <= 0:
@@ -104,24 +113,52 @@ class SFDTrainer:
 
     Conditional models: `condition(generator, batch_size)` returns the batch's extra_args; the teacher
     gets them updated with `teacher_extra_args` (e.g. a guidance scale; SFD distils at scale 1).
+
+    Only the student's parameters with requires_grad are optimised (a LoRA student's adapters).
+    `parallel="fsdp"` shards the student with FSDP2 (`fully_shard` per block, then the whole
+    network; `kdistpp.sfd.distributed.shard`) instead of DDP; shard a separate frozen teacher the
+    same way yourself, or pass a `LoRATeacher`, which is the sharded student with its adapters off.
+    `autocast` (e.g. torch.bfloat16) runs student and teacher under torch.autocast while the weights,
+    the optimizer and the step arithmetic stay float32. `ema` (a decay, e.g. 0.999) keeps an exponential
+    moving average of the trained weights after every optimizer step (`ema_weights()` swaps it in); SFD's
+    authors use none.
     """
 
     def __init__(self, student: nn.Module, teacher: Callable, config: SFDConfig | None = None, *,
                  shape: Sequence[int] | None = None, condition: Callable | None = None,
-                 teacher_extra_args: dict | None = None, optimizer: torch.optim.Optimizer | None = None):
+                 teacher_extra_args: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
+                 parallel: str = "ddp", autocast: torch.dtype | None = None, ema: float | None = None):
         if not isinstance(student, nn.Module):
             raise TypeError(f"student must be a torch.nn.Module (its weights are trained), got {type(student).__name__}")
         if not callable(teacher):
             raise TypeError(f"teacher must be a denoiser D(x, sigma, **extra), got {type(teacher).__name__}")
+        from .networks import check_pair
+
+        check_pair(student, teacher)
         self.config = config or SFDConfig()
         self.student, self.teacher = student, teacher
         self.shape = tuple(shape) if shape is not None else None
         self.condition, self.teacher_extra_args = condition, dict(teacher_extra_args or {})
+        if parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+        if autocast is not None and not (isinstance(autocast, torch.dtype) and autocast.is_floating_point):
+            raise TypeError(f"autocast must be a floating torch.dtype (e.g. torch.bfloat16) or None, got {autocast!r}")
         self.rank, self.world_size = _distributed()
+        if ema is not None and not 0.0 < ema < 1.0:
+            raise ValueError(f"ema must be a decay in (0, 1), e.g. 0.999, or None, got {ema!r}")
+        self.parallel, self.autocast, self.ema_decay = parallel, autocast, ema
         self.model = student
-        if self.world_size > 1:
+        if self.world_size > 1 and parallel == "ddp":
             self.model = nn.parallel.DistributedDataParallel(student)
-        self.optimizer = optimizer or torch.optim.Adam(student.parameters(), lr=self.config.lr, betas=(0.9, 0.999), eps=1e-8)
+        elif self.world_size > 1:
+            from .distributed import shard
+
+            self.model = shard(student)
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("the student has no parameter with requires_grad=True: nothing would be trained")
+        self.optimizer = optimizer or torch.optim.Adam(trainable, lr=self.config.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.ema = None if ema is None else {name: p.detach().clone() for name, p in self.trained_parameters()}
         self.generator = torch.Generator().manual_seed(self.config.seed * 1000 + self.rank)  # noise, per rank
         self.step_generator = torch.Generator().manual_seed(self.config.seed)  # SFD-v's N, the same on all ranks
         self.iteration = 0
@@ -155,7 +192,8 @@ class SFDTrainer:
         ts = cfg.timestamps(n)
         grid = nested_grid(ts, cfg.substeps, cfg.rho)
         self.teacher_eval()
-        targets = dpmpp_3m_trajectory(self.teacher, x, grid, teacher_args)[:: cfg.substeps]
+        with self.autocast_context():
+            targets = TEACHER_SOLVERS[cfg.teacher_solver](self.teacher, x, grid, teacher_args)[:: cfg.substeps]
         lr = self.learning_rate(self.iteration)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -166,7 +204,8 @@ class SFDTrainer:
             if cfg.afs and i == 0:
                 x = euler_step(x, t, t_next, analytic_denoised(x, t, cfg.sigma_data))
                 continue
-            denoised = self.model(x, broadcast_sigma(t, x), **extra_args)
+            with self.autocast_context():
+                denoised = self.model(x, broadcast_sigma(t, x), **extra_args).to(x.dtype)
             if denoised.shape != x.shape:
                 raise ValueError(f"student returned shape {tuple(denoised.shape)} for input {tuple(x.shape)}")
             x_next = euler_step(x, t, t_next, denoised)
@@ -174,12 +213,46 @@ class SFDTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            self.update_ema()
             losses.append(loss.item())
             x = x_next.detach()  # the next step starts from the student's own state; no gradient through it
         self.iteration += 1
         mean = sum(losses) / len(losses)
         self.losses.append(mean)
         return mean
+
+    def trained_parameters(self):
+        return [(name, p) for name, p in self.student.named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema <- decay * ema + (1 - decay) * weights (on FSDP's shards alike: the update is elementwise)."""
+        if self.ema is None:
+            return
+        for name, p in self.trained_parameters():
+            self.ema[name].lerp_(p.detach(), 1.0 - self.ema_decay)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Within the block the student holds its EMA weights (for sampling or export); restored after."""
+        if self.ema is None:
+            raise ValueError("this trainer keeps no EMA: build it with ema=<decay>")
+        saved = {}
+        with torch.no_grad():
+            for name, p in self.trained_parameters():
+                saved[name] = p.detach().clone()
+                p.copy_(self.ema[name])
+        try:
+            yield self.student
+        finally:
+            with torch.no_grad():
+                for name, p in self.trained_parameters():
+                    p.copy_(saved[name])
+
+    def autocast_context(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
 
     def teacher_eval(self) -> None:
         if isinstance(self.teacher, nn.Module):
@@ -201,28 +274,67 @@ class SFDTrainer:
         return self.losses
 
     def state_dict(self) -> dict:
-        return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "iteration": self.iteration, "generator": self.generator.get_state(),
+        """The training state: the student's trainable weights (its frozen ones are the teacher's, loaded
+        with it), the optimizer, iteration, and every rank's noise generator. A collective call under
+        torch.distributed (FSDP's shards are gathered): every rank calls it; rank 0 gets the tensors."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        student, optimizer = get_state_dict(self.student, self.optimizer, options=options)
+        generators = [self.generator.get_state()]
+        if self.world_size > 1:
+            generators = [None] * self.world_size
+            torch.distributed.all_gather_object(generators, self.generator.get_state())
+        return {"student": student, "optimizer": optimizer,
+                "iteration": self.iteration, "generators": generators,
                 "step_generator": self.step_generator.get_state(), "losses": list(self.losses),
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                "config": dataclasses.asdict(self.config)}
+                "config": dataclasses.asdict(self.config), "ema": self._full_ema()}
+
+    def _full_ema(self) -> dict | None:
+        """The EMA as full CPU tensors (FSDP's shards gathered: a collective, like the rest of state_dict)."""
+        if self.ema is None:
+            return None
+        return {name: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu() for name, t in self.ema.items()}
 
     def save(self, path: str) -> None:
-        """Writes model, optimizer, iteration and RNG state (rank 0 only under torch.distributed)."""
+        """Writes model, optimizer, iteration and RNG states; under torch.distributed every rank must call
+        it (the state is gathered) and rank 0 alone writes."""
+        state = self.state_dict()
         if self.rank == 0:
-            torch.save(self.state_dict(), path)
+            torch.save(state, path)
 
     def load(self, path: str) -> "SFDTrainer":
-        """Restores a checkpoint written by `save`; training then continues exactly where it stopped."""
-        state = torch.load(path, map_location=self.device, weights_only=True)  # tensors, numbers and tuples only
+        """Restores a checkpoint written by `save`; training then continues exactly where it stopped.
+        Under torch.distributed every rank reads `path` (a file system all ranks see) and the same
+        number of processes must run as when it was written."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors, numbers and tuples only
         saved = SFDConfig(**state["config"])
         if dataclasses.asdict(saved) != dataclasses.asdict(self.config):
             raise ValueError(f"checkpoint was trained with {saved}, this trainer has {self.config}")
-        self.student.load_state_dict(state["student"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if len(state["generators"]) != self.world_size:
+            raise ValueError(f"checkpoint was written by {len(state['generators'])} processes, this run has "
+                             f"{self.world_size}: resume with as many (each rank's noise stream is in it)")
+        trainable = {name for name, p in self.student.named_parameters() if p.requires_grad}
+        if not trainable <= set(state["student"]):
+            raise ValueError(f"checkpoint lacks trainable weights of this student: {sorted(trainable - set(state['student']))[:5]}")
+        set_state_dict(self.student, self.optimizer, model_state_dict=state["student"],
+                       optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True, strict=False))
         self.iteration, self.losses = state["iteration"], list(state["losses"])
-        self.generator.set_state(state["generator"].cpu())
+        self.generator.set_state(state["generators"][self.rank].cpu())
         self.step_generator.set_state(state["step_generator"].cpu())
+        if (state.get("ema") is None) != (self.ema is None):
+            raise ValueError("checkpoint and trainer disagree on EMA: resume with the ema setting it was trained with")
+        if self.ema is not None:
+            for name, p in self.trained_parameters():
+                full = state["ema"][name].to(p.device)
+                if hasattr(p, "device_mesh"):  # an FSDP shard: this rank's part of the full tensor
+                    from torch.distributed.tensor import distribute_tensor
+
+                    full = distribute_tensor(full, p.device_mesh, p.placements)
+                self.ema[name] = full.to(p.dtype)
         torch.set_rng_state(state["torch_rng"].cpu())
         random.setstate(state["python_rng"])
         return self

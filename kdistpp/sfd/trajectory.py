@@ -77,6 +77,21 @@ def dpmpp_3m_trajectory(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args
     return states
 
 
+@torch.no_grad()
+def euler_trajectory(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None) -> list[torch.Tensor]:
+    """Euler through `sigmas` from x at sigmas[0] (SFD Eq. 4 at every point); returns the state at every
+    grid point (index 0 is x). The teacher solver of SFD's second stage, whose teacher is itself an
+    Euler-sampled SFD student."""
+    extra_args = extra_args or {}
+    sig = [float(s) for s in sigmas]
+    states = [x]
+    for i in range(len(sig) - 1):
+        denoised = model(states[-1], x.new_full((x.shape[0],), sig[i]), **extra_args)
+        check_denoiser_output(denoised, x, "teacher", f"at sigma {sig[i]:.4g}", TeacherOutputError)
+        states.append(euler_step(states[-1], sig[i], sig[i + 1], denoised.to(x.dtype)))
+    return states
+
+
 def multistep_update(state, denoised, history, gaps, h: float, order: int):
     """One DPM-Solver++ multistep update over log-sigma step h (Lu et al. 2022, data prediction).
 
@@ -120,4 +135,4 @@ def broadcast_sigma(sigma: float, x: torch.Tensor) -> torch.Tensor:
     return x.new_full((x.shape[0],), sigma)
 
 
-__all__ = ["polynomial_sigmas", "nested_grid", "dpmpp_3m_trajectory", "multistep_update", "euler_step", "analytic_denoised", "broadcast_sigma"]
+__all__ = ["polynomial_sigmas", "nested_grid", "dpmpp_3m_trajectory", "euler_trajectory", "multistep_update", "euler_step", "analytic_denoised", "broadcast_sigma"]

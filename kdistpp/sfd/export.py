@@ -1,0 +1,209 @@
+"""A trained LoRA student as a file the hosts load: kohya-named `.safetensors` for SD 1.x/SDXL UNets
+(ComfyUI's LoRA loaders, A1111/Forge's `<lora:name:1>`, diffusers' `load_lora_weights`), peft-named
+for Flux/SD3 transformers; or the merged weights as a full diffusers-format UNet/transformer.
+
+Kohya names use the original (ldm) UNet's module paths, `lora_unet_<path with _>`, with
+`.lora_down.weight` (peft's lora_A), `.lora_up.weight` (lora_B) and a float `.alpha`: every host
+scales the product by alpha / rank, as peft does with lora_alpha / r. ldm paths, not diffusers',
+because A1111 maps only those for every layer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .lora import lora_layers
+
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+        "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def _per_block(value, n: int) -> list[int]:
+    return [int(value)] * n if isinstance(value, int) else [int(v) for v in value]
+
+
+def ldm_unet_path(path: str, config) -> str:
+    """The original Stable Diffusion (ldm) path of a diffusers UNet2DConditionModel module `path`,
+    e.g. down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q -> input_blocks.2.1.transformer_blocks.0.attn1.to_q.
+
+    ldm numbers the down path's resnets (with their attention) and downsamplers in one sequence
+    after conv_in, and the up path's resnets (one more per level) likewise, upsamplers sitting in the
+    last resnet's slot after its attention."""
+    layers = _per_block(config.layers_per_block, len(config.down_block_types))
+    up_layers = list(reversed(layers))
+    up_attention = [t.startswith("CrossAttn") for t in config.up_block_types]
+    parts = path.split(".")
+    for prefix, target in _TOP.items():
+        if path == prefix or path.startswith(prefix + "."):
+            return target + path[len(prefix):]
+    if parts[0] == "down_blocks":
+        i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        start = 1 + sum(n + 1 for n in layers[:i])
+        if kind == "downsamplers":
+            return ".".join([f"input_blocks.{start + layers[i]}.0.op", *rest[1:]])  # rest[0] is "conv"
+        return _inner(f"input_blocks.{start + j}", kind, rest)
+    if parts[0] == "up_blocks":
+        i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        start = sum(n + 1 for n in up_layers[:i])
+        if kind == "upsamplers":
+            return ".".join([f"output_blocks.{start + up_layers[i]}.{2 if up_attention[i] else 1}.conv", *rest[1:]])
+        return _inner(f"output_blocks.{start + j}", kind, rest)
+    if parts[0] == "mid_block":
+        kind, j, rest = parts[1], int(parts[2]), parts[3:]
+        if kind == "attentions":
+            return ".".join(["middle_block.1", *rest])
+        return _resnet(f"middle_block.{2 * j}", rest)
+    raise ValueError(f"no ldm path for the UNet module {path!r}")
+
+
+def _inner(block: str, kind: str, rest: list[str]) -> str:
+    if kind == "attentions":
+        return ".".join([f"{block}.1", *rest])
+    return _resnet(f"{block}.0", rest)
+
+
+def _resnet(block: str, rest: list[str]) -> str:
+    name = rest[0]
+    if name not in _RESNET:
+        raise ValueError(f"no ldm name for the resnet module {name!r}")
+    return ".".join([block, _RESNET[name], *rest[1:]])
+
+
+def _network(student: nn.Module) -> tuple[nn.Module, str]:
+    """The diffusers network inside a student wrapper (UNetStudent, FlowTransformerStudent, FlowAsVE), and its kind."""
+    for module in student.modules():
+        name = type(module).__name__
+        if name == "UNet2DConditionModel":
+            return module, "unet"
+        if name in ("FluxTransformer2DModel", "SD3Transformer2DModel"):
+            return module, "transformer"
+    raise TypeError(f"no diffusers UNet2DConditionModel or SD3/Flux transformer in {type(student).__name__}")
+
+
+def _adapters(network: nn.Module, state: dict | None = None, prefix: str = ""):
+    """(module path, lora_A weight, lora_B weight, alpha, rank) of each LoRA layer of `network`; the
+    weights from `state` (a full state dict, keys `prefix + path`) when given: an FSDP-sharded
+    network's own parameters are shards."""
+    layers = {id(m) for m in lora_layers(network)}
+    for path, module in network.named_modules():
+        if id(module) in layers and "default" in module.lora_A:
+            if state is None:
+                down, up = module.lora_A["default"].weight, module.lora_B["default"].weight
+            else:
+                down, up = state[f"{prefix}{path}.lora_A.default.weight"], state[f"{prefix}{path}.lora_B.default.weight"]
+            yield path, down, up, float(module.lora_alpha["default"]), int(module.r["default"])
+
+
+def lora_file_state_dict(student: nn.Module, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """The student's adapters under the names the hosts load (kohya for UNets, peft for transformers).
+    `state`: the student's full state dict (as gathered from FSDP shards), else its own parameters."""
+    network, kind = _network(student)
+    prefix = next(name for name, module in student.named_modules() if module is network)
+    out = {}
+    for path, down, up, alpha, _rank in _adapters(network, state, prefix + "." if prefix else ""):
+        if kind == "unet":
+            key = "lora_unet_" + ldm_unet_path(path, network.config).replace(".", "_")
+            out[f"{key}.lora_down.weight"] = down.detach().float().contiguous().cpu()
+            out[f"{key}.lora_up.weight"] = up.detach().float().contiguous().cpu()
+        else:
+            key = f"transformer.{path}"
+            out[f"{key}.lora_A.weight"] = down.detach().float().contiguous().cpu()
+            out[f"{key}.lora_B.weight"] = up.detach().float().contiguous().cpu()
+        out[f"{key}.alpha"] = torch.tensor(alpha)
+    if not out:
+        raise ValueError("the student has no LoRA adapters to export: export it as a full checkpoint (full=True)")
+    return out
+
+
+def _step_conditioned(student: nn.Module):
+    """The SFD-v wrapper (UNetStudent / FlowTransformerStudent with a step embedding) inside `student`, or None."""
+    for module in student.modules():
+        if getattr(module, "step_embedding", None) is not None and hasattr(module, "time_module"):
+            return module
+    return None
+
+
+def _check_exportable(student: nn.Module) -> None:
+    if _step_conditioned(student) is not None:
+        raise ValueError("an SFD-v student's step embedding is not part of the network the hosts load: export it "
+                         "as a full network for one step count (save_full(..., num_steps=n)), train a student for "
+                         "one step count (SFD), or use it through kdistpp")
+
+
+# Where a step count's embedding folds into a bias: the last Linear whose output is (a summand of) the
+# time embedding the step embedding is added to.
+_FOLD_INTO = {"time_embedding": "time_embedding.linear_2", "time_text_embed": "time_text_embed.text_embedder.linear_2"}
+
+
+def _fold_step_embedding(student: nn.Module, network: nn.Module, state: dict, num_steps: int) -> None:
+    """Adds SFD-v's embedding of `num_steps` to the bias of the time embedding's last Linear (in `state`):
+    the network then computes, without any step input, what the student computes at that count."""
+    wrapper = _step_conditioned(student)
+    with torch.no_grad():
+        emb = wrapper.step_embedding(torch.tensor([int(num_steps)]))[0].float().cpu()
+    key = _FOLD_INTO[wrapper.time_module] + ".bias"
+    state[key] = (state[key].float() + emb).to(state[key].dtype)
+
+
+def save_lora(student: nn.Module, path: str | Path, metadata: dict | None = None, state: dict | None = None) -> Path:
+    """Writes the student's adapters to `path` (.safetensors) in the hosts' key format (from `state`, the
+    full state dict, when given: see `lora_file_state_dict`)."""
+    from safetensors.torch import save_file
+
+    _check_exportable(student)
+    path = Path(path)
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    save_file(lora_file_state_dict(student, state), str(path), metadata=meta)
+    return path
+
+
+def merged_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:
+    """The network's weights with each LoRA's alpha / r * B @ A added to its base weight, under the
+    network's own (diffusers) names: what `save_pretrained` writes for the merged network."""
+    deltas = {}
+    for path, down, up, alpha, rank in _adapters(network):
+        delta = (up.detach().float().flatten(1) @ down.detach().float().flatten(1)) * (alpha / rank)
+        deltas[f"{path}.base_layer.weight"] = delta
+    out = {}
+    for key, value in network.state_dict().items():
+        if "lora_" in key:
+            continue
+        value = value.detach()
+        if key in deltas:
+            value = (value.float() + deltas[key].reshape(value.shape)).to(value.dtype)
+        out[key.replace(".base_layer.", ".")] = value.contiguous().cpu()
+    return out
+
+
+def save_full(student: nn.Module, folder: str | Path, num_steps: int | None = None) -> Path:
+    """Writes the merged student as a diffusers model folder (config.json and
+    diffusion_pytorch_model.safetensors), loadable by `from_pretrained` and by the hosts' model loaders.
+    An SFD-v student needs `num_steps`, the step count the written network is for (its step embedding
+    at that count is folded into the time embedding's bias)."""
+    from safetensors.torch import save_file
+
+    network, _ = _network(student)
+    state = merged_state_dict(network)
+    if _step_conditioned(student) is not None:
+        if num_steps is None:
+            _check_exportable(student)
+        _fold_step_embedding(student, network, state, num_steps)
+    elif num_steps is not None:
+        raise ValueError("num_steps is for SFD-v students (a step embedding to fold in); this student has none")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in dict(network.config).items() if not k.startswith("_")}
+    config["_class_name"] = type(network).__name__
+    (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))
+    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+    return folder
+
+
+__all__ = ["ldm_unet_path", "lora_file_state_dict", "merged_state_dict", "save_full", "save_lora"]

@@ -1,0 +1,213 @@
+"""An SFD LoRA student exported by kdistpp, loaded by real ComfyUI (the pinned 0.8.0 tree).
+
+A tiny diffusers SD1.5-architecture UNet, and a tiny Flux transformer, are the teachers; kdistpp trains a
+LoRA student on each and exports it (kohya keys for the UNet, peft keys for Flux). ComfyUI builds the same
+network from its own config, loads the teacher's weights (converted by ComfyUI's own diffusers maps; the
+UNet's through a checkpoint file), applies the file with `comfy.sd.load_lora_for_models` (the LoraLoader
+node's path) and computes the denoised output with its own model sampling: it equals kdistpp's student on
+the same input to float32 rounding. Needs ComfyUI's requirements plus diffusers and peft (`.ci/run`
+installs them in .venv-comfyui); elsewhere it skips.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hosts import import_comfy
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from kdistpp.sfd import SFDConfig, SFDTrainer  # noqa: E402
+from kdistpp.sfd.export import save_lora  # noqa: E402
+from kdistpp.sfd.lora import LoRATeacher, add_lora  # noqa: E402
+from kdistpp.sfd.networks import UNetStudent  # noqa: E402
+
+CONTEXT = 32
+# ComfyUI's SD15 UNet config for the same tiny architecture as the diffusers UNet below: attention on every
+# level (ComfyUI's diffusers map reads transformer_depth_output from its end, so only a symmetric one maps);
+# 8 heads, as ComfyUI's SD15 class sets whatever the config says.
+COMFY_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+              "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 32,
+              "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "channel_mult": [1, 2],
+              "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": CONTEXT,
+              "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1], "use_temporal_attention": False,
+              "use_temporal_resblock": False, "dtype": torch.float32}
+
+
+def tiny_teacher():
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
+        cross_attention_dim=CONTEXT, attention_head_dim=8, norm_num_groups=32)
+    with torch.no_grad():  # diffusers zero-initialises conv_out: a zero output would hide everything
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    return unet.eval()
+
+
+@pytest.fixture(scope="module")
+def comfy():
+    return import_comfy(full=True)
+
+
+SD_CONFIG = dict(num_steps=3, sigma_min=0.1, sigma_max=14.0, batch_size=2, lr=2e-2, iterations=3)
+
+
+def trained_sd15_student(comfy, tmp_path, targets=("to_q", "to_k", "to_v", "to_out.0")):
+    """(kdistpp's trained LoRA student, ComfyUI's model with the exported file loaded by LoraLoader's function)."""
+    import safetensors.torch
+
+    import comfy.utils
+
+    unet = tiny_teacher()
+    teacher_state = {k: v.clone() for k, v in unet.state_dict().items()}
+    scheduler = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    student = UNetStudent(add_lora(unet, rank=4, alpha=2.0, target_modules=targets), scheduler)
+
+    def condition(generator, batch):
+        return {"cond": {"encoder_hidden_states": torch.randn(batch, 5, CONTEXT, generator=generator)}}
+
+    SFDTrainer(student, LoRATeacher(student), SFDConfig(**SD_CONFIG), shape=(4, 8, 8),
+               condition=condition).fit(progress=False)
+    lora_path = save_lora(student, tmp_path / "sfd_student.safetensors")
+
+    # ComfyUI: the teacher as a checkpoint (its own diffusers -> ldm map), the LoRA through LoraLoader's function
+    model_config = comfy.supported_models.SD15(dict(COMFY_UNET))
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model({}, device=torch.device("cpu"))
+    to_ldm = comfy.utils.unet_to_diffusers(model_config.unet_config)
+    checkpoint = {f"model.diffusion_model.{to_ldm[k]}": v for k, v in teacher_state.items()}
+    assert len(checkpoint) == len(teacher_state)
+    safetensors.torch.save_file(checkpoint, str(tmp_path / "teacher.safetensors"))
+    base.load_model_weights(comfy.utils.load_torch_file(str(tmp_path / "teacher.safetensors")), "model.diffusion_model.")
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=torch.device("cpu"))
+    lora = comfy.utils.load_torch_file(str(lora_path))
+    loaded, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
+    assert len(loaded.patches) == len(lora) // 3  # every module of the file found its layer
+    return student, loaded
+
+
+@pytest.mark.parametrize("targets", ["attention", "attention_and_resnets"])
+def test_exported_lora_in_comfyuis_loader_gives_the_students_denoised_output(comfy, tmp_path, targets):
+    names = ("to_q", "to_k", "to_v", "to_out.0") + (("conv1", "conv2", "time_emb_proj", "proj_in", "ff.net.2")
+                                                   if targets != "attention" else ())
+    student, loaded = trained_sd15_student(comfy, tmp_path, names)
+    comfy.model_management.load_models_gpu([loaded])
+    g = torch.Generator().manual_seed(0)
+    t = 400
+    sigma = loaded.model.model_sampling.sigmas[t].reshape(1).expand(2)
+    x = torch.randn(2, 4, 8, 8, generator=g) * float(sigma[0])
+    context = torch.randn(2, 5, CONTEXT, generator=g)
+    with torch.no_grad():
+        ours = student(x, sigma, {"encoder_hidden_states": context})
+        teacher_out = LoRATeacher(student)(x, sigma, cond={"encoder_hidden_states": context})
+        device = comfy.model_management.get_torch_device()
+        theirs = loaded.model.apply_model(x.to(device), sigma.to(device), c_crossattn=context.to(device)).cpu()
+    scale = float(ours.abs().max())
+    assert float((ours - teacher_out).abs().max()) > 1e-3 * scale  # the LoRA moves the output: the check below means something
+    assert torch.allclose(theirs, ours, rtol=1e-4, atol=1e-5 * scale), float((theirs - ours).abs().max())
+
+
+def test_comfyuis_euler_on_the_students_timestamps_gives_kdistpps_sfd_sample(comfy, tmp_path):
+    """SamplerCustom (Euler, cfg 1, SFD timestamps as SIGMAS) with the exported LoRA draws the sample
+    `kdistpp.sfd.sample_sfd` draws from the same noise, in ComfyUI's latent scaling. ComfyUI calls an SD
+    UNet at the nearest integer timestep, kdistpp at the fractional one a sigma maps to: the timestamps
+    here are two of the model's own sigmas (N = 2, NFE 1), where the two agree; in between they differ by
+    the rounding (docs/sfd.md)."""
+    import comfy.sample
+    import comfy_extras.nodes_custom_sampler as ncs
+
+    from kdistpp.sfd import sample_sfd
+
+    student, loaded = trained_sd15_student(comfy, tmp_path)
+    grid = loaded.model.model_sampling.sigmas
+    config = SFDConfig(num_steps=2, sigma_min=float(grid[20]), sigma_max=float(grid[899]))  # below the largest
+    sigmas = config.timestamps()  # sigma: ComfyUI then scales the noise by sigma, as kdistpp
+    context = torch.randn(1, 5, CONTEXT, generator=torch.Generator().manual_seed(4))
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    out = ncs.SamplerCustom.execute(loaded, True, 7, 1.0, [[context, {}]], [[torch.zeros_like(context), {}]],
+                                    comfy.samplers.ksampler("euler"), sigmas, latent)
+    theirs = out.result[0]["samples"] * loaded.model.latent_format.scale_factor  # back to the model's latent space
+    cond = {"cond": {"encoder_hidden_states": context}}
+    with torch.no_grad():
+        ours = sample_sfd(student, comfy.sample.prepare_noise(latent["samples"], 7) * config.sigma_max, config,
+                          extra_args=cond, disable=True)
+        other = sample_sfd(student, comfy.sample.prepare_noise(latent["samples"], 8) * config.sigma_max, config,
+                           extra_args=cond, disable=True)
+    scale = float(ours.abs().max())
+    assert float((other - ours).abs().max()) > 1e-2 * scale  # another seed is far off: the comparison can fail
+    assert torch.allclose(theirs, ours, rtol=1e-4, atol=1e-5 * scale), float((theirs - ours).abs().max())
+
+
+def tiny_diffusers_flux():
+    """A diffusers Flux transformer of the architecture of ComfyUI's Flux config below (2x2 patches of a
+    16-channel latent; diffusers' Flux blocks have an MLP ratio of 4)."""
+    torch.manual_seed(1)
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=CONTEXT, pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    with torch.no_grad():  # diffusers zero-initialises some output layers
+        for p in transformer.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    return transformer.eval()
+
+
+COMFY_FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 8, "context_in_dim": CONTEXT,
+              "hidden_size": 32, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+              "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+              "txt_ids_dims": []}
+
+
+def test_exported_flux_lora_in_comfyuis_loader_gives_the_students_denoised_output(comfy, tmp_path, caplog):
+    import comfy.model_detection
+    import comfy.utils
+
+    from kdistpp.integrations.diffusers import flow_cond
+    from kdistpp.sfd import FlowAsVE
+    from kdistpp.sfd.networks import FlowTransformerStudent
+
+    transformer = tiny_diffusers_flux()
+    teacher_state = {k: v.clone() for k, v in transformer.state_dict().items()}
+    student = FlowAsVE(FlowTransformerStudent(add_lora(transformer, rank=4, alpha=2.0, target_modules=(
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")), guidance=3.5))
+    g = torch.Generator().manual_seed(0)
+
+    def condition(generator, batch):
+        return {"cond": flow_cond(torch.randn(batch, 5, CONTEXT, generator=generator), torch.randn(batch, 8, generator=generator))}
+
+    config = SFDConfig(num_steps=3, batch_size=2, lr=2e-2, iterations=3)
+    SFDTrainer(student, LoRATeacher(student), config, shape=(16, 4, 4), condition=condition).fit(progress=False)
+    lora_path = save_lora(student, tmp_path / "sfd_flux.safetensors")
+
+    # ComfyUI: its Flux model, the teacher's diffusers weights converted by ComfyUI's own diffusers-Flux map
+    model_config = comfy.supported_models.Flux({**COMFY_FLUX, "dtype": torch.float32})
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model({}, device=torch.device("cpu"))
+    converted = comfy.model_detection.convert_diffusers_mmdit(teacher_state, "")
+    missing, unexpected = base.diffusion_model.load_state_dict(converted, strict=False)
+    assert not unexpected and not missing, (missing, unexpected)
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=torch.device("cpu"))
+    lora = comfy.utils.load_torch_file(str(lora_path))
+    with caplog.at_level("WARNING"):
+        loaded, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
+    assert "lora key not loaded" not in caplog.text  # every module of the file found its (fused) layer
+    assert len(loaded.patches) > 0
+    comfy.model_management.load_models_gpu([loaded])
+
+    s = torch.full((2,), 0.6)
+    x = torch.randn(2, 16, 4, 4, generator=g)
+    context, pooled = torch.randn(2, 5, CONTEXT, generator=g), torch.randn(2, 8, generator=g)
+    with torch.no_grad():
+        ours = student.flow_model(x, s, flow_cond(context, pooled))
+        teacher_out = LoRATeacher(student.flow_model)(x, s, cond=flow_cond(context, pooled))
+        device = comfy.model_management.get_torch_device()
+        theirs = loaded.model.apply_model(x.to(device), s.to(device), c_crossattn=context.to(device),
+                                          y=pooled.to(device), guidance=torch.full((2,), 3.5, device=device)).cpu()
+    scale = float(ours.abs().max())
+    assert float((ours - teacher_out).abs().max()) > 1e-3 * scale  # the LoRA moves the output
+    assert torch.allclose(theirs, ours, rtol=1e-4, atol=1e-5 * scale), float((theirs - ours).abs().max())

@@ -1,0 +1,329 @@
+"""`python -m kdistpp.sfd train|export` on a tiny random SD-architecture pipeline saved with save_pretrained
+(the real SD1 tokenizer files from the Forge tree; the test skips without them)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hosts import SHARED_HOSTS
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from kdistpp.sfd import cli, prompts  # noqa: E402
+
+TOKENIZER = (Path(os.environ.get("KDISTPP_FORGE", SHARED_HOSTS / "forge-dfdcbab")).resolve()
+             / "backend" / "huggingface" / "runwayml" / "stable-diffusion-v1-5" / "tokenizer")
+CONTEXT = 32
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    if not (TOKENIZER / "vocab.json").is_file():
+        pytest.skip(f"the SD1 tokenizer files are not at {TOKENIZER}")
+    folder = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=CONTEXT, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, projection_dim=CONTEXT))
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CONTEXT, attention_head_dim=8, norm_num_groups=32)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  layers_per_block=1, norm_num_groups=8, sample_size=16)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER)),
+        unet=unet, scheduler=diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                     steps_offset=1, clip_sample=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def prompts_file(tmp_path, lines=("a red circle", "two blue squares", "")):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def train_args(teacher_dir, tmp_path, *extra, run="run"):
+    return ["train", "--teacher", str(teacher_dir), "--prompts", str(prompts_file(tmp_path)), "--output",
+            str(tmp_path / run), "--steps", "3", "--lora-rank", "2", "--iterations", "2", "--batch-size", "2",
+            "--checkpoint-every", "1", "--samples", "2", "--lr", "1e-2", "--no-progress", *extra]
+
+
+def test_train_writes_log_checkpoints_grids_and_a_lora_that_export_reproduces(teacher_dir, tmp_path):
+    assert cli.main(train_args(teacher_dir, tmp_path, "--ema", "0.5")) == 0
+    run = tmp_path / "run"
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert set(checkpoint["ema"]) == set(checkpoint["student"])  # the LoRA file below is the EMA's
+    assert any(not torch.equal(checkpoint["ema"][k], checkpoint["student"][k]) for k in checkpoint["ema"])
+    rows = list(csv.DictReader((run / "loss.csv").open()))
+    assert [int(r["iteration"]) for r in rows] == [1, 2] and all(float(r["loss"]) > 0 for r in rows)
+    grids = sorted(run.glob("samples_*.png"))
+    assert [g.name for g in grids] == ["samples_000001.png", "samples_000002.png"]
+    assert grids[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from safetensors.torch import load_file
+
+    lora = load_file(str(run / "student_lora.safetensors"))
+    assert lora and all(k.startswith("lora_unet_") for k in lora)
+    assert any(float(v.abs().max()) > 0 for k, v in lora.items() if "lora_up" in k)  # trained, not the zero init
+    embeddings = load_file(str(run / "prompt_embeddings.safetensors"))
+    assert embeddings["cond.encoder_hidden_states"].shape == (2, 77, CONTEXT)  # the blank line is no prompt
+
+    # export rebuilds the student from the teacher and checkpoint.pt: the same file as at the end of training
+    assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / "exported.safetensors")]) == 0
+    exported = load_file(str(tmp_path / "exported.safetensors"))
+    assert set(exported) == set(lora) and all(torch.equal(exported[k], lora[k]) for k in lora)
+
+
+
+def test_an_interrupted_run_resumed_equals_an_uninterrupted_one_and_reuses_the_embeddings(teacher_dir, tmp_path,
+                                                                                          monkeypatch):
+    from safetensors.torch import load_file
+
+    from kdistpp.sfd.trainer import SFDTrainer
+
+    assert cli.main(train_args(teacher_dir, tmp_path, run="whole")) == 0
+    original = SFDTrainer.train_batch
+
+    def stop_at_the_second_batch(self, *args, **kwargs):
+        if self.iteration == 1:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFDTrainer, "train_batch", stop_at_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(train_args(teacher_dir, tmp_path, run="parts"))
+    monkeypatch.setattr(SFDTrainer, "train_batch", original)
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the prompts were embedded again")
+
+    monkeypatch.setattr(prompts, "encode", no_encoding)  # resuming reads the cached embeddings
+    assert cli.main(train_args(teacher_dir, tmp_path, "--resume", run="parts")) == 0
+    whole, parts = (load_file(str(tmp_path / r / "student_lora.safetensors")) for r in ("whole", "parts"))
+    assert set(whole) == set(parts)
+    for key in whole:
+        assert torch.allclose(parts[key], whole[key], atol=1e-7), key
+    assert [int(r["iteration"]) for r in csv.DictReader((tmp_path / "parts" / "loss.csv").open())] == [1, 2]
+
+
+def test_bad_input_is_refused_before_any_training(teacher_dir, tmp_path, capsys):
+    def refused(args, message):
+        assert cli.main(args) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+    args = train_args(teacher_dir, tmp_path)
+    teacher_at = args.index("--teacher") + 1
+    refused(args[:teacher_at] + [str(tmp_path)] + args[teacher_at + 1:], "not a diffusers model folder")
+    refused(args[:teacher_at] + [str(tmp_path / "missing")] + args[teacher_at + 1:], "does not exist")
+    single = tmp_path / "model.safetensors"
+    single.write_bytes(b"")
+    refused(args[:teacher_at] + [str(single)] + args[teacher_at + 1:], "single file")
+    flow = tmp_path / "other"
+    flow.mkdir()
+    (flow / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]}))
+    refused(args[:teacher_at] + [str(flow)] + args[teacher_at + 1:], "not one the command trains")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    at = args.index("--prompts") + 1
+    refused(args[:at] + [str(empty)] + args[at + 1:], "holds no prompt")
+    bad_jsonl = tmp_path / "p.jsonl"
+    bad_jsonl.write_text('{"text": "a cat"}\n')
+    refused(args[:at] + [str(bad_jsonl)] + args[at + 1:], "'prompt' field")
+    steps_at = args.index("--steps") + 1
+    refused(args[:steps_at] + ["1"] + args[steps_at + 1:], "N >= 2")
+    refused(args[:steps_at] + ["four"] + args[steps_at + 1:], "must be integers")
+    refused(args[:steps_at] + ["2", "--afs"] + args[steps_at + 1:], "afs=True")
+    refused(args + ["--resume"], "no checkpoint.pt")
+
+
+def test_jsonl_prompts(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a cat", "id": 1}\n\n{"prompt": "a dog"}\n')
+    assert prompts.read_prompts(path) == ["a cat", "a dog"]
+
+
+def test_help_documents_every_option():
+    result = subprocess.run([sys.executable, "-m", "kdistpp.sfd", "train", "--help"], capture_output=True, text=True,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert result.returncode == 0
+    train = next(a for a in cli.parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith("train"))
+    for action in train._actions:
+        for flag in action.option_strings:
+            assert flag in result.stdout, flag
+        assert action.help, action.dest
+
+
+@pytest.mark.slow
+def test_under_torchrun_two_processes_train_and_only_rank_0_writes(teacher_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 -m kdistpp.sfd train ... --parallel fsdp` on CPU (gloo)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.is_file():
+        pytest.skip("torchrun is not installed beside this Python")
+    args = train_args(teacher_dir, tmp_path, "--parallel", "fsdp", "--device", "cpu", "--checkpoint-every", "2")
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "kdistpp.sfd", *args],
+                            capture_output=True, text=True, cwd=REPO, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    assert [int(r["iteration"]) for r in csv.DictReader((run / "loss.csv").open())] == [1, 2]  # one writer
+    assert sorted(p.name for p in run.glob("samples_*.png")) == ["samples_000002.png"]
+    from safetensors.torch import load_file
+
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert len(state["generators"]) == 2  # each rank's noise stream, for resuming
+    lora = load_file(str(run / "student_lora.safetensors"))
+    # the LoRA written at the end is the checkpoint's (gathered from the shards), in the hosts' names
+    ups = [k for k in lora if k.endswith("lora_up.weight")]
+    assert ups and any(float(lora[k].abs().max()) > 0 for k in ups)
+    assert sum(1 for k in state["student"] if "lora_" in k) == len(ups) * 2
+
+
+FLUX_TOKENIZERS = (Path(os.environ.get("KDISTPP_FORGE", SHARED_HOSTS / "forge-dfdcbab")).resolve()
+                   / "backend" / "huggingface" / "black-forest-labs" / "FLUX.1-dev")
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    """A tiny random FluxPipeline (CLIP-L and T5 of width 32 and 16, a 1+1-block transformer, a 2-level VAE)
+    with the real FLUX.1 tokenizers from the Forge tree, saved with save_pretrained."""
+    if not (FLUX_TOKENIZERS / "tokenizer_2" / "tokenizer.json").is_file():
+        pytest.skip(f"the FLUX.1 tokenizer files are not at {FLUX_TOKENIZERS}")
+    folder = tmp_path_factory.mktemp("flux")
+    torch.manual_seed(0)
+    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, projection_dim=32))
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=32128, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                                           num_heads=2))
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  layers_per_block=1, norm_num_groups=8, sample_size=16, shift_factor=0.1,
+                                  scaling_factor=0.5)
+    pipe = diffusers.FluxPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(str(FLUX_TOKENIZERS / "tokenizer")), text_encoder_2=t5,
+        tokenizer_2=transformers.T5TokenizerFast.from_pretrained(str(FLUX_TOKENIZERS / "tokenizer_2")),
+        transformer=transformer)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def test_a_flux_teacher_trains_a_lora_student_and_exports_it(flux_dir, tmp_path, capsys):
+    args = ["train", "--teacher", str(flux_dir), "--prompts", str(prompts_file(tmp_path)), "--output",
+            str(tmp_path / "run"), "--steps", "3", "--lora-rank", "2", "--iterations", "2", "--batch-size", "2",
+            "--resolution", "16", "--samples", "2", "--lr", "1e-2", "--no-progress"]
+    assert cli.main(args) == 2  # this transformer is guidance-distilled (Flux-dev): it needs --guidance
+    assert "--guidance 3.5" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was loaded or written
+    assert cli.main(args + ["--guidance", "3.5"]) == 0
+    run = tmp_path / "run"
+    from safetensors.torch import load_file
+
+    embeddings = load_file(str(run / "prompt_embeddings.safetensors"))
+    assert embeddings["cond.pooled"].shape == (2, 32) and embeddings["cond.encoder_hidden_states"].shape[-1] == 16
+    lora = load_file(str(run / "student_lora.safetensors"))
+    assert lora and all(k.startswith("transformer.") for k in lora)  # peft names, as ComfyUI and Forge read Flux LoRAs
+    assert any(float(v.abs().max()) > 0 for k, v in lora.items() if k.endswith("lora_B.weight"))
+    assert (run / "samples_000002.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / "exported.safetensors")]) == 0
+    exported = load_file(str(tmp_path / "exported.safetensors"))
+    assert set(exported) == set(lora) and all(torch.equal(exported[k], lora[k]) for k in lora)
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    """A tiny random StableDiffusionXLPipeline (two CLIP text encoders of width 16 and 32, the second with
+    a projection: SDXL's pooled embedding), saved with save_pretrained."""
+    if not (TOKENIZER / "vocab.json").is_file():
+        pytest.skip(f"the SD1 tokenizer files are not at {TOKENIZER}")
+    folder = tmp_path_factory.mktemp("sdxl")
+    torch.manual_seed(0)
+    common = dict(vocab_size=49408, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  max_position_embeddings=77)
+    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(hidden_size=16, projection_dim=16, **common))
+    clip_2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(hidden_size=32, projection_dim=32,
+                                                                                  **common))
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=48, attention_head_dim=8, norm_num_groups=32, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  layers_per_block=1, norm_num_groups=8, sample_size=16)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER))
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=vae, text_encoder=clip, text_encoder_2=clip_2, tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+        scheduler=diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def test_an_sdxl_teacher_with_pooled_embeddings_and_time_ids_trains_at_a_teacher_cfg(sdxl_dir, tmp_path):
+    args = train_args(sdxl_dir, tmp_path, "--teacher-cfg", "3.0")
+    assert cli.main(args) == 0
+    run = tmp_path / "run"
+    from safetensors.torch import load_file
+
+    embeddings = load_file(str(run / "prompt_embeddings.safetensors"))
+    # SDXL's prompt embedding is both encoders' hidden states side by side; the pooled one is the second's
+    assert embeddings["cond.encoder_hidden_states"].shape == (2, 77, 48)
+    assert embeddings["cond.pooled"].shape == (2, 32) and embeddings["uncond.pooled"].shape == (1, 32)
+    lora = load_file(str(run / "student_lora.safetensors"))
+    assert lora and all(k.startswith("lora_unet_") for k in lora)
+    assert len(list(csv.DictReader((run / "loss.csv").open()))) == 2
+
+
+def test_the_embedding_cache_is_reused_only_for_the_same_prompts_and_teacher(tmp_path):
+    class CountingPipeline:  # the SD pipelines' encode_prompt signature; counts the prompts it embeds
+        def __init__(self):
+            self.seen = []
+
+        def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance):
+            self.seen += prompt
+            return torch.stack([torch.full((3, 4), float(len(p))) for p in prompt]), None
+
+    pipe, cache = CountingPipeline(), tmp_path / "cache.safetensors"
+    first = prompts.cached_embeddings(pipe, ["a cat", "a red dog"], cache, source="teacher A")
+    assert pipe.seen == ["a cat", "a red dog", ""]  # the empty prompt too: the uncond of a teacher CFG scale
+    assert first["cond.encoder_hidden_states"][:, 0, 0].tolist() == [5.0, 9.0]
+    assert first["uncond.encoder_hidden_states"].shape == (1, 3, 4)
+    again = prompts.cached_embeddings(pipe, ["a cat", "a red dog"], cache, source="teacher A")
+    assert len(pipe.seen) == 3 and torch.equal(again["cond.encoder_hidden_states"], first["cond.encoder_hidden_states"])
+    prompts.cached_embeddings(pipe, ["a cat"], cache, source="teacher A")  # other prompts
+    prompts.cached_embeddings(pipe, ["a cat"], cache, source="teacher B")  # another teacher
+    assert len(pipe.seen) == 3 + 2 + 2
+
+
+def test_an_sfd_v_run_exports_a_full_unet_per_step_count(teacher_dir, tmp_path, capsys):
+    args = train_args(teacher_dir, tmp_path)
+    args[args.index("--steps") + 1] = "3,4"
+    assert cli.main(args) == 0
+    run = tmp_path / "run"
+    assert not (run / "student_lora.safetensors").exists()  # a LoRA cannot hold the step embedding
+    assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / "x.safetensors")]) == 2
+    assert "--full --steps N" in capsys.readouterr().err
+    outputs = []
+    for n in (3, 4):
+        assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / f"unet{n}"), "--full", "--steps", str(n)]) == 0
+        outputs.append(diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path / f"unet{n}")).time_embedding.linear_2.bias)
+    assert not torch.equal(*outputs)  # each step count's embedding folded in
