@@ -302,7 +302,7 @@ def post_route(forge, route, sampler, **kwargs):
         forge.client.post = original
 
 
-def test_show_hooks_the_sampler_menu_once():
+def test_show_hooks_the_sampler_menu_once(forge):  # forge: the started webui (skips without one)
     from modules import scripts
 
     data = next(d for d in scripts.scripts_data if d.path.endswith("kdistpp_distillation_pp.py"))

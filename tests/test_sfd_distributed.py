@@ -104,10 +104,18 @@ def test_two_gloo_processes_equal_one_process_on_the_joint_batch(tmp_path, setup
     assert set(got) == set(expected)
     moved = max(float((expected[k] - initial[k]).abs().max()) for k in expected)
     assert moved > 1e-4  # training moved the weights, so agreeing below is not agreeing at the start
+    # Adam's first steps are about lr * sign(g): where a gradient is near 0, the summation order (two ranks'
+    # all-reduce against one batch, and the BLAS threads) can move a weight by a fraction of its update. So the
+    # tolerance is 1 % of how far training moved each tensor; a rank training on its own half alone, or an
+    # unsynchronised shard, is off by the order of the whole update.
     for name in expected:
-        assert torch.allclose(got[name], expected[name], rtol=1e-4, atol=1e-6), name
+        assert close_to_update(got[name], expected[name], initial[name]), name
     if resume:
         ema = torch.load(tmp_path / "ema.pt")
         assert set(ema) == set(trainer.ema)
         for name in ema:
-            assert torch.allclose(ema[name], trainer.ema[name], rtol=1e-4, atol=1e-6), name
+            assert close_to_update(ema[name], trainer.ema[name], initial[name]), name
+
+
+def close_to_update(got, expected, initial, fraction=1e-2):
+    return bool((got - expected).abs().max() <= fraction * (expected - initial).abs().max())
