@@ -415,3 +415,25 @@ def test_a_lora_student_keeps_its_patches_around_every_teacher_call(comfy, name)
     assert len(teacher_calls) == GUIDED and all(c[1] == pytest.approx(base) for c in teacher_calls)
     assert [c for c in seen if c[0] == 1] == [(1, pytest.approx(lora))] * len(plain_calls)  # student: patched
     assert not torch.equal(guided, plain)
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_cfg_pp", "heun"])
+def test_a_student_patched_by_perturbed_attention_guidance(comfy, models, monkeypatch, name):
+    """A student with ComfyUI's PerturbedAttentionGuidance (a post-CFG hook that evaluates the model again):
+    at w = 0 the guider is CFGGuider on that student, bit for bit; guided, the dry run leaves the hook to the
+    real run (it has no model to evaluate), which calls the teacher once per guided step (euler_cfg_pp adds
+    a post-CFG hook of its own, which the dry run does run)."""
+    from comfy_extras.nodes_pag import PerturbedAttentionGuidance
+
+    student, teacher = models["sd1"]
+    pag = PerturbedAttentionGuidance.execute(student, 1.5).result[0]
+    shape = FAMILIES["sd1"][1]
+    theirs = advanced(comfy, cfg_guider(pag, "sd1", cfg=2.0), name, schedule(pag, "sd1"), shape)
+    plain = advanced(comfy, cfg_guider(student, "sd1", cfg=2.0), name, schedule(student, "sd1"), shape)
+    assert not torch.equal(theirs, plain)  # the hook acts
+    assert torch.equal(advanced(comfy, guider(pag, teacher, "sd1", 0.0, cfg=2.0), name, schedule(pag, "sd1"), shape),
+                       theirs)
+    events = Events(monkeypatch)
+    guided = advanced(comfy, guider(pag, events.watch(teacher, "teacher"), "sd1", 0.5, cfg=2.0), name,
+                      schedule(pag, "sd1"), shape)
+    assert len(events.of("teacher")) == GUIDED and not torch.equal(guided, theirs)

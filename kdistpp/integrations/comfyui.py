@@ -248,14 +248,18 @@ class StandIn:
     """The guider as the dry run's sampler sees it: zeros for an estimate, each evaluation's guided step
     (or None) and each reported step logged; anything else is the guider's."""
 
-    def __init__(self, guider, evaluations: GuidedEvaluations):
+    def __init__(self, guider, evaluations: GuidedEvaluations, model_hooks=()):
         self.guider, self.evaluations, self.log = guider, evaluations, []
+        self.model_hooks = {id(fn) for fn in model_hooks}
 
     def __call__(self, x, sigma, model_options=None, seed=None):
         self.log.append(("eval", self.evaluations.guided.step_of(sigma)))
         zeros = torch.zeros_like(x)
-        # the CFG++ samplers read the unconditional estimate through ComfyUI's post-CFG hook: give them one
+        # The CFG++ samplers read the unconditional estimate through ComfyUI's post-CFG hook: give them one.
+        # The model's own hooks (PAG, SAG, SkipLayerGuidance...) evaluate the model, which the dry run has not.
         for fn in (model_options or {}).get("sampler_post_cfg_function", []):
+            if id(fn) in self.model_hooks:
+                continue
             zeros = fn({"denoised": zeros, "cond": None, "uncond": None, "cond_scale": 1.0, "model": None,
                         "uncond_denoised": zeros, "cond_denoised": zeros, "sigma": sigma,
                         "model_options": model_options, "input": x})
@@ -280,8 +284,10 @@ class DryRunFirst:
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
-        stand_in = StandIn(model_wrap, self.evaluations)
         dry_args = {**extra_args, "model_options": self.clone_model_options(extra_args.get("model_options", {}))}
+        # the hooks there before the sampler adds its own are the model's (a student patched by PAG, SAG...)
+        stand_in = StandIn(model_wrap, self.evaluations,
+                           dry_args["model_options"].get("sampler_post_cfg_function", []))
         self.sampler.sample(stand_in, sigmas.clone(), dry_args, stand_in.report, noise, latent_image, denoise_mask,
                             True)
         self.evaluations.choose(stand_in.log)
