@@ -120,9 +120,14 @@ class TeacherGuidedDenoiser:
         if i is None:
             return denoised
         run = replace(self.guidance.run, x_in=x, extra_args=extra_args)
-        guide = replace(self.guidance, run=run, generator=self._generator)
+        guide = replace(self.guidance, run=run, generator=self._generator, keyed=self._own_generator)
         g = guide.refine(i, x.to(run.dtype), value, denoised.to(run.dtype), extra_args)
         return g.denoised.to(denoised.dtype)
+
+    @property
+    def parametrization(self) -> str:
+        """The parametrization this wrapper guides in ('ve' or 'flow'), declared to the sampler it is given."""
+        return self.guidance.run.param.name
 
     def __getattr__(self, name):
         if name in ("student", "guidance", "_schedule", "_expected", "_last_sigma", "_visited", "_warned",

@@ -67,6 +67,7 @@ class Guidance:
     run: Run
     direction: str = "student"
     generator: torch.Generator | None = None  # the renoise noise and 'random' level (plan fills in a default)
+    keyed: bool = False  # generator is the default stream: its noise is also keyed to the state (keyed_to_x)
 
     def renoise_level(self, i: int, sigma: float) -> float:
         """sigma_r of eq. 9: the next sigma of the schedule (the paper's decreasing schedule, default),
@@ -108,7 +109,7 @@ class Guidance:
             x_t, sigma_t = x, sigma
         else:
             sigma_t = self.renoise_level(i, sigma)
-            x_t = self.run.param.noise_scaling(sigma_t, self._renoise_noise(i), denoised)
+            x_t = self.run.param.noise_scaling(sigma_t, self._renoise_noise(i, x), denoised)
         teacher_args = self.teacher_extra_args if self.teacher_extra_args is not None else extra_args or {}
         name = getattr(self.teacher, "__name__", type(self.teacher).__name__)
         step_sigma = self.run.sigmas[i]
@@ -136,23 +137,35 @@ class Guidance:
         self.run.check_outputs()
         return refined, {"student_denoised": denoised, "teacher_denoised": teacher_denoised}
 
-    def _renoise_noise(self, i: int) -> torch.Tensor:
+    def _renoise_noise(self, i: int, state: torch.Tensor) -> torch.Tensor:
+        """Step i's renoise noise n; the default stream's keyed to the state the student was evaluated at."""
         if self.renoise_sampler is not None:
             noise = self.renoise_sampler(self.run.sigmas_in[i], self.run.sigmas_in[i + 1])
             validation.check_noise("renoise_sampler", noise, self.run.x_in, i)
             return noise.to(self.run.dtype)
         x, g = self.run.x_in, self.generator
         if g is not None:
-            return torch.randn(x.shape, generator=g, device=g.device, dtype=x.dtype).to(x.device, self.run.dtype)
+            noise = torch.randn(x.shape, generator=g, device=g.device, dtype=x.dtype).to(x.device, self.run.dtype)
+            return keyed_to_x(noise, state) if self.keyed else noise
         return default_noise_sampler(x)(None, None).to(self.run.dtype)
+
+
+def keyed_to_x(noise: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The default stream's noise with each sign set by x's value there. The global RNG's state does not
+    move when x comes from a torch.Generator (or the CPU, for a CUDA x) and the sampler draws nothing, so
+    its seed alone would repeat the same renoise noise over a seed loop; keyed to x, each run gets its own,
+    with no host read. Still N(0, 1) and independent of x: a symmetric draw times signs fixed by x."""
+    flip = torch.sin(x.to(torch.float32) * 12345.6789 + 0.5) < 0  # x's float bits spread over both signs
+    return torch.where(flip, -noise, noise)
 
 
 def default_renoise_generator(x: torch.Tensor) -> torch.Generator:
     """The renoise stream when the caller names none: a generator of its own, seeded from the state of
-    the global RNG that draws x's sampler noise, read without advancing it. So the sampler's own
-    (ancestral) noise stream is the same with and without guidance, a seeded w=0 vs w>0 A/B differs by
-    the teacher alone, the same torch.manual_seed gives the same renoise noise, and a host's seed
-    (which sets the global RNG) still controls it; a run that guides nothing does not create it."""
+    the global RNG that draws x's sampler noise, read without advancing it, its noise keyed to the
+    state at the guided step (keyed_to_x). So the sampler's own (ancestral) noise stream is the same
+    with and without guidance, a seeded w=0 vs w>0 A/B differs by the teacher alone, the same
+    torch.manual_seed and x give the same renoise noise, another x (another seed) other noise, and a
+    host's seed still controls it; a run that guides nothing does not create it."""
     cuda = x.device.type == "cuda"
     state = torch.cuda.get_rng_state(x.device) if cuda else torch.get_rng_state()
     digest = hashlib.blake2b(state.numpy().tobytes(), digest_size=8, person=b"kdistpp-renoise").digest()
@@ -222,10 +235,12 @@ def plan(
             )
     if teacher_extra_args is None and resolve_extra_args:
         teacher_extra_args = run.extra_args
-    if renoise_generator is None and default_generator and needs_generator(form, renoise, renoise_sampler, weights):
+    keyed = renoise_generator is None and default_generator and needs_generator(form, renoise, renoise_sampler,
+                                                                                 weights)
+    if keyed:
         renoise_generator = default_renoise_generator(run.x_in)
     return Guidance(teacher, weights, form, renoise, renoise_sampler, teacher_extra_args, run, direction,
-                    renoise_generator)
+                    renoise_generator, keyed)
 
 
 # The eps form moves the estimate by w * sigma (eps_T - eps_s) (sigma in VE terms): the authors' eps-form

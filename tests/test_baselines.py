@@ -154,6 +154,40 @@ def test_guiding_leaves_the_samplers_own_noise_stream_unchanged(renoise):
     assert torch.equal(_run(kdistpp.sample_euler_ancestral_distpp, model, x, sigmas, 7, **kw), got)
 
 
+class TeacherInputs:
+    """A teacher that records the states it is called on (the renoised x_r = x0s + sigma_r n)."""
+
+    def __init__(self):
+        self.inputs = []
+
+    def __call__(self, x, sigma, **extra_args):
+        self.inputs.append(x.clone())
+        return torch.zeros_like(x)
+
+
+def test_the_default_renoise_noise_follows_x_when_the_global_rng_stands_still():
+    """Euler draws nothing from the global RNG, so its state is the same at the start of each run of a seed
+    loop whose x comes from a torch.Generator: the renoise noise n = (x_r - x0s) / sigma_r, read at the
+    teacher, differs between two seeds' x, repeats for the same x, and stays unit Gaussian."""
+    sigmas = K.get_sigmas_karras(4, 0.1, 10.0).to(DEVICE)
+    model = ElementwiseDenoiser()
+    torch.manual_seed(0)
+
+    def renoise_noise(seed):
+        x = (torch.randn(8, 512, generator=torch.Generator().manual_seed(seed)) * 10).to(DEVICE)
+        teacher = TeacherInputs()
+        kdistpp.sample_euler_distpp(model, x, sigmas, teacher=teacher, w=0.5, disable=True)
+        x0s = model(x, sigmas[0] * torch.ones(8, device=DEVICE))  # the student's estimate at the guided step
+        return (teacher.inputs[0] - x0s) / sigmas[1]
+
+    n1, n2 = renoise_noise(1), renoise_noise(2)
+    assert torch.equal(renoise_noise(1), n1)
+    assert float((n1 - n2).abs().mean()) > 0.5
+    for n in (n1, n2):
+        assert abs(float(n.mean())) < 0.05 and abs(float(n.std()) - 1) < 0.05
+    assert abs(float((n1 * n2).mean())) < 0.05  # the two seeds' noises are uncorrelated
+
+
 class HostReads(TorchDispatchMode):
     """Counts reads of a tensor's value to the host (aten._local_scalar_dense: .item(), float(t),
     bool(t)), each a device sync on a GPU; on the CPU they go through the dispatcher the same way."""

@@ -301,6 +301,19 @@ def test_a_denoiser_declaring_flow_runs_as_flow_and_a_contradiction_is_refused()
         kdistpp.sample_euler_distpp(flow.VEDenoiser(model), x, s, parametrization="flow")
 
 
+def test_teacher_guided_declares_the_parametrization_it_was_built_with():
+    """A teacher_guided wrapper around an undeclared student, built for flow, runs as flow in a kdistpp
+    sampler given no parametrization (the reference rectified-flow Euler), and refuses a VE run."""
+    s = schedule(4, 3.0)
+    x = noise_list(3, 1)[0]
+    student = ElementwiseDenoiser()  # declares nothing
+    wrapped = kdistpp.teacher_guided(student, ElementwiseDenoiser(bias=0.5), s, w=0.0, parametrization="flow")
+    assert wrapped.parametrization == "flow"
+    torch.testing.assert_close(kdistpp.sample_euler_distpp(wrapped, x, s, disable=True), ref_euler(student, x, s))
+    with pytest.raises(ValueError, match="parametrization='ve'.*declares parametrization='flow'"):
+        kdistpp.sample_euler_distpp(wrapped, x, s, parametrization="ve")
+
+
 def test_the_library_flow_adapters_declare_flow():
     from kdistpp.integrations.diffusers import DiffusersFlowTransformerDenoiser, DiffusersUNetDenoiser
 
