@@ -17,8 +17,9 @@ import torch
 import a1111_host
 import webui_lora
 from kdistpp.registry import REGISTRY
-from webui_api import SCRIPT, generate, init_image, same_image
-from webui_sdxl import CfgEvaluations, check_guided_evaluations, check_teacher_evaluations
+from webui_api import SCRIPT, generate, same_image
+from webui_sdxl import (CfgEvaluations, check_guided_evaluations, check_guided_steps_before_the_refiner_switch,
+                        check_hires_fix, check_img2img)
 
 STUDENT, TEACHER, REFINER = "xl_student", "xl_teacher", "xl_refiner"
 REFINER_ARCH = "xl_refiner_arch"  # of SDXL's refiner architecture: context 1280, vector 2560
@@ -175,25 +176,12 @@ REFINER_CASES = [(TEACHER, REFINER), ("same", REFINER), (TEACHER, REFINER_ARCH)]
 
 @pytest.mark.parametrize("teacher, refiner", REFINER_CASES, ids=["teacher", "same", "refiner-architecture"])
 def test_guided_steps_before_the_refiner_switch_are_the_teachers(webui, teacher, refiner):
-    """The refiner takes over halfway (Euler, 4 steps: steps 2 and 3); the two guided steps before it call
-    the teacher's weights (the base's with the same-checkpoint teacher). A refiner of SDXL's refiner
-    architecture runs on its own conditioning (context 1280, vector 2560), the teacher on the base's."""
     from kdistpp.integrations.webui_teachers import SAME_CHECKPOINT
 
-    teacher = SAME_CHECKPOINT if teacher == "same" else teacher
-    assert webui.client.post("/sdapi/v1/txt2img", json=refiner_request(teacher, 2, refiner)).status_code == 200
-    calls = AllUNetCalls()
-    try:
-        response = webui.client.post("/sdapi/v1/txt2img", json=refiner_request(teacher, 2, refiner))
-    finally:
-        calls.remove()
-    assert response.status_code == 200, response.text[:2000]
-    expected_teacher = "student" if teacher == SAME_CHECKPOINT else "teacher"
-    assert which_weights(calls.calls, webui.refs) == [
-        "student", expected_teacher, "student", expected_teacher, "refiner", "refiner"]
-    widths = [(k["context"].shape[-1], k["y"].shape[-1]) for _, k, _ in calls.calls]
-    assert widths == [(2048, 2816)] * 4 + [(1280, 2560) if refiner == REFINER_ARCH else (2048, 2816)] * 2
-    assert f"Refiner: {refiner}" in response.json()["info"]
+    same = teacher == "same"
+    request = refiner_request(SAME_CHECKPOINT if same else teacher, 2, refiner)
+    check_guided_steps_before_the_refiner_switch(webui, request, AllUNetCalls, which_weights, same,
+                                                 refiner == REFINER_ARCH, refiner)
 
 
 @pytest.mark.parametrize("teacher, refiner", REFINER_CASES, ids=["teacher", "same", "refiner-architecture"])
@@ -231,26 +219,8 @@ HIRES = {"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_p
 
 
 def test_hires_fix(webui):
-    """At w = 0 the webui's own Hires fix image; guided, the teacher guides the first step of each pass, with
-    that pass's SDXL conditioning (the hires pass's vector carries the upscaled size)."""
-    base = xl(webui, "Euler a", **HIRES)[0]
-    assert base.shape == (128, 128, 3)
-    assert same_image(xl(webui, "Euler a Distillation++", **HIRES)[0], base)
-    guided, evaluations = recorded_generation(webui, **HIRES)
-    order = check_teacher_evaluations(evaluations, STUDENT, TEACHER)
-    widths = [e["x"].shape[-1] for e in evaluations]
-    assert [(w, name) for w, name in zip(widths, order) if name == TEACHER] == [(8, TEACHER), (16, TEACHER)]
-    first, hires = evaluations[order.index(TEACHER)], evaluations[len(order) - 1 - order[::-1].index(TEACHER)]
-    assert not torch.equal(first["calls"][0]["y"], hires["calls"][0]["y"])  # the size embedding differs per pass
-    assert not same_image(guided, base)
+    check_hires_fix(webui, xl, recorded_generation, HIRES, STUDENT, TEACHER)
 
 
 def test_img2img(webui):
-    """img2img at w = 0 is the webui's own; guided, one teacher evaluation with the student's conditioning."""
-    request = {"init_images": [init_image()], "denoising_strength": 0.6, "route": "img2img"}
-    xl(webui, "Euler a", **request)  # the webui's first img2img differs from later ones
-    base = xl(webui, "Euler a", **request)[0]
-    assert same_image(xl(webui, "Euler a Distillation++", **request)[0], base)
-    guided, evaluations = recorded_generation(webui, **request)
-    assert check_teacher_evaluations(evaluations, STUDENT, TEACHER).count(TEACHER) == 1
-    assert not same_image(guided, base)
+    check_img2img(webui, xl, recorded_generation, STUDENT, TEACHER)

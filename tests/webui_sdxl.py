@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from webui_api import init_image, same_image
+
 
 class CfgEvaluations:
     """Every CFG evaluation of a generation (the student's and the teacher's): its sigma, the inputs of its
@@ -90,3 +92,52 @@ def check_guided_evaluations(evaluations, student: str, teacher: str) -> None:
     each as check_teacher_evaluations requires."""
     assert check_teacher_evaluations(evaluations, student, teacher) == [student, teacher, student, teacher,
                                                                          student, student]
+
+
+# The checks below run the same way in both webuis; each test file passes its webui's handle (`host`: client,
+# refs), its `xl` generation helper, its recorded_generation and its UNet-call recorder.
+
+def check_guided_steps_before_the_refiner_switch(host, request, all_unet_calls, which_weights, same_checkpoint: bool,
+                                                 refiner_arch: bool, refiner: str) -> None:
+    """Two guided steps, then the refiner takes over halfway (Euler, 4 steps): the guided steps call the
+    teacher's weights (the base's with the same-checkpoint teacher); a refiner of SDXL's refiner architecture
+    runs on its own conditioning (context 1280, vector 2560), the teacher on the base's."""
+    assert host.client.post("/sdapi/v1/txt2img", json=request).status_code == 200  # loads every model
+    calls = all_unet_calls()
+    try:
+        response = host.client.post("/sdapi/v1/txt2img", json=request)
+    finally:
+        calls.remove()
+    assert response.status_code == 200, response.text[:2000]
+    expected_teacher = "student" if same_checkpoint else "teacher"
+    assert which_weights(calls.calls, host.refs) == [
+        "student", expected_teacher, "student", expected_teacher, "refiner", "refiner"]
+    widths = [(k["context"].shape[-1], k["y"].shape[-1]) for _, k, _ in calls.calls]
+    assert widths == [(2048, 2816)] * 4 + [(1280, 2560) if refiner_arch else (2048, 2816)] * 2
+    assert f"Refiner: {refiner}" in response.json()["info"]
+
+
+def check_hires_fix(host, xl, recorded_generation, hires: dict, student: str, teacher: str) -> None:
+    """At w = 0 the webui's own Hires fix image; guided, the teacher guides the first step of each pass, with
+    that pass's SDXL conditioning (the hires pass's vector carries the upscaled size)."""
+    base = xl(host, "Euler a", **hires)[0]
+    assert base.shape == (128, 128, 3)
+    assert same_image(xl(host, "Euler a Distillation++", **hires)[0], base)
+    guided, evaluations = recorded_generation(host, **hires)
+    order = check_teacher_evaluations(evaluations, student, teacher)
+    widths = [e["x"].shape[-1] for e in evaluations]
+    assert [(w, name) for w, name in zip(widths, order) if name == teacher] == [(8, teacher), (16, teacher)]
+    first, last = evaluations[order.index(teacher)], evaluations[len(order) - 1 - order[::-1].index(teacher)]
+    assert not torch.equal(first["calls"][0]["y"], last["calls"][0]["y"])  # the size embedding differs per pass
+    assert not same_image(guided, base)
+
+
+def check_img2img(host, xl, recorded_generation, student: str, teacher: str) -> None:
+    """img2img at w = 0 is the webui's own; guided, one teacher evaluation with the student's conditioning."""
+    request = {"init_images": [init_image()], "denoising_strength": 0.6, "route": "img2img"}
+    xl(host, "Euler a", **request)  # the webui's first img2img differs from later ones
+    base = xl(host, "Euler a", **request)[0]
+    assert same_image(xl(host, "Euler a Distillation++", **request)[0], base)
+    guided, evaluations = recorded_generation(host, **request)
+    assert check_teacher_evaluations(evaluations, student, teacher).count(teacher) == 1
+    assert not same_image(guided, base)
