@@ -27,8 +27,9 @@ webui.register()
 # infotext keys, one per panel setting (the sigma window's two ends share one key). Not "Distillation++ ...":
 # the webui's infotext parser takes keys of letters, digits, spaces, '-' and '/' only, so a '+' would lose them.
 KEYS = {name: f"DistillationPP {label}" for name, label in (
-    ("teacher", "teacher"), ("w", "w"), ("steps", "steps"), ("cfg", "teacher CFG"), ("form", "form"),
-    ("direction", "direction"), ("window", "sigma window"))}
+    ("teacher", "teacher"), ("w", "w"), ("steps", "steps"), ("form", "form"), ("direction", "direction"),
+    ("window", "sigma window"))}
+KEYS["cfg"] = webui.TEACHER_CFG_KEY  # the scale the teacher ran at: Auto is written resolved (1 or 5)
 KEYS["distilled_cfg"] = webui.DISTILLED_CFG_KEY  # written by the sampler, for a guidance-distilled teacher only
 FORGE_DISTILLED_CFG = "Distilled CFG Scale"  # Forge's infotext key (written for a guidance-distilled student only)
 # X/Y/Z plot values are set on the plot's copy of p here; process() lets them win over the panel's
@@ -98,6 +99,11 @@ def confirm_teachers(p, values):
                              f"{webui_teachers.SAME_CHECKPOINT!r} or a name from the checkpoint list")
 
 
+def xyz_teacher_cfg_label(p, opt, x):
+    """A teacher CFG axis cell's label: its scale, or "Auto" for 0 (the cell's infotext records the resolved scale)."""
+    return f"{opt.label}: {'Auto' if float(x) == webui.AUTO_TEACHER_CFG else x}"
+
+
 def add_xyz_axes():
     """Adds the Distillation++ axes to the X/Y/Z plot script (once); returns whether that script was found."""
     xyz = xyz_grid_module()
@@ -110,13 +116,17 @@ def add_xyz_axes():
         xyz.AxisOption("Distillation++ teacher", str, xyz_setter("teacher"), format_value=xyz.format_value_add_label,
                        confirm=confirm_teachers, choices=teacher_choices),
         xyz.AxisOption("Distillation++ guided steps", int, xyz_setter("steps")),
-        xyz.AxisOption("Distillation++ teacher CFG", float, xyz_setter("cfg")),
+        xyz.AxisOption("Distillation++ teacher CFG", float, xyz_setter("cfg"), format_value=xyz_teacher_cfg_label),
     ])
     return True
 
 
 add_xyz_axes()  # the plot script is one of the webui's own, loaded before extensions' scripts
 script_callbacks.on_before_ui(add_xyz_axes)  # in case another order loaded it later
+
+
+TEACHER_CFG_LABEL = "Teacher CFG scale (0 = Auto)"
+TEACHER_CFG_INFO = "Auto: 1 for a guidance-distilled teacher (Flux-dev), 5 for others"
 
 
 class DistillationPP(scripts.Script):
@@ -154,7 +164,8 @@ class DistillationPP(scripts.Script):
             w = gr.Slider(0.0, 1.0, value=0.3, step=0.01, label="Teacher weight w", elem_id=self.elem_id("w"))
             steps = gr.Slider(0, 10, value=1, step=1, label="Guided steps (the first N)", elem_id=self.elem_id("steps"),
                               info="the last step is guided only when it is the only one (1-step models)")
-            cfg = gr.Slider(1.0, 15.0, value=5.0, step=0.5, label="Teacher CFG scale", elem_id=self.elem_id("cfg"))
+            cfg = gr.Slider(0.0, 15.0, value=webui.AUTO_TEACHER_CFG, step=0.5, label=TEACHER_CFG_LABEL,
+                            info=TEACHER_CFG_INFO, elem_id=self.elem_id("cfg"))
             form = gr.Dropdown(label="Form", choices=list(webui.FORMS), value="interpolate", elem_id=self.elem_id("form"))
             direction = gr.Dropdown(label="Direction (student = the authors' update)", choices=list(webui.DIRECTIONS),
                                     value="student", elem_id=self.elem_id("direction"))
@@ -186,8 +197,10 @@ class DistillationPP(scripts.Script):
         if settings.teacher is None:  # also with the webui's own samplers, which never reach the sampler function
             webui_teachers.release_teacher(webui.webui_modules())
         if settings.teacher and settings.w > 0 and uses_distpp_sampler(p):
+            # at Auto the teacher CFG is written by the sampler, which resolves it when the teacher is built
+            cfg = {} if settings.teacher_cfg == webui.AUTO_TEACHER_CFG else {KEYS["cfg"]: settings.teacher_cfg}
             p.extra_generation_params.update({
                 KEYS["teacher"]: settings.teacher, KEYS["w"]: settings.w, KEYS["steps"]: settings.guided_steps,
-                KEYS["cfg"]: settings.teacher_cfg, KEYS["form"]: form, KEYS["direction"]: direction})
+                **cfg, KEYS["form"]: form, KEYS["direction"]: direction})
             if settings.sigma_max > 0:
                 p.extra_generation_params[KEYS["window"]] = f"{settings.sigma_min}-{settings.sigma_max}"

@@ -19,7 +19,7 @@ import a1111_host
 from kdistpp.integrations.webui_teachers import SAME_CHECKPOINT
 from kdistpp.registry import REGISTRY
 from webui_api import generate, same_image
-from webui_settings import args, backend_fn, paste, pixels, post, script, xyz
+from webui_settings import args, backend_fn, check_teacher_cfg_slider, paste, pixels, post, script, xyz
 
 # Euler's 4 "Automatic" steps on these checkpoints start at sigmas 14.6, 2.9, 0.93, 0.029 (then 0)
 
@@ -166,15 +166,43 @@ def test_a_1_step_student_is_guided_at_its_only_step(webui, entry, teacher_calls
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_the_panel_defaults_with_a_teacher_run_at_any_step_count(webui, steps):
     defaults = [control.value for control in script().controls]
-    assert defaults == ["None", 0.3, 1, 5.0, "interpolate", "student", 0.0, 0.0]
+    assert defaults == ["None", 0.3, 1, 0.0, "interpolate", "student", 0.0, 0.0]  # teacher CFG: Auto
     for window_to in (0.0, 20.0):  # the window's "from" left at its default 0
         info = post(webui, ["teacher", *defaults[1:-1], window_to], steps=steps)["info"]
         # process() errors are only logged by the webui: the infotext shows the settings were taken
         assert "DistillationPP teacher: teacher" in info and "DistillationPP w: 0.3" in info
+        assert "DistillationPP teacher CFG: 5.0" in info  # Auto, resolved for an SD1 teacher
         assert ("DistillationPP sigma window: 0.0-20.0" in info) == (window_to > 0)
 
 
+def test_the_teacher_cfg_at_auto_is_5_for_an_sd1_teacher_and_a_set_value_wins(webui, monkeypatch):
+    """The scale each CFG evaluation combines cond and uncond at, read where A1111's CFG denoiser applies it
+    (its combine_denoised), with the checkpoint it evaluates: at Auto (0) the SD1 teacher runs at 5, the infotext
+    records 5.0 and pasting it sets the panel's teacher CFG to 5; a set value (3) is the teacher's."""
+    from modules.sd_samplers_cfg_denoiser import CFGDenoiser
+
+    scales = []
+    real = CFGDenoiser.combine_denoised
+
+    def combine_denoised(self, x_out, conds_list, uncond, cond_scale):
+        scales.append((self.inner_model.inner_model.sd_checkpoint_info.model_name, cond_scale))
+        return real(self, x_out, conds_list, uncond, cond_scale)
+
+    monkeypatch.setattr(CFGDenoiser, "combine_denoised", combine_denoised)
+    for value, expected in ((0.0, 5.0), (3.0, 3.0)):
+        scales.clear()
+        infotext = json.loads(post(webui, args(w=0.5, cfg=value))["info"])["infotexts"][0]
+        assert scales == [("student", 2.0), ("teacher", expected)] + [("student", 2.0)] * 3
+        assert f"DistillationPP teacher CFG: {expected}" in infotext
+        assert paste(webui, infotext)[3] == expected
+
+
 # --- the panel -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tab", ["txt2img", "img2img"])
+def test_the_teacher_cfg_slider_opens_on_auto_and_says_what_it_is(webui, tab):
+    check_teacher_cfg_slider(tab)
+
 
 @pytest.mark.parametrize("tab", ["txt2img", "img2img"])
 def test_the_panel_shows_with_a_distillation_sampler_only(webui, tab):

@@ -156,6 +156,59 @@ def test_the_teachers_own_cfg_with_the_negative_prompt_at_student_cfg_1(forge, t
     assert [c["x"].shape[0] for c in teacher.calls] == [1 if teacher_cfg == 1 else 2]
 
 
+class CfgScales:
+    """The CFG scale of each of Forge's CFG evaluations, read where Forge gets it (`sampling_function_inner`, which
+    skips the unconditional pass at 1), tagged 'teacher' for the held teacher engine's model, and the number of
+    rows of each teacher transformer call (1: the conditional pass alone)."""
+
+    def __init__(self, monkeypatch):
+        import backend.sampling.sampling_function as sampling
+
+        from kdistpp.integrations import webui_teachers
+
+        teacher_model = webui_teachers._forge_teacher["engine"].forge_objects.unet.model
+        self.scales, self.rows = [], []
+        real = sampling.sampling_function_inner
+
+        def inner(model, x, timestep, uncond, cond, cond_scale, *args, **kwargs):
+            self.scales.append(("teacher" if model is teacher_model else "student", cond_scale))
+            return real(model, x, timestep, uncond, cond, cond_scale, *args, **kwargs)
+
+        monkeypatch.setattr(sampling, "sampling_function_inner", inner)
+        self.hook = teacher_model.diffusion_model.register_forward_pre_hook(
+            lambda module, args: self.rows.append(args[0].shape[0]))
+
+    def teacher(self):
+        return [scale for model, scale in self.scales if model == "teacher"]
+
+    def clear(self):
+        self.scales.clear()
+        self.rows.clear()
+
+
+@pytest.mark.parametrize("student, teacher, auto", [("schnell", "dev", 1.0), ("chroma", "chroma2", 5.0),
+                                                    ("sd3", "sd35", 5.0)])
+def test_the_teacher_cfg_at_auto_is_1_for_flux_dev_and_5_for_chroma_and_sd3(forge, monkeypatch, student, teacher,
+                                                                            auto):
+    """The panel's teacher CFG at Auto (0) gives a guidance-distilled teacher (Flux-dev) CFG 1, so Forge evaluates
+    its prompt alone (one row per call), and a real-CFG teacher 5 (cond and uncond); a set value (3) is the
+    teacher's. The infotext records the scale the teacher ran at. Student at CFG 1."""
+    post(forge, "Euler Distillation++", student=student, teacher=teacher, w=0.5)  # loads both
+    recorded = CfgScales(monkeypatch)
+    try:
+        for value, expected in ((0.0, auto), (3.0, 3.0)):
+            recorded.clear()
+            response = post(forge, "Euler Distillation++", student=student, teacher=teacher, w=0.5,
+                            teacher_cfg=value)
+            images(response)
+            assert recorded.teacher() == [expected] and recorded.rows == [1 if expected == 1 else 2]
+            assert [scale for model, scale in recorded.scales if model == "student"] == [1.0] * 4
+            infotext = json.loads(response.json()["info"])["infotexts"][0]
+            assert f"DistillationPP teacher CFG: {expected}" in infotext
+    finally:
+        recorded.hook.remove()
+
+
 def test_a_dev_student_with_a_dev_teacher(forge):
     """Both guidance-distilled: each gets Forge's Distilled CFG Scale (the student's own, in its conditioning)."""
     post(forge, "Euler Distillation++", student="dev2", teacher="dev", w=0.5)
@@ -412,6 +465,31 @@ def test_an_xyz_plot_over_w_on_flux(forge):
     assert same_image(cells[1], images(post(forge, "Euler Distillation++", teacher="dev", w=0.5))[0])
     assert "DistillationPP" not in infotexts[1]
     assert "DistillationPP w: 0.5" in infotexts[2] and f"{kdistpp_webui.DISTILLED_CFG_KEY}: 3.5" in infotexts[2]
+
+
+def test_an_xyz_plot_over_the_teacher_cfg_on_flux_with_auto(forge, monkeypatch):
+    """X = Distillation++ teacher CFG `0, 3` with a Flux-dev teacher: the Auto cell (labelled so) runs the teacher
+    at CFG 1 and records 1.0, the other at 3."""
+    from modules import scripts
+
+    plot = next(s for s in scripts.scripts_txt2img.scripts if s.title() == "X/Y/Z plot")
+    labels = [option.label for option in plot.current_axis_options]
+    axis = plot.current_axis_options[labels.index("Distillation++ teacher CFG")]
+    assert [axis.format_value(None, axis, value) for value in (0.0, 3.0)] == [
+        "Distillation++ teacher CFG: Auto", "Distillation++ teacher CFG: 3.0"]
+    post(forge, "Euler Distillation++", teacher="dev", w=0.5)  # loads the teacher
+    recorded = CfgScales(monkeypatch)
+    script_args = [labels.index("Distillation++ teacher CFG"), "0, 3", [], labels.index("Nothing"), "", [], 0, "",
+                   [], True, True, False, False, False, False, False, 0, False]
+    try:
+        response = post(forge, "Euler Distillation++", teacher="dev", w=0.5, teacher_cfg=5.0,
+                        script_name="x/y/z plot", script_args=script_args)
+    finally:
+        recorded.hook.remove()
+    images(response)
+    assert recorded.teacher() == [1.0, 3.0] and recorded.rows == [1, 2]
+    infotexts = json.loads(response.json()["info"])["infotexts"]
+    assert "DistillationPP teacher CFG: 1.0" in infotexts[1] and "DistillationPP teacher CFG: 3.0" in infotexts[2]
 
 
 def test_forges_memory_manager_prepares_the_flux_teacher_then_the_student_again(forge, monkeypatch):

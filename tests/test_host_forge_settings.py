@@ -14,7 +14,7 @@ import pytest
 
 import forge_host
 from webui_api import generate, same_image
-from webui_settings import args, backend_fn, paste, pixels, post, script, xyz
+from webui_settings import args, backend_fn, check_teacher_cfg_slider, paste, pixels, post, script, xyz
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +85,7 @@ def test_the_panel_shows_with_a_distillation_sampler_only(forge, tab):
     assert fn is not None, "the sampler menu's change does not update the panel"
     assert fn("Euler a Distillation++")["visible"] is True
     assert fn("Euler a")["visible"] is False
+
+
+def test_the_teacher_cfg_slider_opens_on_auto_and_says_what_it_is(forge):
+    check_teacher_cfg_slider()

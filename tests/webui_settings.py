@@ -41,6 +41,15 @@ def args(teacher="teacher", w=0.3, steps=1, cfg=3.0, form="interpolate", directi
     return [teacher, w, steps, cfg, form, direction, lo, hi]
 
 
+def check_teacher_cfg_slider(tab="txt2img"):
+    """The panel's teacher CFG slider as the page builds it: it opens on Auto (0, its lowest value) and its
+    label and hint say so and what Auto is (1 for a guidance-distilled teacher, 5 for others)."""
+    slider = script(tab).controls[3]
+    assert (slider.minimum, slider.maximum, slider.value) == (0.0, 15.0, 0.0)
+    assert "0 = Auto" in slider.label, slider.label
+    assert "Auto: 1 for a guidance-distilled teacher (Flux-dev), 5 for others" in slider.info, slider.info
+
+
 def event_handlers(demo):
     """(Python function, [(target id, trigger)], output ids) of every event the Blocks wire (gradio 3.41 and 4)."""
     if isinstance(demo.fns, dict):  # gradio 4 (Forge): the functions hold their targets and outputs

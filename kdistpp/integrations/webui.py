@@ -20,11 +20,16 @@ from .. import validation
 from ..guided_steps import GuidanceWarning, SigmaWindow, guided_step_indices
 from ..refine import DIRECTIONS, FORMS
 from ..registry import REGISTRY
-from .webui_teachers import build_teacher, release_teacher, webui_parametrization
+from .webui_teachers import build_teacher, default_teacher_cfg, release_teacher, webui_parametrization
 
 LABELS = {entry.name: entry.label for entry in REGISTRY}
 RENOISE_SEED_OFFSET = 0x5EED  # the renoise generators: the image's seed plus this, as in the ComfyUI node
 DISTILLED_CFG_KEY = "DistillationPP teacher distilled CFG"  # infotext key, written for a guidance-distilled teacher
+TEACHER_CFG_KEY = "DistillationPP teacher CFG"  # infotext key: the CFG scale the teacher ran at (Auto resolved)
+# The panel's teacher CFG meaning "Auto": each teacher runs at its own default (default_teacher_cfg), 1 for a
+# guidance-distilled one (Flux-dev), 5 for the others. A value, not a separate switch, so that the X/Y/Z plot's
+# teacher CFG axis and the API's script arguments take it as they take any scale.
+AUTO_TEACHER_CFG = 0.0
 
 
 def webui_modules():
@@ -46,7 +51,7 @@ class Settings:
     teacher: str | None = None  # checkpoint title as in the webui's checkpoint list
     w: float = 0.3
     guided_steps: int = 1
-    teacher_cfg: float = 5.0
+    teacher_cfg: float = AUTO_TEACHER_CFG  # the teacher's CFG scale; AUTO_TEACHER_CFG: its own default
     form: str = "interpolate"
     direction: str = "student"
     sigma_min: float = 0.0  # with sigma_max > 0: guide the steps whose sigma lies in [sigma_min, sigma_max]
@@ -55,6 +60,9 @@ class Settings:
     def __post_init__(self):
         validation.check_options("form", self.form, FORMS)
         validation.check_options("direction", self.direction, DIRECTIONS)
+        if not self.teacher_cfg >= 0:  # also refuses NaN
+            raise ValueError(f"teacher_cfg must be a CFG scale above 0, or {AUTO_TEACHER_CFG:g} for Auto (1 for a "
+                             f"guidance-distilled teacher such as Flux-dev, 5 for others); got {self.teacher_cfg}")
         if self.sigma_max > 0:
             SigmaWindow(self.sigma_min, self.sigma_max)  # refuses a bad window now, not at sampling time
 
@@ -103,6 +111,15 @@ def distilled_cfg_scale(p) -> float:
     return 3.5 if value is None else float(value)
 
 
+def teacher_cfg_scale(value: float, teacher) -> float:
+    """The CFG scale the teacher runs at: the panel's `value`, or at Auto (AUTO_TEACHER_CFG) the teacher's own
+    default, resolved when it is built (`teacher.default_cfg`: 1 for a guidance-distilled teacher, Flux-dev,
+    whose guidance is its distilled value; 5 for the others, the panel's default before Auto)."""
+    if float(value) != AUTO_TEACHER_CFG:
+        return float(value)
+    return float(getattr(teacher, "default_cfg", default_teacher_cfg(None)))
+
+
 def flow_schedule(sigmas):
     """Forge's sigmas for a flow model, checked: its 'Automatic' schedule type gives Flux and Chroma their
     timestep indices (0 to 9999), refused here with the fix, and ends SD3's schedule with a step from s = 0
@@ -145,11 +162,14 @@ def make_sampler_function(entry, webui_factory=webui_modules, denoiser_classes=N
         teacher = build_teacher(webui, model, settings.teacher, denoiser_classes, distilled_cfg_scale(p))
         if getattr(teacher, "distilled_cfg", None) is not None and hasattr(p, "extra_generation_params"):
             p.extra_generation_params[DISTILLED_CFG_KEY] = teacher.distilled_cfg
+        teacher_cfg = teacher_cfg_scale(settings.teacher_cfg, teacher)
+        if hasattr(p, "extra_generation_params"):  # the resolved scale, so pasting the infotext reproduces the image
+            p.extra_generation_params[TEACHER_CFG_KEY] = teacher_cfg
         renoise = renoise_noise(webui, p, x) if hasattr(p, "seeds") and settings.form != "guidance" else None
         return sampler(model, x, sigmas, extra_args, callback, disable, teacher=teacher, w=settings.w,
                        guidance_steps=steps, form=settings.form, renoise=level,
                        direction=settings.direction, renoise_sampler=renoise,
-                       teacher_extra_args={**extra_args, "cond_scale": settings.teacher_cfg}, **options, **flow)
+                       teacher_extra_args={**extra_args, "cond_scale": teacher_cfg}, **options, **flow)
 
     # the webui passes eta, s_noise, sigmas... only to functions whose signature names them
     parameters = {name: par for name, par in inspect.signature(sampler).parameters.items()

@@ -209,6 +209,7 @@ class TeacherCall:
         self.negative = negative  # () -> the negative conditioning where the host computed none, or None
         self.conditioning = conditioning  # extra_args -> the teacher's (its distilled guidance), or None
         self.distilled_cfg = None  # the guidance value a guidance-distilled teacher gets (Forge, Flux-dev)
+        self.default_cfg = default_teacher_cfg(None)  # its CFG scale when the panel's teacher CFG is Auto
 
     def __call__(self, x, sigma, **extra_args):
         if "s_min_uncond" in extra_args:
@@ -334,6 +335,7 @@ def forge_teacher(webui, student_cfg, title: str, distilled_cfg: float = 3.5):
                        negative=forge_negative_conditioning(getattr(student_cfg, "p", None)),
                        conditioning=teacher_guidance(engine, student, distilled_cfg))
     call.distilled_cfg = float(distilled_cfg) if is_guidance_distilled(engine) else None
+    call.default_cfg = default_teacher_cfg(engine)
     return call
 
 
@@ -444,6 +446,13 @@ def is_guidance_distilled(engine) -> bool:
     """Forge's guidance-distilled engines (Flux-dev): their model takes the distilled guidance value in the
     conditioning (cond['guidance'], Forge's "Distilled CFG Scale") and fails without it."""
     return getattr(engine, "use_distilled_cfg_scale", False) is True
+
+
+def default_teacher_cfg(engine) -> float:
+    """A teacher's CFG scale when the panel's is Auto: 1 for a guidance-distilled engine (Flux-dev, which Forge
+    itself runs at CFG 1: its guidance is the distilled value in its conditioning, and at CFG 1 Forge skips the
+    negative prompt's evaluation), 5 for a real-CFG teacher (SD1, SDXL, SD3/3.5, Chroma; None: any A1111 model)."""
+    return 1.0 if is_guidance_distilled(engine) else 5.0
 
 
 def with_distilled_guidance(cond, value):
