@@ -141,6 +141,9 @@ def test_imports_without_the_webui_and_fails_clearly_when_registering():
         webui.Settings(direction="teacher")
     with pytest.raises(ValueError, match="SigmaWindow"):
         webui.Settings(sigma_min=5.0, sigma_max=1.0)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="teacher_cfg .* 0 for Auto"):
+            webui.Settings(teacher_cfg=bad)
 
 
 def test_settings_choose_the_guided_steps():
