@@ -23,6 +23,7 @@ from hosts import require, webui_data_dir
 
 PANEL = "script_txt2img_distillation_kdistpp_panel"
 TEACHER = "script_txt2img_distillation_kdistpp_teacher"
+CFG = "script_txt2img_distillation_kdistpp_cfg"
 CHECKPOINTS = {"student": 1, "teacher": 2}  # file name -> seed of its UNet
 
 
@@ -166,6 +167,10 @@ def test_generate_with_a_teacher_shows_the_image_and_its_settings(webui, driver)
     for elem_id, value in (("txt2img_width", 64), ("txt2img_height", 64), ("txt2img_steps", 4)):
         type_number(driver, elem_id, value)
     driver.find_element("css selector", "#txt2img_prompt textarea").send_keys("a red cube")
+    # the teacher CFG opens on Auto, and the page says what Auto is
+    cfg_text = driver.execute_script(f"return document.querySelector('#{CFG}').innerText")
+    assert "Teacher CFG scale (0 = Auto)" in cfg_text and "1 for a guidance-distilled teacher" in cfg_text, cfg_text
+    assert driver.find_element("css selector", f"#{CFG} input[type=number]").get_attribute("value") == "0"
     browser.screenshot(driver, "webui_panel", browser.union(rect(driver, PANEL), rect(driver, "txt2img_sampling")))
 
     driver.find_element("css selector", "#txt2img_generate").click()
@@ -186,6 +191,7 @@ def test_generate_with_a_teacher_shows_the_image_and_its_settings(webui, driver)
         "return document.querySelector('#html_info_txt2img')?.innerText || null"), 30, "the infotext")
     assert "Sampler: Euler Distillation++" in info, info
     assert f"DistillationPP teacher: {teacher}" in info and "DistillationPP w: 0.3" in info, info
+    assert "DistillationPP teacher CFG: 5.0" in info, info  # Auto, as the SD1 teacher ran it
     time.sleep(0.5)
     browser.screenshot(driver, "webui_generate",
                        browser.union(rect(driver, "txt2img_settings"), rect(driver, "txt2img_results")))
