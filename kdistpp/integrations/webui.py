@@ -114,7 +114,7 @@ def distilled_cfg_scale(p) -> float:
 def teacher_cfg_scale(value: float, teacher) -> float:
     """The CFG scale the teacher runs at: the panel's `value`, or at Auto (AUTO_TEACHER_CFG) the teacher's own
     default, resolved when it is built (`teacher.default_cfg`: 1 for a guidance-distilled teacher, Flux-dev,
-    whose guidance is its distilled value; 5 for the others, the panel's default before Auto)."""
+    whose guidance is its distilled value; 5 for the others, real-CFG teachers)."""
     if float(value) != AUTO_TEACHER_CFG:
         return float(value)
     return float(getattr(teacher, "default_cfg", default_teacher_cfg(None)))
