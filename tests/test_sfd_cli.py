@@ -517,3 +517,44 @@ def test_single_file_teachers_bad_input_is_refused_before_any_training(teacher_d
     refused(tmp_path / "incomplete.safetensors", "no weights for 1 tensors", "--teacher-config", str(teacher_dir))
     # the file has no VAE, nor has the config folder
     refused(file, "holds no vae", "--teacher-config", str(config_folder(teacher_dir, tmp_path / "configs", ("vae",))))
+
+
+def sdxl_unet_checkpoint(teacher: Path, path: Path) -> Path:
+    """The SDXL pipeline folder's UNet alone in the sgm checkpoint's key layout (kdistpp's ldm map)."""
+    from safetensors.torch import save_file
+
+    from kdistpp.sfd.export import ldm_unet_path
+
+    unet = diffusers.UNet2DConditionModel.from_pretrained(str(teacher / "unet"))
+    state = {}
+    for name, value in unet.state_dict().items():
+        module, param = name.rsplit(".", 1)
+        state[f"model.diffusion_model.{ldm_unet_path(module, unet.config)}.{param}"] = value.contiguous()
+    save_file(state, str(path))
+    return path
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_sdxl_and_flux_single_files_load_as_their_folders(family, request, tmp_path):
+    """An SDXL UNet in the sgm layout and a Flux transformer file (diffusers' layout) give the folder's pipeline;
+    the text encoders and VAE, which the files lack, come from the config folder."""
+    import shutil
+
+    from kdistpp.sfd.teacher import check_teacher, load_network, load_pipeline
+
+    teacher = request.getfixturevalue(f"{family}_dir")
+    name = "unet" if family == "sdxl" else "transformer"
+    file = tmp_path / f"{family}.safetensors"
+    if family == "sdxl":
+        sdxl_unet_checkpoint(teacher, file)
+    else:
+        shutil.copy(teacher / name / "diffusion_pytorch_model.safetensors", file)
+    source = check_teacher(str(file), str(config_folder(teacher, tmp_path / "configs", (name,))))
+    ours = load_pipeline(source)
+    theirs = diffusers.DiffusionPipeline.from_pretrained(str(teacher))
+    assert type(ours) is type(theirs)
+    for component in (name, "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(ours, component).state_dict(), getattr(theirs, component).state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), component
+    network = load_network(source).state_dict()  # export's path
+    assert all(torch.equal(network[k], v) for k, v in getattr(theirs, name).state_dict().items())

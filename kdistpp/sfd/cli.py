@@ -77,7 +77,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e = sub.add_parser("export", help="write a trained student as a LoRA file or a full UNet",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    e.add_argument("--run", required=True, help="the output folder of `train`")
+    e.add_argument("--run", required=True, help="the output folder of `train` (its run.json names the teacher, "
+                   "folder or single file and --teacher-config, whose network the student is rebuilt on)")
     e.add_argument("--output", required=True, help="the file (.safetensors LoRA) or folder (--full) to write")
     e.add_argument("--full", action="store_true", help="write the merged student as a diffusers network folder "
                    "(UNet or transformer) instead of a LoRA")

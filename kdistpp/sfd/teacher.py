@@ -46,8 +46,8 @@ class TeacherSource(NamedTuple):
 
     @property
     def identity(self) -> str:
-        """What the prompt-embedding cache is keyed to (the file's text encoders, when it holds them)."""
-        return str((self.file or self.folder).resolve())
+        """What the prompt-embedding cache is keyed to: the text encoders are the file's or the folder's."""
+        return " + ".join(str(p.resolve()) for p in (self.file, self.folder) if p is not None)
 
 
 def check_folder(path: str, option: str = "--teacher") -> Path:
