@@ -558,3 +558,19 @@ def test_sdxl_and_flux_single_files_load_as_their_folders(family, request, tmp_p
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), component
     network = load_network(source).state_dict()  # export's path
     assert all(torch.equal(network[k], v) for k, v in getattr(theirs, name).state_dict().items())
+
+
+def test_a_ckpt_file_with_a_state_dict_loads_as_its_folder(teacher_dir, tmp_path):
+    """The older .ckpt container (torch.save of {"state_dict": ...}), read with weights_only as diffusers reads it."""
+    from safetensors.torch import load_file
+
+    from kdistpp.sfd.teacher import check_teacher, load_pipeline
+
+    state = load_file(str(ldm_checkpoint(teacher_dir, tmp_path / "sd15.safetensors")))
+    torch.save({"state_dict": state}, tmp_path / "sd15.ckpt")
+    configs = config_folder(teacher_dir, tmp_path / "configs", ("unet", "text_encoder"))
+    ours = load_pipeline(check_teacher(str(tmp_path / "sd15.ckpt"), str(configs)))
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(str(teacher_dir))
+    for component in ("unet", "text_encoder"):
+        a, b = getattr(ours, component).state_dict(), getattr(theirs, component).state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b), component

@@ -80,9 +80,12 @@ def checkpoint_keys(file: Path) -> list[str]:
             with safe_open(str(file), "pt") as f:
                 keys = list(f.keys())
         else:
+            import zipfile
+
             import torch
 
-            state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+            # weights only, as diffusers reads it; mmap where the format allows (zip-based files)
+            state = torch.load(str(file), map_location="cpu", mmap=zipfile.is_zipfile(file), weights_only=True)
             state = state.get("state_dict", state) if isinstance(state, dict) else state
             keys = list(state) if isinstance(state, dict) else []
     except Exception as err:  # safetensors and torch.load raise their own types for a file that is none
