@@ -133,7 +133,7 @@ def test_bad_input_is_refused_before_any_training(teacher_dir, tmp_path, capsys)
     refused(args[:teacher_at] + [str(tmp_path / "missing")] + args[teacher_at + 1:], "does not exist")
     single = tmp_path / "model.safetensors"
     single.write_bytes(b"")
-    refused(args[:teacher_at] + [str(single)] + args[teacher_at + 1:], "single file")
+    refused(args[:teacher_at] + [str(single)] + args[teacher_at + 1:], "not a checkpoint file")
     flow = tmp_path / "other"
     flow.mkdir()
     (flow / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]}))
@@ -374,12 +374,38 @@ def same_runs(a: Path, b: Path) -> None:
         assert torch.equal(first[key], second[key]), key
 
 
-def test_a_single_file_sd_checkpoint_as_teacher_trains_and_exports_as_its_folder(teacher_dir, tmp_path):
+def offline_hub_cache(monkeypatch, cache: Path) -> Path:
+    """Hugging Face Hub offline, with `cache` (empty here) as its cache."""
+    from huggingface_hub import constants
+
+    cache.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def cache_repository(cache: Path, repo: str, folder: Path) -> None:
+    """`folder` as the cached snapshot of the Hub repository `repo` (the cache's own layout)."""
+    import shutil
+
+    root = cache / ("models--" + repo.replace("/", "--"))
+    shutil.copytree(folder, root / "snapshots" / ("0" * 40))
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text("0" * 40)
+
+
+def test_a_single_file_sd_checkpoint_as_teacher_trains_and_exports_as_its_folder(teacher_dir, tmp_path, monkeypatch):
     file = ldm_checkpoint(teacher_dir, tmp_path / "sd15.safetensors")
     configs = config_folder(teacher_dir, tmp_path / "configs", ("unet", "text_encoder"))  # the VAE from here
     assert cli.main(train_args(teacher_dir, tmp_path, run="folder")) == 0
     assert cli.main(train_args(file, tmp_path, "--teacher-config", str(configs), run="file")) == 0
     same_runs(tmp_path / "folder", tmp_path / "file")
+    # without --teacher-config: the configs of the repository diffusers infers from the keys (SD 1.5's), from
+    # the Hugging Face cache when offline
+    cache_repository(offline_hub_cache(monkeypatch, tmp_path / "hub"), "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                     configs)
+    assert cli.main(train_args(file, tmp_path, run="inferred")) == 0
+    same_runs(tmp_path / "folder", tmp_path / "inferred")
     assert json.loads((tmp_path / "file" / "run.json").read_text())["teacher_config"] == str(configs)
     from safetensors.torch import load_file
 
@@ -487,14 +513,17 @@ def test_an_sd3_transformer_file_as_teacher_trains_as_its_folder(sd3_dir, sd3_ru
     same_runs(run, tmp_path / "file")
 
 
-def test_single_file_teachers_bad_input_is_refused_before_any_training(teacher_dir, sd3_dir, tmp_path, capsys):
+def test_single_file_teachers_bad_input_is_refused_before_any_training(teacher_dir, sd3_dir, tmp_path, capsys,
+                                                                        monkeypatch):
     def refused(teacher, message, *extra):
         assert cli.main(train_args(teacher, tmp_path, *extra)) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
     file = ldm_checkpoint(teacher_dir, tmp_path / "sd15.safetensors")
+    offline_hub_cache(monkeypatch, tmp_path / "hub")  # offline, and the inferred repository is not in the cache
     refused(file, "pass --teacher-config FOLDER")
+    assert not (tmp_path / "run").exists()  # refused before anything was loaded or written
     refused(file, "--teacher-config", "--teacher-config", str(tmp_path / "missing"))
     refused(file, "not a diffusers model folder", "--teacher-config", str(tmp_path))
     refused(teacher_dir, "--teacher-config is for a single-file --teacher", "--teacher-config", str(teacher_dir))

@@ -41,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--teacher-config", default=None, help="for a single-file --teacher: a diffusers folder of the "
                    "same architecture (save_pretrained's, or the model repository's model_index.json, configs and "
                    "tokenizers) giving its configs offline; text encoders and VAE the file does not hold are read "
-                   "from it")
+                   "from it (default: the configs of the repository diffusers infers from the file's keys, from the "
+                   "Hugging Face cache, or downloaded unless HF_HUB_OFFLINE is set)")
     t.add_argument("--prompts", required=True, help="prompts file: one prompt per line, or .jsonl with a 'prompt' field")
     t.add_argument("--output", required=True, help="output folder (checkpoint, loss.csv, sample grids, LoRA file)")
     t.add_argument("--steps", default="4", help="number of student timestamps N (NFE = N - 1); several, comma-separated "

@@ -4,14 +4,17 @@ A single file is what A1111, Forge and ComfyUI load: an SD 1.x/2.x or SDXL check
 (ldm/sgm) key layout, usually with its text encoders and VAE; or a Flux/SD3 transformer alone, as
 ComfyUI's `diffusion_models` hold. It has no diffusers configs, so it comes with a folder that gives
 them offline (`config`): a `save_pretrained` folder of the same architecture, or a model repository's
-configs and tokenizers. diffusers' own single-file loading (`from_single_file(..., config=...,
-local_files_only=True)`) converts the weights; what the file lacks (text encoders, VAE) is read from
-the folder.
+configs and tokenizers. Without one, the configs are those of the model repository diffusers infers
+from the file's keys, from the Hugging Face cache or downloaded (not offline). diffusers' own
+single-file loading (`from_single_file(..., config=..., local_files_only=True)`) converts the weights;
+what the file lacks (text encoders, VAE) is read from the folder.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -70,15 +73,36 @@ def check_folder(path: str, option: str = "--teacher") -> Path:
     return folder
 
 
-def checkpoint_keys(file: Path) -> list[str]:
-    """The tensor names of a single-file checkpoint (read from the header, for .safetensors); a
-    ValueError when it is not one."""
+class _LazyCheckpoint(Mapping):
+    """A .safetensors file as a read-only mapping that reads a tensor only when it is looked up."""
+
+    def __init__(self, file: Path):
+        from safetensors import safe_open
+
+        self._file = safe_open(str(file), "pt")
+        self._keys = list(self._file.keys())
+
+    def __getitem__(self, key):
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __contains__(self, key):
+        return key in self._keys
+
+
+def read_checkpoint(file: Path) -> Mapping:
+    """A single-file checkpoint as a mapping of its tensors (lazy for .safetensors); a ValueError when it
+    is not one."""
     try:
         if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(file), "pt") as f:
-                keys = list(f.keys())
+            state = _LazyCheckpoint(file)
         else:
             import zipfile
 
@@ -87,12 +111,41 @@ def checkpoint_keys(file: Path) -> list[str]:
             # weights only, as diffusers reads it; mmap where the format allows (zip-based files)
             state = torch.load(str(file), map_location="cpu", mmap=zipfile.is_zipfile(file), weights_only=True)
             state = state.get("state_dict", state) if isinstance(state, dict) else state
-            keys = list(state) if isinstance(state, dict) else []
     except Exception as err:  # safetensors and torch.load raise their own types for a file that is none
         raise ValueError(f"--teacher {str(file)!r} is not a checkpoint file ({type(err).__name__}: {err})") from None
-    if not keys:
+    if not isinstance(state, Mapping) or not len(state):
         raise ValueError(f"--teacher {str(file)!r} is not a checkpoint file: it holds no tensors")
-    return keys
+    return state
+
+
+def checkpoint_keys(file: Path) -> list[str]:
+    """The tensor names of a single-file checkpoint; a ValueError when it is not one."""
+    return list(read_checkpoint(file))
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def inferred_config_folder(file: Path) -> Path:
+    """The configs and tokenizers of the model repository diffusers infers from the file's keys
+    (`fetch_diffusers_config`), from the Hugging Face cache, or downloaded unless offline."""
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config
+    from huggingface_hub import snapshot_download
+
+    repo = fetch_diffusers_config(read_checkpoint(file))
+    try:
+        folder = snapshot_download(repo["pretrained_model_name_or_path"], local_files_only=_offline(),
+                                   allow_patterns=["*.json", "**/*.json", "*.txt", "**/*.txt", "**/*.model"])
+    except Exception as err:  # offline and not cached, no network, a gated repository...
+        raise ValueError(f"--teacher {str(file)!r} is a single file and the configs of "
+                         f"{repo['pretrained_model_name_or_path']} (the repository diffusers infers from its keys) "
+                         f"are not at hand ({type(err).__name__}): pass --teacher-config FOLDER, a diffusers folder "
+                         "of the same architecture (save_pretrained's, or the model repository's model_index.json, "
+                         "configs and tokenizers) that gives its configs offline") from None
+    return Path(folder) / repo.get("subfolder", "")
 
 
 def check_teacher(path: str, config: str | None = None) -> TeacherSource:
@@ -105,13 +158,11 @@ def check_teacher(path: str, config: str | None = None) -> TeacherSource:
             raise ValueError("--teacher-config is for a single-file --teacher; this teacher is a folder, which holds "
                              "its own configs")
         return TeacherSource(None, check_folder(path))
-    if config is None:
-        raise ValueError(f"--teacher {path!r} is a single file: pass --teacher-config FOLDER, a diffusers folder of "
-                         "the same architecture (save_pretrained's, or the model repository's model_index.json, "
-                         "configs and tokenizers) that gives its configs offline")
     if target.suffix not in CHECKPOINT_SUFFIXES:
         raise ValueError(f"--teacher {path!r} is not a checkpoint file (expected one of {list(CHECKPOINT_SUFFIXES)})")
     checkpoint_keys(target)
+    if config is None:
+        return TeacherSource(target, check_folder(str(inferred_config_folder(target)), "the inferred configs"))
     return TeacherSource(target, check_folder(config, "--teacher-config"))
 
 
@@ -167,7 +218,7 @@ def load_pipeline(source: TeacherSource):
     extra = {"safety_checker": None} if "safety_checker" in spec else {}
     if source.file is None:
         return diffusers.DiffusionPipeline.from_pretrained(str(source.folder), **extra)
-    keys = dict.fromkeys(checkpoint_keys(source.file))
+    keys = read_checkpoint(source.file)
     for name, value in spec.items():
         if name.startswith("_") or name == source.network_name or not isinstance(value, list) or value[0] is None:
             continue
@@ -194,5 +245,5 @@ def load_pipeline(source: TeacherSource):
     return pipe
 
 
-__all__ = ["NETWORKS", "TeacherSource", "check_folder", "check_teacher", "checkpoint_keys", "load_network",
-           "load_pipeline"]
+__all__ = ["NETWORKS", "TeacherSource", "check_folder", "check_teacher", "checkpoint_keys", "inferred_config_folder",
+           "load_network", "load_pipeline", "read_checkpoint"]
