@@ -511,6 +511,12 @@ def test_an_sd3_transformer_file_as_teacher_trains_as_its_folder(sd3_dir, sd3_ru
     args[args.index("--prompts") + 1] = str(prompts_dir / "prompts.txt")  # the folder run's prompts file
     assert cli.main(args) == 0
     same_runs(run, tmp_path / "file")
+    from safetensors.torch import load_file
+
+    # export rebuilds the student on the file's transformer
+    assert cli.main(["export", "--run", str(tmp_path / "file"), "--output", str(tmp_path / "exported.safetensors")]) == 0
+    exported, lora = (load_file(str(p)) for p in (tmp_path / "exported.safetensors", run / "student_lora.safetensors"))
+    assert set(exported) == set(lora) and all(torch.equal(exported[k], lora[k]) for k in lora)
 
 
 def test_single_file_teachers_bad_input_is_refused_before_any_training(teacher_dir, sd3_dir, tmp_path, capsys,
