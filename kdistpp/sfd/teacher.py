@@ -167,8 +167,9 @@ def check_teacher(path: str, config: str | None = None) -> TeacherSource:
 
 
 def _architecture_error(source: TeacherSource, what: str, err: Exception | str) -> ValueError:
-    return ValueError(f"--teacher {str(source.file)!r} does not hold a {what} of the --teacher-config folder's "
-                      f"architecture ({err}): pass the folder of the model this file was saved from")
+    return ValueError(f"--teacher {str(source.file)!r} does not hold a {what} of the architecture its configs "
+                      f"{str(source.folder)!r} describe ({err}): pass as --teacher-config the folder of the model this "
+                      "file was saved from")
 
 
 def _check_loaded(source: TeacherSource, module, what: str) -> None:
@@ -194,7 +195,7 @@ def load_network(source: TeacherSource):
     return network
 
 
-def _in_file(keys: dict, library: str, class_name: str) -> bool:
+def _in_file(keys: Mapping, library: str, class_name: str) -> bool:
     """Whether the checkpoint holds this pipeline component, by diffusers' own tests of a single file."""
     from diffusers.loaders import single_file_utils as sfu
 
@@ -230,9 +231,9 @@ def load_pipeline(source: TeacherSource):
         try:
             extra[name] = getattr(module, class_name).from_pretrained(str(source.folder), subfolder=name)
         except (OSError, ValueError) as err:
-            raise ValueError(f"--teacher {str(source.file)!r} holds no {name} ({class_name}) and --teacher-config "
-                             f"{str(source.folder)!r} has no weights for it ({type(err).__name__}): pass a folder "
-                             "with them (save_pretrained's, or the model repository's)") from None
+            raise ValueError(f"--teacher {str(source.file)!r} holds no {name} ({class_name}) and its config folder "
+                             f"{str(source.folder)!r} has no weights for it ({type(err).__name__}): pass as "
+                             "--teacher-config a folder with them (save_pretrained's, or the model repository's)") from None
     pipeline_class = getattr(diffusers, spec["_class_name"])
     try:
         pipe = pipeline_class.from_single_file(str(source.file), config=str(source.folder), local_files_only=True,
