@@ -406,7 +406,10 @@ def test_a_single_file_sd_checkpoint_as_teacher_trains_and_exports_as_its_folder
                      configs)
     assert cli.main(train_args(file, tmp_path, run="inferred")) == 0
     same_runs(tmp_path / "folder", tmp_path / "inferred")
-    assert json.loads((tmp_path / "file" / "run.json").read_text())["teacher_config"] == str(configs)
+    inferred = Path(json.loads((tmp_path / "inferred" / "run.json").read_text())["teacher_config"])
+    assert (inferred / "model_index.json").read_text() == (configs / "model_index.json").read_text()
+    settings = json.loads((tmp_path / "file" / "run.json").read_text())
+    assert (settings["teacher"], settings["teacher_config"]) == (str(file.resolve()), str(configs.resolve()))
     from safetensors.torch import load_file
 
     # export rebuilds the student on the file's UNet

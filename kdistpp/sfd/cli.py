@@ -222,7 +222,11 @@ class TrainingRun:
                                   parallel=args.parallel, autocast=PRECISIONS[args.precision], ema=args.ema)
         self.student = student
         if self.rank == 0:  # what `export` rebuilds the student from
-            (self.out / "run.json").write_text(json.dumps({**vars(args), "sigma_max": sigma_max, "lr": lr}, indent=2))
+            # absolute paths, and the config folder the file was read with (given or inferred): `export` from anywhere
+            where = {"teacher": str((teacher.file or teacher.folder).resolve()),
+                     "teacher_config": str(teacher.folder.resolve()) if teacher.file else None}
+            (self.out / "run.json").write_text(json.dumps({**vars(args), **where, "sigma_max": sigma_max, "lr": lr},
+                                                          indent=2))
 
     def cond_rows(self, index, uncond: bool = False) -> dict:
         """The UNet's keyword arguments for prompt rows `index` (or the empty prompt)."""
