@@ -345,9 +345,10 @@ def config_folder(teacher: Path, folder: Path, in_the_file: tuple[str, ...]) -> 
     return folder
 
 
-def ldm_checkpoint(teacher: Path, path: Path) -> Path:
-    """The SD 1.x pipeline folder's UNet and CLIP text encoder in an A1111 checkpoint's (ldm) key layout, without
-    a VAE: the UNet's names through kdistpp's ldm map, the CLIP's under cond_stage_model.transformer.text_model."""
+def ldm_checkpoint(teacher: Path, path: Path, clip: bool = True) -> Path:
+    """The pipeline folder's UNet (and, for SD 1.x, CLIP text encoder) in an A1111 checkpoint's (ldm/sgm) key
+    layout, without a VAE: the UNet's names through kdistpp's ldm map, the CLIP's under
+    cond_stage_model.transformer.text_model."""
     from safetensors.torch import save_file
 
     from kdistpp.sfd.export import ldm_unet_path
@@ -357,9 +358,10 @@ def ldm_checkpoint(teacher: Path, path: Path) -> Path:
     for name, value in unet.state_dict().items():
         module, param = name.rsplit(".", 1)
         state[f"model.diffusion_model.{ldm_unet_path(module, unet.config)}.{param}"] = value
-    clip = transformers.CLIPTextModel.from_pretrained(str(teacher / "text_encoder"))
-    for name, value in clip.state_dict().items():  # transformers >= 5 names them without text_model.
-        state["cond_stage_model.transformer." + ("" if name.startswith("text_model.") else "text_model.") + name] = value
+    if clip:
+        encoder = transformers.CLIPTextModel.from_pretrained(str(teacher / "text_encoder"))
+        for name, value in encoder.state_dict().items():  # transformers >= 5 names them without text_model.
+            state["cond_stage_model.transformer." + ("" if name.startswith("text_model.") else "text_model.") + name] = value
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
 
@@ -557,21 +559,6 @@ def test_single_file_teachers_bad_input_is_refused_before_any_training(teacher_d
     refused(file, "holds no vae", "--teacher-config", str(config_folder(teacher_dir, tmp_path / "configs", ("vae",))))
 
 
-def sdxl_unet_checkpoint(teacher: Path, path: Path) -> Path:
-    """The SDXL pipeline folder's UNet alone in the sgm checkpoint's key layout (kdistpp's ldm map)."""
-    from safetensors.torch import save_file
-
-    from kdistpp.sfd.export import ldm_unet_path
-
-    unet = diffusers.UNet2DConditionModel.from_pretrained(str(teacher / "unet"))
-    state = {}
-    for name, value in unet.state_dict().items():
-        module, param = name.rsplit(".", 1)
-        state[f"model.diffusion_model.{ldm_unet_path(module, unet.config)}.{param}"] = value.contiguous()
-    save_file(state, str(path))
-    return path
-
-
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
 def test_sdxl_and_flux_single_files_load_as_their_folders(family, request, tmp_path):
     """An SDXL UNet in the sgm layout and a Flux transformer file (diffusers' layout) give the folder's pipeline;
@@ -584,7 +571,7 @@ def test_sdxl_and_flux_single_files_load_as_their_folders(family, request, tmp_p
     name = "unet" if family == "sdxl" else "transformer"
     file = tmp_path / f"{family}.safetensors"
     if family == "sdxl":
-        sdxl_unet_checkpoint(teacher, file)
+        ldm_checkpoint(teacher, file, clip=False)  # the SDXL UNet alone, in the sgm layout
     else:
         shutil.copy(teacher / name / "diffusion_pytorch_model.safetensors", file)
     source = check_teacher(str(file), str(config_folder(teacher, tmp_path / "configs", (name,))))
