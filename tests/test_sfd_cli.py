@@ -133,7 +133,7 @@ def test_bad_input_is_refused_before_any_training(teacher_dir, tmp_path, capsys)
     refused(args[:teacher_at] + [str(tmp_path / "missing")] + args[teacher_at + 1:], "does not exist")
     single = tmp_path / "model.safetensors"
     single.write_bytes(b"")
-    refused(args[:teacher_at] + [str(single)] + args[teacher_at + 1:], "single file")
+    refused(args[:teacher_at] + [str(single)] + args[teacher_at + 1:], "not a checkpoint file")
     flow = tmp_path / "other"
     flow.mkdir()
     (flow / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]}))
@@ -327,3 +327,275 @@ def test_an_sfd_v_run_exports_a_full_unet_per_step_count(teacher_dir, tmp_path, 
         assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / f"unet{n}"), "--full", "--steps", str(n)]) == 0
         outputs.append(diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path / f"unet{n}")).time_embedding.linear_2.bias)
     assert not torch.equal(*outputs)  # each step count's embedding folded in
+
+
+# Single-file teachers: the weights in one checkpoint file as the hosts load it, the diffusers configs from a
+# folder (--teacher-config) that holds no weights of what the file holds, so that a run equal to the folder's
+# can only come from the file's weights.
+
+def config_folder(teacher: Path, folder: Path, in_the_file: tuple[str, ...]) -> Path:
+    """A copy of the pipeline folder `teacher` without the weights of the components `in_the_file`."""
+    import shutil
+
+    def weights(directory, names):
+        inside = Path(directory).name in in_the_file and Path(directory).parent == teacher
+        return [n for n in names if inside and n.endswith((".safetensors", ".bin"))]
+
+    shutil.copytree(teacher, folder, ignore=weights)
+    return folder
+
+
+def ldm_checkpoint(teacher: Path, path: Path, clip: bool = True) -> Path:
+    """The pipeline folder's UNet (and, for SD 1.x, CLIP text encoder) in an A1111 checkpoint's (ldm/sgm) key
+    layout, without a VAE: the UNet's names through kdistpp's ldm map, the CLIP's under
+    cond_stage_model.transformer.text_model."""
+    from safetensors.torch import save_file
+
+    from kdistpp.sfd.export import ldm_unet_path
+
+    unet = diffusers.UNet2DConditionModel.from_pretrained(str(teacher / "unet"))
+    state = {}
+    for name, value in unet.state_dict().items():
+        module, param = name.rsplit(".", 1)
+        state[f"model.diffusion_model.{ldm_unet_path(module, unet.config)}.{param}"] = value
+    if clip:
+        encoder = transformers.CLIPTextModel.from_pretrained(str(teacher / "text_encoder"))
+        for name, value in encoder.state_dict().items():  # transformers >= 5 names them without text_model.
+            state["cond_stage_model.transformer." + ("" if name.startswith("text_model.") else "text_model.") + name] = value
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def same_runs(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    assert (a / "loss.csv").read_text() == (b / "loss.csv").read_text()
+    first, second = (load_file(str(r / "student_lora.safetensors")) for r in (a, b))
+    assert set(first) == set(second)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def offline_hub_cache(monkeypatch, cache: Path) -> Path:
+    """Hugging Face Hub offline, with `cache` (empty here) as its cache."""
+    from huggingface_hub import constants
+
+    cache.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def cache_repository(cache: Path, repo: str, folder: Path) -> None:
+    """`folder` as the cached snapshot of the Hub repository `repo` (the cache's own layout)."""
+    import shutil
+
+    root = cache / ("models--" + repo.replace("/", "--"))
+    shutil.copytree(folder, root / "snapshots" / ("0" * 40))
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text("0" * 40)
+
+
+def test_a_single_file_sd_checkpoint_as_teacher_trains_and_exports_as_its_folder(teacher_dir, tmp_path, monkeypatch):
+    file = ldm_checkpoint(teacher_dir, tmp_path / "sd15.safetensors")
+    configs = config_folder(teacher_dir, tmp_path / "configs", ("unet", "text_encoder"))  # the VAE from here
+    assert cli.main(train_args(teacher_dir, tmp_path, run="folder")) == 0
+    assert cli.main(train_args(file, tmp_path, "--teacher-config", str(configs), run="file")) == 0
+    same_runs(tmp_path / "folder", tmp_path / "file")
+    # without --teacher-config: the configs of the repository diffusers infers from the keys (SD 1.5's), from
+    # the Hugging Face cache when offline
+    cache_repository(offline_hub_cache(monkeypatch, tmp_path / "hub"), "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                     configs)
+    assert cli.main(train_args(file, tmp_path, run="inferred")) == 0
+    same_runs(tmp_path / "folder", tmp_path / "inferred")
+    inferred = Path(json.loads((tmp_path / "inferred" / "run.json").read_text())["teacher_config"])
+    assert (inferred / "model_index.json").read_text() == (configs / "model_index.json").read_text()
+    settings = json.loads((tmp_path / "file" / "run.json").read_text())
+    assert (settings["teacher"], settings["teacher_config"]) == (str(file.resolve()), str(configs.resolve()))
+    from safetensors.torch import load_file
+
+    # export rebuilds the student on the file's UNet
+    assert cli.main(["export", "--run", str(tmp_path / "file"), "--output", str(tmp_path / "exported.safetensors")]) == 0
+    exported, lora = (load_file(str(p)) for p in (tmp_path / "exported.safetensors",
+                                                   tmp_path / "folder" / "student_lora.safetensors"))
+    assert set(exported) == set(lora) and all(torch.equal(exported[k], lora[k]) for k in lora)
+
+
+SD3_TOKENIZERS = (Path(os.environ.get("KDISTPP_FORGE", SHARED_HOSTS / "forge-dfdcbab")).resolve()
+                  / "backend" / "huggingface" / "stabilityai" / "stable-diffusion-3-medium-diffusers")
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    """A tiny random StableDiffusion3Pipeline (CLIP-L and CLIP-G of width 8, T5 of width 16, a one-block MMDiT,
+    a 2-level VAE) with the real SD3 tokenizers from the Forge tree, saved with save_pretrained."""
+    if not (SD3_TOKENIZERS / "tokenizer_3" / "tokenizer.json").is_file():
+        pytest.skip(f"the SD3 tokenizer files are not at {SD3_TOKENIZERS}")
+    folder = tmp_path_factory.mktemp("sd3")
+    torch.manual_seed(0)
+    common = dict(vocab_size=49408, hidden_size=8, projection_dim=8, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, max_position_embeddings=77)
+    clip_l, clip_g = (transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**common)) for _ in "lg")
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=32128, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                                           num_heads=2))
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        caption_projection_dim=16, joint_attention_dim=16, pooled_projection_dim=16, out_channels=4)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  layers_per_block=1, norm_num_groups=8, sample_size=16, shift_factor=0.1,
+                                  scaling_factor=0.5)
+    clip_tokenizer = transformers.CLIPTokenizer.from_pretrained(str(SD3_TOKENIZERS / "tokenizer"))
+    pipe = diffusers.StableDiffusion3Pipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=clip_l,
+        tokenizer=clip_tokenizer, text_encoder_2=clip_g, tokenizer_2=clip_tokenizer, text_encoder_3=t5,
+        tokenizer_3=transformers.T5TokenizerFast.from_pretrained(str(SD3_TOKENIZERS / "tokenizer_3")),
+        transformer=transformer)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def sd3_args(teacher, tmp_path, *extra, run="run"):
+    # alpha 1 at rank 2: a LoRA scale of 1/2, which the file must carry
+    return ["train", "--teacher", str(teacher), "--prompts", str(prompts_file(tmp_path)), "--output",
+            str(tmp_path / run), "--steps", "3", "--lora-rank", "2", "--lora-alpha", "1", "--iterations", "2",
+            "--batch-size", "2", "--resolution", "16", "--samples", "2", "--lr", "1e-2", "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def sd3_run(sd3_dir, tmp_path_factory):
+    """`train` on the SD3 folder: (its output folder, the folder holding its prompts file)."""
+    tmp = tmp_path_factory.mktemp("sd3_run")
+    assert cli.main(sd3_args(sd3_dir, tmp)) == 0
+    return tmp / "run", tmp
+
+
+def test_an_sd3_teacher_trains_through_the_command_and_its_lora_loads_in_diffusers(sd3_dir, sd3_run, tmp_path):
+    from safetensors.torch import load_file
+
+    run, _ = sd3_run
+    embeddings = load_file(str(run / "prompt_embeddings.safetensors"))
+    # CLIP-L and CLIP-G side by side, padded to T5's width, then T5's tokens; pooled: both CLIPs' projections
+    assert embeddings["cond.encoder_hidden_states"].shape == (2, 77 + 256, 16)
+    assert embeddings["cond.pooled"].shape == (2, 16) and embeddings["uncond.pooled"].shape == (1, 16)
+    rows = list(csv.DictReader((run / "loss.csv").open()))
+    assert [int(r["iteration"]) for r in rows] == [1, 2] and all(float(r["loss"]) > 0 for r in rows)
+    assert (run / "samples_000002.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lora = load_file(str(run / "student_lora.safetensors"))
+    assert lora and all(k.startswith("transformer.") and ".lora_" in k for k in lora)
+    assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / "exported.safetensors")]) == 0
+    exported = load_file(str(tmp_path / "exported.safetensors"))
+    assert set(exported) == set(lora) and all(torch.equal(exported[k], lora[k]) for k in lora)
+
+    # diffusers' own LoRA loader on the teacher pipeline gives the student: the merged network `export --full` writes
+    assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / "full"), "--full"]) == 0
+    student = diffusers.SD3Transformer2DModel.from_pretrained(str(tmp_path / "full")).eval()
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(str(sd3_dir))
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([300.0, 700.0]),
+                  encoder_hidden_states=torch.randn(2, 7, 16, generator=g), pooled_projections=torch.randn(2, 16, generator=g))
+    with torch.no_grad():
+        teacher = pipe.transformer(**inputs).sample
+        pipe.load_lora_weights(str(run / "student_lora.safetensors"))
+        loaded, ours = pipe.transformer(**inputs).sample, student(**inputs).sample
+    tolerance = 1e-5 * float(ours.abs().max())
+    assert float((teacher - ours).abs().max()) > 20 * tolerance  # the trained LoRA moves the output
+    assert torch.allclose(loaded, ours, rtol=0, atol=tolerance), float((loaded - ours).abs().max())
+
+
+def test_an_sd3_transformer_file_as_teacher_trains_as_its_folder(sd3_dir, sd3_run, tmp_path):
+    """A transformer alone in one file (as ComfyUI's diffusion_models hold one; here in diffusers' layout), the
+    text encoders, tokenizers and VAE from the config folder."""
+    import shutil
+
+    file = tmp_path / "sd3_transformer.safetensors"
+    shutil.copy(sd3_dir / "transformer" / "diffusion_pytorch_model.safetensors", file)
+    configs = config_folder(sd3_dir, tmp_path / "configs", ("transformer",))
+    run, prompts_dir = sd3_run
+    args = sd3_args(file, tmp_path, "--teacher-config", str(configs), run="file")
+    args[args.index("--prompts") + 1] = str(prompts_dir / "prompts.txt")  # the folder run's prompts file
+    assert cli.main(args) == 0
+    same_runs(run, tmp_path / "file")
+    from safetensors.torch import load_file
+
+    # export rebuilds the student on the file's transformer
+    assert cli.main(["export", "--run", str(tmp_path / "file"), "--output", str(tmp_path / "exported.safetensors")]) == 0
+    exported, lora = (load_file(str(p)) for p in (tmp_path / "exported.safetensors", run / "student_lora.safetensors"))
+    assert set(exported) == set(lora) and all(torch.equal(exported[k], lora[k]) for k in lora)
+
+
+def test_single_file_teachers_bad_input_is_refused_before_any_training(teacher_dir, sd3_dir, tmp_path, capsys,
+                                                                        monkeypatch):
+    def refused(teacher, message, *extra):
+        assert cli.main(train_args(teacher, tmp_path, *extra)) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+    file = ldm_checkpoint(teacher_dir, tmp_path / "sd15.safetensors")
+    offline_hub_cache(monkeypatch, tmp_path / "hub")  # offline, and the inferred repository is not in the cache
+    refused(file, "pass --teacher-config FOLDER")
+    assert not (tmp_path / "run").exists()  # refused before anything was loaded or written
+    refused(file, "--teacher-config", "--teacher-config", str(tmp_path / "missing"))
+    refused(file, "not a diffusers model folder", "--teacher-config", str(tmp_path))
+    refused(teacher_dir, "--teacher-config is for a single-file --teacher", "--teacher-config", str(teacher_dir))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint at all")
+    refused(junk, "not a checkpoint file", "--teacher-config", str(teacher_dir))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a prompt\n")
+    refused(notes, "not a checkpoint file", "--teacher-config", str(teacher_dir))
+    # the wrong architecture: an SD checkpoint with SD3 configs, an SD3 transformer with SD 1.x configs
+    refused(file, "does not hold a", "--teacher-config", str(sd3_dir))
+    refused(sd3_dir / "transformer" / "diffusion_pytorch_model.safetensors", "does not hold a", "--teacher-config",
+            str(teacher_dir))
+    # a text encoder lacking a tensor (which diffusers would leave uninitialised)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(file))
+    del state[next(k for k in state if k.endswith("final_layer_norm.weight"))]
+    save_file(state, str(tmp_path / "incomplete.safetensors"))
+    refused(tmp_path / "incomplete.safetensors", "no weights for 1 tensors", "--teacher-config", str(teacher_dir))
+    # the file has no VAE, nor has the config folder
+    refused(file, "holds no vae", "--teacher-config", str(config_folder(teacher_dir, tmp_path / "configs", ("vae",))))
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_sdxl_and_flux_single_files_load_as_their_folders(family, request, tmp_path):
+    """An SDXL UNet in the sgm layout and a Flux transformer file (diffusers' layout) give the folder's pipeline;
+    the text encoders and VAE, which the files lack, come from the config folder."""
+    import shutil
+
+    from kdistpp.sfd.teacher import check_teacher, load_network, load_pipeline
+
+    teacher = request.getfixturevalue(f"{family}_dir")
+    name = "unet" if family == "sdxl" else "transformer"
+    file = tmp_path / f"{family}.safetensors"
+    if family == "sdxl":
+        ldm_checkpoint(teacher, file, clip=False)  # the SDXL UNet alone, in the sgm layout
+    else:
+        shutil.copy(teacher / name / "diffusion_pytorch_model.safetensors", file)
+    source = check_teacher(str(file), str(config_folder(teacher, tmp_path / "configs", (name,))))
+    ours = load_pipeline(source)
+    theirs = diffusers.DiffusionPipeline.from_pretrained(str(teacher))
+    assert type(ours) is type(theirs)
+    for component in (name, "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(ours, component).state_dict(), getattr(theirs, component).state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), component
+    network = load_network(source).state_dict()  # export's path
+    assert all(torch.equal(network[k], v) for k, v in getattr(theirs, name).state_dict().items())
+
+
+def test_a_ckpt_file_with_a_state_dict_loads_as_its_folder(teacher_dir, tmp_path):
+    """The older .ckpt container (torch.save of {"state_dict": ...}), read with weights_only as diffusers reads it."""
+    from safetensors.torch import load_file
+
+    from kdistpp.sfd.teacher import check_teacher, load_pipeline
+
+    state = load_file(str(ldm_checkpoint(teacher_dir, tmp_path / "sd15.safetensors")))
+    torch.save({"state_dict": state}, tmp_path / "sd15.ckpt")
+    configs = config_folder(teacher_dir, tmp_path / "configs", ("unet", "text_encoder"))
+    ours = load_pipeline(check_teacher(str(tmp_path / "sd15.ckpt"), str(configs)))
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(str(teacher_dir))
+    for component in ("unet", "text_encoder"):
+        a, b = getattr(ours, component).state_dict(), getattr(theirs, component).state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b), component

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 4 -m kdistpp.sfd train ... --parallel fsdp --precision bf16
     python -m kdistpp.sfd export --run run/ --output sfd_lora.safetensors
 
-`train` reads the teacher (a diffusers folder, `save_pretrained` layout: SD 1.x/2.x, SDXL, SD3, Flux),
+`train` reads the teacher (a diffusers folder, `save_pretrained` layout: SD 1.x/2.x, SDXL, SD3, Flux; or a
+single-file checkpoint as the hosts load, with `--teacher-config` giving its diffusers configs offline),
 embeds the prompts once with its text encoders (cached in the output folder) and frees them, and
 trains a LoRA (or full) student by SFD. It writes `loss.csv`, `checkpoint.pt`, a sample grid per checkpoint (`samples_<iteration>.png`:
 student above, teacher's Euler at the same timestamps below, same seeds) and, at the end, the
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .teacher import TeacherSource, check_teacher, load_network, load_pipeline
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # no fp16: its training needs loss scaling
 
 
@@ -32,7 +35,14 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="distil a few-step student by SFD", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("--teacher", required=True, help="the teacher: a diffusers pipeline folder (model_index.json, "
-                   "save_pretrained layout) of an SD 1.x/2.x or SDXL UNet model, or of an SD3 or Flux flow transformer")
+                   "save_pretrained layout) of an SD 1.x/2.x or SDXL UNet model, or of an SD3 or Flux flow transformer; "
+                   "or a single-file checkpoint (.safetensors/.ckpt: an A1111/ComfyUI SD 1.x/SDXL checkpoint, a "
+                   "Flux/SD3 transformer file) with --teacher-config")
+    t.add_argument("--teacher-config", default=None, help="for a single-file --teacher: a diffusers folder of the "
+                   "same architecture (save_pretrained's, or the model repository's model_index.json, configs and "
+                   "tokenizers) giving its configs offline; text encoders and VAE the file does not hold are read "
+                   "from it (default: the configs of the repository diffusers infers from the file's keys, from the "
+                   "Hugging Face cache, or downloaded unless HF_HUB_OFFLINE is set)")
     t.add_argument("--prompts", required=True, help="prompts file: one prompt per line, or .jsonl with a 'prompt' field")
     t.add_argument("--output", required=True, help="output folder (checkpoint, loss.csv, sample grids, LoRA file)")
     t.add_argument("--steps", default="4", help="number of student timestamps N (NFE = N - 1); several, comma-separated "
@@ -68,7 +78,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e = sub.add_parser("export", help="write a trained student as a LoRA file or a full UNet",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    e.add_argument("--run", required=True, help="the output folder of `train`")
+    e.add_argument("--run", required=True, help="the output folder of `train` (its run.json names the teacher, "
+                   "folder or single file and --teacher-config, whose network the student is rebuilt on)")
     e.add_argument("--output", required=True, help="the file (.safetensors LoRA) or folder (--full) to write")
     e.add_argument("--full", action="store_true", help="write the merged student as a diffusers network folder "
                    "(UNet or transformer) instead of a LoRA")
@@ -85,33 +96,6 @@ def parse_steps(text: str) -> int | tuple[int, ...]:
     if not values or any(v < 2 for v in values):
         raise ValueError(f"--steps: SFD trains N >= 2 timestamps (NFE = N - 1), got {text!r}")
     return values[0] if len(values) == 1 else values
-
-
-def check_teacher_folder(path: str) -> Path:
-    folder = Path(path)
-    if not folder.exists():
-        raise ValueError(f"--teacher {path!r} does not exist")
-    if folder.is_file():
-        raise ValueError(f"--teacher {path!r} is a single file: convert it to a diffusers folder first (diffusers' "
-                         "from_single_file(...).save_pretrained(folder), with the model's config available offline)")
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise ValueError(f"--teacher {path!r} is not a diffusers model folder (no model_index.json): pass the folder "
-                         "save_pretrained wrote")
-    spec = json.loads(index.read_text())
-    network = spec.get("unet") or spec.get("transformer")
-    if not network or network[1] not in NETWORKS:
-        raise ValueError(f"--teacher {path!r} holds a {spec.get('_class_name', 'pipeline')} whose denoiser "
-                         f"({network[1] if network else 'none'}) is not one the command trains: {sorted(NETWORKS)}")
-    return folder
-
-
-NETWORKS = ("UNet2DConditionModel", "FluxTransformer2DModel", "SD3Transformer2DModel")
-
-
-def network_class(folder: Path) -> str:
-    spec = json.loads((folder / "model_index.json").read_text())
-    return (spec.get("unet") or spec.get("transformer"))[1]
 
 
 def sigma_range(args, flow: bool) -> tuple[float, float | None]:
@@ -140,7 +124,7 @@ def train(args) -> int:
     # every input check before a model is loaded
     steps = parse_steps(args.steps)
     prompts = read_prompts(args.prompts)
-    folder = check_teacher_folder(args.teacher)
+    teacher = check_teacher(args.teacher, args.teacher_config)
     if args.lora_rank < 0:
         raise ValueError(f"--lora-rank must be >= 0 (0: full fine-tuning), got {args.lora_rank}")
     if args.iterations < 1 or args.batch_size < 1:
@@ -153,9 +137,8 @@ def train(args) -> int:
     from .trainer import SFDConfig
 
     lr = args.lr or (5e-5 if args.lora_rank == 0 else 1e-4)
-    flow = network_class(folder) != "UNet2DConditionModel"
-    guided = network_class(folder) == "FluxTransformer2DModel" and json.loads(
-        (folder / "transformer" / "config.json").read_text()).get("guidance_embeds", False)
+    flow = teacher.network_class != "UNet2DConditionModel"
+    guided = teacher.network_class == "FluxTransformer2DModel" and teacher.network_config.get("guidance_embeds", False)
     if args.guidance is not None and not guided:
         raise ValueError("--guidance is a guidance-distilled Flux transformer's input (FLUX.1-dev): this teacher has "
                          "none (guide it with --teacher-cfg)")
@@ -170,16 +153,14 @@ def train(args) -> int:
     rank = _rank()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    run = TrainingRun(args, folder, prompts, steps, lr, device)
+    run = TrainingRun(args, teacher, prompts, steps, lr, device)
     return run.train()
 
 
 class TrainingRun:
     """The teacher pipeline loaded, prompts embedded and cached, student built; `train` runs SFD."""
 
-    def __init__(self, args, folder: Path, prompts: list[str], steps, lr: float, device):
-        import diffusers
-
+    def __init__(self, args, teacher: TeacherSource, prompts: list[str], steps, lr: float, device):
         from .lora import LoRATeacher, add_lora
         from .flow import FlowAsVE
         from .networks import CFGTeacher, FlowTransformerStudent, UNetStudent
@@ -187,14 +168,14 @@ class TrainingRun:
         from .trainer import SFDConfig, SFDTrainer
 
         self.args, self.out, self.device, self.rank = args, Path(args.output), device, _rank()
-        pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+        pipe = load_pipeline(teacher)
         cache = self.out / "prompt_embeddings.safetensors"
         if self.rank == 0:
-            embeddings = cached_embeddings(pipe.to(device), prompts, cache, device, source=str(folder.resolve()))
+            embeddings = cached_embeddings(pipe.to(device), prompts, cache, device, source=teacher.identity)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         if self.rank != 0:
-            embeddings = cached_embeddings(None, prompts, cache, source=str(folder.resolve()))
+            embeddings = cached_embeddings(None, prompts, cache, source=teacher.identity)
         self.embeddings = {k: v.to(device) for k, v in embeddings.items()}
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
             # training never holds them
@@ -241,7 +222,11 @@ class TrainingRun:
                                   parallel=args.parallel, autocast=PRECISIONS[args.precision], ema=args.ema)
         self.student = student
         if self.rank == 0:  # what `export` rebuilds the student from
-            (self.out / "run.json").write_text(json.dumps({**vars(args), "sigma_max": sigma_max, "lr": lr}, indent=2))
+            # absolute paths, and the config folder the file was read with (given or inferred): `export` from anywhere
+            where = {"teacher": str((teacher.file or teacher.folder).resolve()),
+                     "teacher_config": str(teacher.folder.resolve()) if teacher.file else None}
+            (self.out / "run.json").write_text(json.dumps({**vars(args), **where, "sigma_max": sigma_max, "lr": lr},
+                                                          indent=2))
 
     def cond_rows(self, index, uncond: bool = False) -> dict:
         """The UNet's keyword arguments for prompt rows `index` (or the empty prompt)."""
@@ -363,18 +348,14 @@ def export(args) -> int:
                          f"--full --steps N (N in {list(steps)})")
     if not step_conditioned and args.steps is not None:
         raise ValueError("--steps is for SFD-v runs (several step counts); this run trained one")
-    teacher = Path(settings["teacher"])
-    kind = network_class(teacher)
-    if kind == "UNet2DConditionModel":
-        network = diffusers.UNet2DConditionModel.from_pretrained(str(teacher / "unet"))
-        if settings["lora_rank"]:
-            network = add_lora(network, settings["lora_rank"], settings["lora_alpha"])
-        student = UNetStudent(network, diffusers.DDPMScheduler.from_pretrained(str(teacher / "scheduler")),
+    teacher = check_teacher(settings["teacher"], settings.get("teacher_config"))
+    network = load_network(teacher)
+    if settings["lora_rank"]:
+        network = add_lora(network, settings["lora_rank"], settings["lora_alpha"])
+    if teacher.network_class == "UNet2DConditionModel":
+        student = UNetStudent(network, diffusers.DDPMScheduler.from_pretrained(str(teacher.folder / "scheduler")),
                               step_conditioned=step_conditioned)
     else:
-        network = getattr(diffusers, kind).from_pretrained(str(teacher / "transformer"))
-        if settings["lora_rank"]:
-            network = add_lora(network, settings["lora_rank"], settings["lora_alpha"])
         student = FlowAsVE(FlowTransformerStudent(network, guidance=settings.get("guidance"),
                                                   step_conditioned=step_conditioned))
     checkpoint = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
@@ -402,4 +383,4 @@ def main(argv=None) -> int:
         return 2
 
 
-__all__ = ["main", "parser", "parse_steps", "check_teacher_folder"]
+__all__ = ["main", "parser", "parse_steps", "check_teacher"]

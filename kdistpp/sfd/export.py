@@ -5,7 +5,8 @@ for Flux/SD3 transformers; or the merged weights as a full diffusers-format UNet
 Kohya names use the original (ldm) UNet's module paths, `lora_unet_<path with _>`, with
 `.lora_down.weight` (peft's lora_A), `.lora_up.weight` (lora_B) and a float `.alpha`: every host
 scales the product by alpha / rank, as peft does with lora_alpha / r. ldm paths, not diffusers',
-because A1111 maps only those for every layer.
+because A1111 maps only those for every layer. SD3 files carry no alpha (diffusers' SD3 loader refuses
+one): their lora_B holds the alpha / rank scale.
 """
 
 from __future__ import annotations
@@ -106,8 +107,11 @@ def lora_file_state_dict(student: nn.Module, state: dict | None = None) -> dict[
     `state`: the student's full state dict (as gathered from FSDP shards), else its own parameters."""
     network, kind = _network(student)
     prefix = next(name for name, module in student.named_modules() if module is network)
+    # diffusers' SD3 loader refuses any key without "lora" (an alpha): there the scale is folded into
+    # lora_B, which every loader then applies at its no-alpha scale of 1
+    fold = type(network).__name__ == "SD3Transformer2DModel"
     out = {}
-    for path, down, up, alpha, _rank in _adapters(network, state, prefix + "." if prefix else ""):
+    for path, down, up, alpha, rank in _adapters(network, state, prefix + "." if prefix else ""):
         if kind == "unet":
             key = "lora_unet_" + ldm_unet_path(path, network.config).replace(".", "_")
             out[f"{key}.lora_down.weight"] = down.detach().float().contiguous().cpu()
@@ -115,8 +119,9 @@ def lora_file_state_dict(student: nn.Module, state: dict | None = None) -> dict[
         else:
             key = f"transformer.{path}"
             out[f"{key}.lora_A.weight"] = down.detach().float().contiguous().cpu()
-            out[f"{key}.lora_B.weight"] = up.detach().float().contiguous().cpu()
-        out[f"{key}.alpha"] = torch.tensor(alpha)
+            out[f"{key}.lora_B.weight"] = (up.detach().float() * (alpha / rank if fold else 1.0)).contiguous().cpu()
+        if not fold:
+            out[f"{key}.alpha"] = torch.tensor(alpha)
     if not out:
         raise ValueError("the student has no LoRA adapters to export: export it as a full checkpoint (full=True)")
     return out
