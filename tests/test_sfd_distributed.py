@@ -238,9 +238,16 @@ def test_launch_settings_refuse_what_kdistpp_does_not_do(environ, given, message
         launch_settings(**given, environ=environ)
 
 
-def test_accelerates_cpu_flag_keeps_the_run_on_the_cpu_and_gloo_serves_cpu_tensors(monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+def test_the_device_is_this_ranks_gpu_unless_accelerates_cpu_flag_or_device_says_otherwise(monkeypatch):
+    """One process (no group joined, no CUDA call), on a machine that says it has CUDA."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert init_distributed() == torch.device("cuda", 1)
+    assert init_distributed("cuda") == torch.device("cuda", 1)  # a bare 'cuda': this rank's GPU
+    assert init_distributed("cpu") == torch.device("cpu")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     assert init_distributed() == torch.device("cpu")
     assert backend_for(torch.device("cpu")) == "gloo" and backend_for(torch.device("cuda", 1)) == "nccl"
 
