@@ -145,3 +145,43 @@ def test_a_tiny_sfd_run_on_a_flow_teacher_reduces_the_students_error_at_its_time
     SFDTrainer(FlowAsVE(student), flow.VEDenoiser(teacher), config, shape=(len(MU),)).fit(progress=False)
     after = student_error(student, teacher, config, z)
     assert after < 0.1 * before, (before, after)  # about 100x smaller on this run
+
+
+def test_flow_as_ve_declares_ve_to_the_distillation_pp_samplers():
+    """FlowAsVE takes VE states and sigmas, so it declares parametrization 've': over a VE schedule that looks
+    like a flow one (1.0 down to 0, where an undeclared model warns), a Distillation++ run given no
+    parametrization neither warns nor runs as flow, and equals the run told 've'; a flow run of it, or with it
+    as the teacher, is refused as for kdistpp.flow.VEDenoiser."""
+    import warnings
+
+    torch.manual_seed(0)
+    student = GaussianFlow(trainable=True).double().to(DEVICE)
+    nn.init.normal_(student.g[-1].weight, std=0.3)
+    teacher = GaussianFlow().double().to(DEVICE)
+    config = SFDConfig(num_steps=4, sigma_min=0.02, sigma_max=1.0)
+    sigmas = torch.cat([config.timestamps().double(), torch.zeros(1, dtype=torch.float64)]).to(DEVICE)
+    sigmas[0] = 1.0  # exactly, as flow schedules start
+    assert kdistpp.parametrization.looks_like_flow(sigmas.tolist())
+    z = torch.randn(16, len(MU), generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEVICE)
+    wrapped = FlowAsVE(student)
+
+    def run(model, teacher=flow.VEDenoiser(teacher), **kwargs):
+        return kdistpp.sample_euler_distpp(model, z, sigmas, disable=True, teacher=teacher, w=0.3,
+                                           renoise_generator=torch.Generator(DEVICE).manual_seed(5), **kwargs)
+
+    def undeclared(model):
+        return lambda x, sigma, **extra: model(x, sigma, **extra)
+
+    with pytest.warns(kdistpp.ParametrizationWarning):  # the schedule is one an undeclared model warns on
+        run(undeclared(wrapped))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = run(wrapped)
+    torch.testing.assert_close(got, run(wrapped, parametrization="ve"), rtol=0, atol=0)
+    # what running it as flow (the misreading the declaration prevents) would give instead
+    assert not torch.allclose(got, run(undeclared(wrapped), undeclared(flow.VEDenoiser(teacher)), parametrization="flow"))
+    with pytest.raises(ValueError, match="parametrization='flow'.*declares parametrization='ve'"):
+        run(wrapped, parametrization="flow")
+    with pytest.raises(ValueError, match="teacher declares parametrization='ve'.*'flow'"):
+        kdistpp.sample_euler_distpp(student, z, flow_timestamps(config).double().to(DEVICE), disable=True,
+                                    teacher=FlowAsVE(teacher), w=0.3, parametrization="flow")

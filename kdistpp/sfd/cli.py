@@ -2,6 +2,7 @@
 
     python -m kdistpp.sfd train --teacher ./sd15 --prompts prompts.txt --steps 4 --output run/
     torchrun --nproc_per_node 4 -m kdistpp.sfd train ... --parallel fsdp --precision bf16
+    accelerate launch --use_fsdp --fsdp_version 2 --num_processes 4 --mixed_precision bf16 -m kdistpp.sfd train ...
     python -m kdistpp.sfd export --run run/ --output sfd_lora.safetensors
 
 `train` reads the teacher (a diffusers folder, `save_pretrained` layout: SD 1.x/2.x, SDXL, SD3, Flux; or a
@@ -18,7 +19,6 @@ import argparse
 import contextlib
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -63,10 +63,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--teacher-cfg", type=float, default=1.0, help="teacher's classifier-free guidance scale against "
                    "the empty prompt (SFD distils at 1; the student is then sampled at any scale)")
     t.add_argument("--afs", action="store_true", help="analytic first step (no model call at sigma_max; NFE = N - 2)")
-    t.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="autocast dtype of the networks' "
-                   "compute (weights, optimizer and step arithmetic stay float32)")
-    t.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp", help="under torchrun/accelerate launch: "
-                   "DistributedDataParallel or FSDP2 (fully_shard per block) for the student")
+    t.add_argument("--precision", choices=sorted(PRECISIONS), default=None, help="autocast dtype of the networks' "
+                   "compute (weights, optimizer and step arithmetic stay float32); default fp32, or what "
+                   "`accelerate launch --mixed_precision` asks for (bf16 or no)")
+    t.add_argument("--parallel", choices=("ddp", "fsdp"), default=None, help="under torchrun/accelerate launch: "
+                   "DistributedDataParallel or FSDP2 (fully_shard per block) for the student; default ddp, or fsdp "
+                   "under `accelerate launch --use_fsdp --fsdp_version 2`")
     t.add_argument("--ema", type=float, default=None, help="keep an EMA of the trained weights with this decay "
                    "(e.g. 0.999); the sample grids and the LoRA file then use it (SFD's authors use none)")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
@@ -106,12 +108,9 @@ def sigma_range(args, flow: bool) -> tuple[float, float | None]:
 
 
 def _distributed_setup(device_arg):
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_arg:
-        return torch.device(device_arg)
-    return torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    from .distributed import init_distributed
+
+    return init_distributed(device_arg or None)
 
 
 def _rank() -> int:
@@ -145,6 +144,11 @@ def train(args) -> int:
     if guided and args.guidance is None:
         raise ValueError("this Flux transformer is guidance-distilled (FLUX.1-dev): pass its guidance value, e.g. "
                          "--guidance 3.5")
+    from .distributed import launch_settings
+
+    # `accelerate launch`'s --use_fsdp, --mixed_precision, --fsdp_activation_checkpointing as the options they mean
+    args.parallel, args.precision, args.gradient_checkpointing = launch_settings(
+        args.parallel, args.precision, args.gradient_checkpointing)
     sigma_min, sigma_max = sigma_range(args, flow)
     SFDConfig(num_steps=steps, sigma_min=sigma_min, sigma_max=sigma_max or 14.6, afs=args.afs, lr=lr,
               batch_size=args.batch_size, iterations=args.iterations, seed=args.seed)  # refuses a bad combination now

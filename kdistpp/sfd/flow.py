@@ -24,8 +24,12 @@ from .trajectory import analytic_denoised
 class FlowAsVE(nn.Module):
     """A flow network D(x, s) as a trainable VE denoiser: D(y / (1 + sigma), sigma / (1 + sigma)).
 
-    Pass it as SFDTrainer's student; `flow_model` (its only submodule) holds the trained weights.
+    Pass it as SFDTrainer's student; `flow_model` (its only submodule) holds the trained weights. It
+    declares parametrization 've' (it takes VE states and sigmas, as `kdistpp.flow.VEDenoiser`), so the
+    Distillation++ samplers run it as VE without being told and refuse a flow run of it.
     """
+
+    parametrization = "ve"  # what the samplers read: a VE denoiser, whatever flow network it wraps
 
     def __init__(self, flow_model: nn.Module):
         super().__init__()
