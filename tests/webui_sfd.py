@@ -126,13 +126,15 @@ def check_the_lora_runs_the_exported_student(host) -> None:
 
 def check_distpp_with_the_same_checkpoint_as_teacher(host) -> None:
     """The webui's "Euler Distillation++" on the exported student, its teacher the same checkpoint without the
-    prompt's LoRAs: at w = 0 the webui's own Euler image; guided (w 0.5, the first 2 of 3 steps), each guided
+    prompt's LoRAs: at w = 0 the webui's own Euler image, with no teacher call; guided (w 0.5, the first 2 of 3 steps), each guided
     step is the student's UNet call then one teacher call, which is kdistpp's SFD teacher (the checkpoint's
     weights, clearly not the student's), and every other call is kdistpp's student."""
     from kdistpp.integrations.webui_teachers import SAME_CHECKPOINT
 
     base = sfd(host, "Euler")[0]
-    assert same_image(sfd(host, "Euler Distillation++", teacher=SAME_CHECKPOINT, w=0.0)[0], base)
+    unguided, calls = recorded(host, "Euler Distillation++", teacher=SAME_CHECKPOINT, w=0.0)
+    assert same_image(unguided[0], base)
+    assert which_network(calls, host.student) == ["student"] * 3  # no teacher call
     assert not same_image(sfd(host, "Euler", seed=6)[0], base)  # the comparison can fail
     images, calls = recorded(host, "Euler Distillation++", teacher=SAME_CHECKPOINT, w=0.5, guided_steps=2)
     names = which_network(calls, host.student)
