@@ -57,7 +57,8 @@ SD_CONFIG = dict(num_steps=3, sigma_min=0.1, sigma_max=14.0, batch_size=2, lr=2e
 
 
 def trained_sd15_student(comfy, tmp_path, targets=("to_q", "to_k", "to_v", "to_out.0")):
-    """(kdistpp's trained LoRA student, ComfyUI's model with the exported file loaded by LoraLoader's function)."""
+    """(kdistpp's trained LoRA student, ComfyUI's model with the exported file loaded by LoraLoader's function,
+    ComfyUI's teacher: the checkpoint's model without the LoRA, of which the LoRA model is a clone)."""
     import safetensors.torch
 
     import comfy.utils
@@ -88,14 +89,14 @@ def trained_sd15_student(comfy, tmp_path, targets=("to_q", "to_k", "to_v", "to_o
     lora = comfy.utils.load_torch_file(str(lora_path))
     loaded, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
     assert len(loaded.patches) == len(lora) // 3  # every module of the file found its layer
-    return student, loaded
+    return student, loaded, patcher
 
 
 @pytest.mark.parametrize("targets", ["attention", "attention_and_resnets"])
 def test_exported_lora_in_comfyuis_loader_gives_the_students_denoised_output(comfy, tmp_path, targets):
     names = ("to_q", "to_k", "to_v", "to_out.0") + (("conv1", "conv2", "time_emb_proj", "proj_in", "ff.net.2")
                                                    if targets != "attention" else ())
-    student, loaded = trained_sd15_student(comfy, tmp_path, names)
+    student, loaded, _ = trained_sd15_student(comfy, tmp_path, names)
     comfy.model_management.load_models_gpu([loaded])
     g = torch.Generator().manual_seed(0)
     t = 400
@@ -123,7 +124,7 @@ def test_comfyuis_euler_on_the_students_timestamps_gives_kdistpps_sfd_sample(com
 
     from kdistpp.sfd import sample_sfd
 
-    student, loaded = trained_sd15_student(comfy, tmp_path)
+    student, loaded, _ = trained_sd15_student(comfy, tmp_path)
     grid = loaded.model.model_sampling.sigmas
     config = SFDConfig(num_steps=2, sigma_min=float(grid[20]), sigma_max=float(grid[899]))  # below the largest
     sigmas = config.timestamps()  # sigma: ComfyUI then scales the noise by sigma, as kdistpp
@@ -141,6 +142,146 @@ def test_comfyuis_euler_on_the_students_timestamps_gives_kdistpps_sfd_sample(com
     scale = float(ours.abs().max())
     assert float((other - ours).abs().max()) > 1e-2 * scale  # another seed is far off: the comparison can fail
     assert torch.allclose(theirs, ours, rtol=1e-4, atol=1e-5 * scale), float((theirs - ours).abs().max())
+
+
+# The exported student with its teacher in kdistpp's Distillation++ nodes: the teacher is the checkpoint's
+# model without the LoRA (the LoRA model is its clone: one BaseModel, whose weights ComfyUI patches for the
+# student and unpatches for the teacher). Schedules lie on the model's own sigma grid (below its largest),
+# where ComfyUI's integer timesteps and kdistpp's fractional ones agree (see the test above).
+DISTPP_GRID = (899, 400, 100)
+SEED, TEACHER_CFG = 7, 2.0
+
+
+@pytest.fixture(scope="module")
+def sfd_models(comfy, tmp_path_factory):
+    return trained_sd15_student(comfy, tmp_path_factory.mktemp("sfd_distpp"))
+
+
+def grid_schedule(loaded):
+    grid = loaded.model.model_sampling.sigmas
+    return torch.cat([grid[list(DISTPP_GRID)], torch.zeros(1)])
+
+
+def contexts():
+    g = torch.Generator().manual_seed(11)
+    return [torch.randn(1, 5, CONTEXT, generator=g) for _ in range(2)]  # the prompt and the negative prompt
+
+
+class Denoisings:
+    """Every model evaluation of a patcher (ComfyUI's model_function_wrapper on a clone of it): the input,
+    sigma and context the evaluation hands the model, and the denoised output it returns."""
+
+    def __init__(self):
+        self.log: list[tuple] = []
+
+    def watch(self, patcher, who: str):
+        clone = patcher.clone()
+
+        def wrapper(apply_model, args):
+            out = apply_model(args["input"], args["timestep"], **args["c"])
+            self.log.append((who, args["input"].clone(), args["timestep"].clone(), args["c"]["c_crossattn"].clone(),
+                             out.clone()))
+            return out
+
+        clone.set_model_unet_function_wrapper(wrapper)
+        return clone
+
+
+def run_node(comfy, kind, student_model, teacher_model, w, seed=SEED, guided_steps=1):
+    """One sample of 3 steps at CFG 1 through kdistpp's node: kind 'sampler' is the Distillation++ Sampler (Euler)
+    in SamplerCustom, 'guider' the Distillation++ Guider with KSamplerSelect's Euler in SamplerCustomAdvanced;
+    kind 'comfyui' / 'cfgguider' are ComfyUI's own runs they equal at w = 0. Returned in the model's latent space."""
+    import comfy_extras.nodes_custom_sampler as ncs
+
+    from kdistpp.integrations.comfyui_nodes import DistillationPPGuider, DistillationPPSampler
+
+    positive, negative = ([[c, {}]] for c in contexts())
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    sigmas = grid_schedule(student_model)
+    with torch.no_grad():
+        if kind in ("sampler", "comfyui"):
+            sampler = comfy.samplers.ksampler("euler") if kind == "comfyui" else DistillationPPSampler.execute(
+                teacher_model, positive, negative, TEACHER_CFG, "euler", w, guided_steps, "interpolate",
+                "next").result[0]
+            out = ncs.SamplerCustom.execute(student_model, True, seed, 1.0, positive, negative, sampler, sigmas, latent)
+        else:
+            guider = ncs.CFGGuider.execute(student_model, positive, negative, 1.0).result[0] if kind == "cfgguider" \
+                else DistillationPPGuider.execute(student_model, positive, negative, 1.0, teacher_model, positive,
+                                                  negative, TEACHER_CFG, w, guided_steps, "interpolate",
+                                                  "next").result[0]
+            out = ncs.SamplerCustomAdvanced.execute(ncs.RandomNoise.execute(seed).result[0], guider,
+                                                    ncs.KSamplerSelect.execute("euler").result[0], sigmas, latent)
+    return out.result[0]["samples"] * student_model.model.latent_format.scale_factor
+
+
+def kdistpp_run(comfy, student, loaded, kind, w, seed=SEED):
+    """The same run recomputed with kdistpp's own Euler sampler on kdistpp's trained student and its SFD teacher
+    (the student with its adapters off) at the teacher's CFG: the Sampler node is direction 'student', the
+    Guider's refined estimate replaces the student's (direction 'refined'). The renoise noise is the nodes'
+    documented stream: a generator seeded with ComfyUI's seed + 0x5EED."""
+    import comfy.sample
+
+    from kdistpp import sample_euler_distpp
+
+    positive, negative = contexts()
+    sfd_teacher = LoRATeacher(student)
+
+    def teacher(x, sigma, **_):
+        cond = sfd_teacher(x, sigma, cond={"encoder_hidden_states": positive})
+        uncond = sfd_teacher(x, sigma, cond={"encoder_hidden_states": negative})
+        return uncond + TEACHER_CFG * (cond - uncond)
+
+    sigmas = grid_schedule(loaded)
+    x = comfy.sample.prepare_noise(torch.zeros(1, 4, 8, 8), seed) * sigmas[0]
+    with torch.no_grad():
+        return sample_euler_distpp(student, x, sigmas, {"cond": {"encoder_hidden_states": positive}}, disable=True,
+                                   teacher=teacher, w=w, guidance_steps=1, form="interpolate", renoise="next",
+                                   renoise_generator=torch.Generator().manual_seed(seed + 0x5EED),
+                                   direction="refined" if kind == "guider" else "student")
+
+
+@pytest.mark.parametrize("kind", ["sampler", "guider"])
+def test_at_w0_the_distpp_nodes_sample_the_exported_student_as_comfyuis_own_sampler(comfy, sfd_models, kind):
+    """w = 0 with the checkpoint as teacher: the Guider is CFGGuider's run and the Sampler node SamplerCustom's
+    Euler, bit for bit (Euler's step is a difference of two float32 sigmas, which kdistpp's float64 arithmetic
+    rounds to the same float32 value), and the teacher is never called."""
+    student, loaded, base = sfd_models
+    theirs = run_node(comfy, "comfyui" if kind == "sampler" else "cfgguider", loaded, None, 0.0)
+    watched = Denoisings()
+    ours = run_node(comfy, kind, loaded, watched.watch(base, "teacher"), 0.0)
+    other_seed = run_node(comfy, kind, loaded, base, 0.0, seed=SEED + 1)
+    assert not torch.equal(other_seed, theirs)  # the comparison can fail
+    assert torch.equal(ours, theirs)
+    assert watched.log == []
+
+
+@pytest.mark.parametrize("kind", ["sampler", "guider"])
+def test_guided_the_teacher_is_the_checkpoint_without_the_lora_and_the_sample_is_kdistpps(comfy, sfd_models, kind):
+    """One guided step at w 0.5: every evaluation of the LoRA model is kdistpp's trained student on the same
+    input; the teacher is evaluated once (its cond and uncond in one batch), right after the guided step's
+    student evaluation, with the checkpoint's own weights: kdistpp's SFD teacher on the same input, clearly not
+    the student; and the sample is kdistpp's Euler Distillation++ recomputed on kdistpp's networks."""
+    student, loaded, base = sfd_models
+    denoisings = Denoisings()
+    ours = run_node(comfy, kind, denoisings.watch(loaded, "student"), denoisings.watch(base, "teacher"), 0.5)
+    assert [who for who, *_ in denoisings.log] == ["student", "teacher", "student", "student"]
+    sfd_teacher = LoRATeacher(student)
+    with torch.no_grad():
+        for who, x, sigma, context, out in denoisings.log:
+            cond = {"encoder_hidden_states": context}
+            expected, other = student(x, sigma, cond), sfd_teacher(x, sigma, cond=cond)
+            if who == "teacher":
+                expected, other = other, expected
+                assert x.shape[0] == 2  # the teacher's CFG: prompt and negative prompt in one call
+            scale = float(out.abs().max())
+            error, off = float((out - expected).abs().max()), float((out - other).abs().max())
+            # float32 rounding to the expected network; the other is off by far more (the check can tell them apart)
+            assert error <= 1e-5 * scale and off > 100 * error, (who, error / scale, off / scale)
+    recomputed = kdistpp_run(comfy, student, loaded, kind, 0.5)
+    unguided = kdistpp_run(comfy, student, loaded, kind, 0.0)
+    scale = float(recomputed.abs().max())
+    assert float((unguided - recomputed).abs().max()) > 1e-3 * scale  # the teacher moved the sample
+    torch.testing.assert_close(ours, recomputed, rtol=1e-4, atol=1e-5 * scale)
 
 
 def tiny_diffusers_flux():
