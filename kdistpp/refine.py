@@ -67,11 +67,12 @@ class Guidance:
     run: Run
     direction: str = "student"
     generator: torch.Generator | None = None  # the renoise noise and 'random' level (plan fills in a default)
-    keyed: bool = False  # generator is the default stream: its noise is also keyed to the state (keyed_to_x)
+    keyed: bool = False  # generator is the default stream: its noise and level keyed to the state
 
-    def renoise_level(self, i: int, sigma: float) -> float:
+    def renoise_level(self, i: int, sigma: float, state: torch.Tensor | None = None) -> float:
         """sigma_r of eq. 9: the next sigma of the schedule (the paper's decreasing schedule, default),
-        the current one, a log-uniform random draw (DreamFusion-style SDS), or a fixed level."""
+        the current one, a log-uniform random draw (DreamFusion-style SDS), or a fixed level. The default
+        stream's draw is keyed to `state`, the state the student was evaluated at (keyed_uniform)."""
         if self.renoise == "next":
             return self.run.sigmas[i + 1]
         if self.renoise == "current":
@@ -81,6 +82,8 @@ class Guidance:
             lo, hi = math.log(positive[-1]), math.log(positive[0])
             g = self.generator
             u = torch.rand((), generator=g, device=g.device) if g is not None else torch.rand(())
+            if self.keyed and state is not None:
+                u = keyed_uniform(u, state)
             return math.exp(lo + (hi - lo) * float(u))  # a host-side level: one read per guided step
         return float(self.renoise)
 
@@ -108,7 +111,7 @@ class Guidance:
         if self.form == "guidance":
             x_t, sigma_t = x, sigma
         else:
-            sigma_t = self.renoise_level(i, sigma)
+            sigma_t = self.renoise_level(i, sigma, x)
             x_t = self.run.param.noise_scaling(sigma_t, self._renoise_noise(i, x), denoised)
         teacher_args = self.teacher_extra_args if self.teacher_extra_args is not None else extra_args or {}
         name = getattr(self.teacher, "__name__", type(self.teacher).__name__)
@@ -150,13 +153,26 @@ class Guidance:
         return default_noise_sampler(x)(None, None).to(self.run.dtype)
 
 
+def state_key(x: torch.Tensor) -> torch.Tensor:
+    """x's values spread over [-1, 1] (its float bits, through a fast sine): the key of the default stream."""
+    return torch.sin(x.to(torch.float32) * 12345.6789 + 0.5)
+
+
 def keyed_to_x(noise: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The default stream's noise with each sign set by x's value there. The global RNG's state does not
     move when x comes from a torch.Generator (or the CPU, for a CUDA x) and the sampler draws nothing, so
     its seed alone would repeat the same renoise noise over a seed loop; keyed to x, each run gets its own,
     with no host read. Still N(0, 1) and independent of x: a symmetric draw times signs fixed by x."""
-    flip = torch.sin(x.to(torch.float32) * 12345.6789 + 0.5) < 0  # x's float bits spread over both signs
-    return torch.where(flip, -noise, noise)
+    return torch.where(state_key(x) < 0, -noise, noise)
+
+
+def keyed_uniform(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The default stream's uniform draw u (renoise='random''s level) turned by a fraction set by x:
+    (u + h(x)) mod 1, computed on x's device (no host read). For the reason keyed_to_x gives, another
+    x gets another level; still U(0, 1), since turning the unit circle keeps the uniform measure and
+    h(x) does not depend on u."""
+    turn = torch.remainder(state_key(x).sum() * 0.6180339887, 1.0)  # h(x): x's key summed, spread over [0, 1)
+    return torch.remainder(u.to(turn.device) + turn, 1.0)
 
 
 def default_renoise_generator(x: torch.Tensor) -> torch.Generator:
