@@ -76,6 +76,11 @@ class Parametrization:
     def check_renoise_level(self, sigma: float) -> None:
         """A fixed renoise level must be a sigma of this parametrization."""
 
+    def renoise_at(self, sigma: float) -> float:
+        """The level the refinement renoises at when its renoise option resolves to `sigma`: itself
+        wherever the state at sigma still holds the estimate (every VE sigma)."""
+        return sigma
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -83,6 +88,11 @@ class Parametrization:
 class VE(Parametrization):
     """k-diffusion's variance-exploding convention: x = x0 + sigma * n (SD 1.x/SDXL eps and v models
     through their k-diffusion wrappers, and every VE/EDM model)."""
+
+
+# The renoise level of a flow step whose own level is the pure-noise s = 1: equal weights on the student's
+# estimate and the noise, (x0 + n) / 2 (VE sigma 1, log-SNR 0, the middle of the flow schedule before any shift).
+PURE_NOISE_FALLBACK = 0.5
 
 
 class RectifiedFlow(Parametrization):
@@ -135,6 +145,12 @@ class RectifiedFlow(Parametrization):
             raise ValueError(f"eta={eta:g} puts step {i}'s down step (s={s:.4g} to {t:.4g}) below s = 0, where DPM++ 2S "
                              f"ancestral has no midpoint: on this schedule eta must stay below {limit:.4g} (eta <= 1 "
                              "always works)")
+
+    def renoise_at(self, sigma):
+        """s = 1 is pure noise, (1 - s) x0 + s n = n: renoised there the teacher would see nothing of the
+        student's estimate. 'current' resolves to it on a step from s = 1 (a 1-step student's only step),
+        'random' on a schedule whose only positive sigma is 1: those renoise at PURE_NOISE_FALLBACK."""
+        return PURE_NOISE_FALLBACK if sigma >= 1 else sigma
 
     def check_renoise_level(self, sigma):
         if sigma >= 1:

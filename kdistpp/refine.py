@@ -67,22 +67,28 @@ class Guidance:
     run: Run
     direction: str = "student"
     generator: torch.Generator | None = None  # the renoise noise and 'random' level (plan fills in a default)
-    keyed: bool = False  # generator is the default stream: its noise is also keyed to the state (keyed_to_x)
+    keyed: bool = False  # generator is the default stream: its noise and level keyed to the state
 
-    def renoise_level(self, i: int, sigma: float) -> float:
+    def renoise_level(self, i: int, sigma: float, state: torch.Tensor | None = None) -> float:
         """sigma_r of eq. 9: the next sigma of the schedule (the paper's decreasing schedule, default),
-        the current one, a log-uniform random draw (DreamFusion-style SDS), or a fixed level."""
+        the current one, a log-uniform random draw (DreamFusion-style SDS), or a fixed level. The default
+        stream's draw is keyed to `state`, the state the student was evaluated at (keyed_uniform). A flow
+        level of s = 1 (pure noise) becomes the parametrization's fallback (renoise_at; plan warns)."""
         if self.renoise == "next":
-            return self.run.sigmas[i + 1]
-        if self.renoise == "current":
-            return sigma
-        if self.renoise == "random":
+            level = self.run.sigmas[i + 1]
+        elif self.renoise == "current":
+            level = sigma
+        elif self.renoise == "random":
             positive = [s for s in self.run.sigmas if s > 0]
             lo, hi = math.log(positive[-1]), math.log(positive[0])
             g = self.generator
             u = torch.rand((), generator=g, device=g.device) if g is not None else torch.rand(())
-            return math.exp(lo + (hi - lo) * float(u))  # a host-side level: one read per guided step
-        return float(self.renoise)
+            if self.keyed and state is not None:
+                u = keyed_uniform(u, state)
+            level = math.exp(lo + (hi - lo) * float(u))  # a host-side level: one read per guided step
+        else:
+            level = float(self.renoise)
+        return self.run.param.renoise_at(level)
 
     def refine(self, i: int, x: torch.Tensor, sigma: float, denoised: torch.Tensor, extra_args: dict | None = None,
                *, active: bool = True) -> Refinement:
@@ -108,7 +114,7 @@ class Guidance:
         if self.form == "guidance":
             x_t, sigma_t = x, sigma
         else:
-            sigma_t = self.renoise_level(i, sigma)
+            sigma_t = self.renoise_level(i, sigma, x)
             x_t = self.run.param.noise_scaling(sigma_t, self._renoise_noise(i, x), denoised)
         teacher_args = self.teacher_extra_args if self.teacher_extra_args is not None else extra_args or {}
         name = getattr(self.teacher, "__name__", type(self.teacher).__name__)
@@ -150,13 +156,26 @@ class Guidance:
         return default_noise_sampler(x)(None, None).to(self.run.dtype)
 
 
+def state_key(x: torch.Tensor) -> torch.Tensor:
+    """x's values spread over [-1, 1] (its float bits, through a fast sine): the key of the default stream."""
+    return torch.sin(x.to(torch.float32) * 12345.6789 + 0.5)
+
+
 def keyed_to_x(noise: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The default stream's noise with each sign set by x's value there. The global RNG's state does not
     move when x comes from a torch.Generator (or the CPU, for a CUDA x) and the sampler draws nothing, so
     its seed alone would repeat the same renoise noise over a seed loop; keyed to x, each run gets its own,
     with no host read. Still N(0, 1) and independent of x: a symmetric draw times signs fixed by x."""
-    flip = torch.sin(x.to(torch.float32) * 12345.6789 + 0.5) < 0  # x's float bits spread over both signs
-    return torch.where(flip, -noise, noise)
+    return torch.where(state_key(x) < 0, -noise, noise)
+
+
+def keyed_uniform(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The default stream's uniform draw u (renoise='random''s level) turned by a fraction set by x:
+    (u + h(x)) mod 1, computed on x's device (no host read). For the reason keyed_to_x gives, another
+    x gets another level; still U(0, 1), since turning the unit circle keeps the uniform measure and
+    h(x) does not depend on u."""
+    turn = torch.remainder(state_key(x).sum() * 0.6180339887, 1.0)  # h(x): x's key summed, spread over [0, 1)
+    return torch.remainder(u.to(turn.device) + turn, 1.0)
 
 
 def default_renoise_generator(x: torch.Tensor) -> torch.Generator:
@@ -233,6 +252,8 @@ def plan(
                 f"step {last[0]} is guided with renoise='next', but its next sigma is 0: a teacher cannot "
                 "denoise at sigma 0. Leave the last step unguided, or pass renoise='current' or a fixed sigma"
             )
+    if form != "guidance":
+        warn_pure_noise_renoise(run, weights, renoise)
     if teacher_extra_args is None and resolve_extra_args:
         teacher_extra_args = run.extra_args
     keyed = renoise_generator is None and default_generator and needs_generator(form, renoise, renoise_sampler,
@@ -261,6 +282,24 @@ def warn_eps_scale(run: Run, weights) -> None:
                       f"(s={s:.4g}): eps-form w values hold for VE sigmas up to ~{EPS_FORM_MAX_SIGMA:g} (s <= "
                       f"{EPS_FORM_MAX_SIGMA / (1 + EPS_FORM_MAX_SIGMA):.3f}); there use form='interpolate', guide a "
                       "later step, or scale w down by about that factor", GuidanceWarning, stacklevel=caller_stacklevel())
+
+
+def warn_pure_noise_renoise(run: Run, weights, renoise) -> None:
+    """Warns when a guided step's renoise level is the parametrization's pure-noise level (a flow s = 1:
+    'current' on a step from s = 1, such as a 1-step student's only step, or 'random' on a schedule whose
+    only positive sigma is 1), which renoise_at replaces with its fallback."""
+    positive = [s for s in run.sigmas if s > 0]
+    levels = {"next": lambda i: run.sigmas[i + 1], "current": lambda i: run.sigmas[i],
+              "random": lambda i: positive[-1] if positive else 0.0}  # reaches 1 only when its lowest does
+    level = levels.get(renoise, lambda i: float(renoise))
+    hit = [i for i, v in enumerate(weights) if v != 0.0 and run.param.renoise_at(level(i)) != level(i)]
+    if hit:
+        i = hit[0]
+        warnings.warn(f"step {i} is guided with renoise={renoise!r}, whose level here is s = {level(i):g}: a "
+                      "rectified-flow state there is pure noise, which holds nothing of the student's estimate; "
+                      f"the teacher is handed it renoised at s = {run.param.renoise_at(level(i)):g} instead. Pass "
+                      "a fixed renoise level in (0, 1) to choose it, or use form='guidance' (the teacher at the "
+                      "student's own point)", GuidanceWarning, stacklevel=caller_stacklevel())
 
 
 def needs_generator(form, renoise, renoise_sampler, weights) -> bool:

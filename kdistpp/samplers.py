@@ -38,8 +38,9 @@ _DISTPP_PARAMETERS = """
             x0s + sigma_r * noise; default: drawn from renoise_generator.
         renoise_generator: a torch.Generator for the renoise noise (when renoise_sampler is None)
             and renoise='random''s level. Default: a generator of its own, seeded from the global
-            RNG's state at the start of the run without advancing it, its noise's signs keyed to
-            the state at each guided step (another x, another noise); either way guiding leaves
+            RNG's state at the start of the run without advancing it, its noise's signs and its
+            'random' level keyed to the state at each guided step (another x, another noise and
+            level; the level stays log-uniform); either way guiding leaves
             the global RNG, and with it the sampler's own noise, untouched (same seed, w=0 vs w>0
             differ by the teacher alone).
         teacher_extra_args: the teacher's keyword arguments (default: extra_args).

@@ -157,3 +157,23 @@ def controlled(comfy, control_net, positive, negative, strength: float = 1.0):
 def conditioning(seed: int, batch: int = 1):
     g = torch.Generator().manual_seed(seed)
     return [[torch.randn(batch, 7, CONTEXT, generator=g), {}]]
+
+
+# LTX-2 (LTXAV): video and audio in one transformer, one block of width 32 for the video (two heads of 16)
+# and 16 for the audio (two of 8); its latents are 128-channel video and 8-channel x 16-bin audio, which
+# ComfyUI samples together as one packed latent (`comfy.nested_tensor`, `latent_shapes`).
+LTXAV = {"image_model": "ltxav", "in_channels": 128, "audio_in_channels": 128, "cross_attention_dim": 32,
+         "audio_cross_attention_dim": 16, "attention_head_dim": 16, "audio_attention_head_dim": 8,
+         "num_attention_heads": 2, "audio_num_attention_heads": 2, "caption_channels": 16, "num_layers": 1}
+LTXAV_VIDEO, LTXAV_AUDIO = (1, 128, 2, 4, 4), (1, 8, 5, 16)
+
+
+def tiny_ltxav(comfy, seed: int):
+    """A ModelPatcher around ComfyUI's LTX-2 audio-video BaseModel (CONST model sampling) with a tiny
+    transformer and seeded weights (CPU, float32); its text context is CONTEXT wide (video and audio halves)."""
+    config = comfy.supported_models.LTXAV({**LTXAV, "dtype": torch.float32})
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device=torch.device("cpu"))
+    fill(model.diffusion_model, seed)
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -186,6 +188,48 @@ def test_the_default_renoise_noise_follows_x_when_the_global_rng_stands_still():
     for n in (n1, n2):
         assert abs(float(n.mean())) < 0.05 and abs(float(n.std()) - 1) < 0.05
     assert abs(float((n1 * n2).mean())) < 0.05  # the two seeds' noises are uncorrelated
+
+
+class TeacherSigmas:
+    """A teacher that records the sigma it is called at (renoise='random''s level)."""
+
+    def __init__(self):
+        self.sigmas = []
+
+    def __call__(self, x, sigma, **extra_args):
+        self.sigmas.append(float(sigma.reshape(-1)[0]))
+        return torch.zeros_like(x)
+
+
+def test_the_default_random_renoise_level_follows_x_when_the_global_rng_stands_still():
+    """As the renoise noise above: over a seed loop whose x comes from a torch.Generator (Euler draws
+    nothing from the global RNG), renoise='random''s level changes with the seed, repeats for the same
+    seed, and stays log-uniform over the positive schedule (its quartiles, over 400 seeds). The global
+    RNG's seed still moves it, and keying it reads nothing more from the device."""
+    sigmas = K.get_sigmas_karras(4, 0.1, 10.0).to(DEVICE)
+    model = ElementwiseDenoiser()
+
+    def level(seed, global_seed=0):
+        torch.manual_seed(global_seed)
+        x = (torch.randn(2, 64, generator=torch.Generator().manual_seed(seed)) * 10).to(DEVICE)
+        teacher = TeacherSigmas()
+        kdistpp.sample_euler_distpp(model, x, sigmas, teacher=teacher, w=0.5, renoise="random", disable=True)
+        assert len(teacher.sigmas) == 1
+        return teacher.sigmas[0]
+
+    levels = [level(seed) for seed in range(400)]
+    assert level(1) == levels[1] and level(1, global_seed=1) != levels[1]
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)).to(DEVICE) * 10
+    reads = {renoise: _host_reads(kdistpp.sample_euler_distpp, model, x, sigmas, disable=True, teacher=TeacherSigmas(),
+                                  w=0.1, guidance_steps=[0, 2], renoise=renoise) for renoise in ("current", "random")}
+    assert reads["random"] == reads["current"] + 2  # the level itself: one read per guided step, as unkeyed
+    assert len(set(levels)) == len(levels)
+    logs = torch.tensor([math.log(s) for s in levels], dtype=torch.float64)
+    lo, hi = math.log(0.1), math.log(10.0)
+    assert lo - 1e-6 <= float(logs.min()) and float(logs.max()) <= hi + 1e-6
+    quartiles = torch.quantile(logs, torch.tensor([0.25, 0.5, 0.75], dtype=logs.dtype))
+    expected = torch.tensor([lo + q * (hi - lo) for q in (0.25, 0.5, 0.75)], dtype=logs.dtype)
+    assert torch.allclose(quartiles, expected, atol=0.35)  # 3 standard errors of the median at 400 draws
 
 
 class HostReads(TorchDispatchMode):

@@ -352,8 +352,10 @@ def test_a_repeated_leading_1_is_a_zero_length_step(name):
     got = kdistpp.SAMPLERS[name](model, x, s, noise_sampler=replay(noises), disable=True, parametrization="flow")
     expected = REFERENCES[name](model, x, s[1:], noises[1:], 1.0)
     torch.testing.assert_close(got, expected)
-    guided = kdistpp.SAMPLERS[name](model, x, s, noise_sampler=replay(noises), disable=True, parametrization="flow",
-                                    teacher=ElementwiseDenoiser(bias=-0.5), w=0.2, guidance_steps=[0, 1])
+    with pytest.warns(kdistpp.GuidanceWarning, match="s = 1: .*pure noise"):  # step 0's next sigma is 1 too
+        guided = kdistpp.SAMPLERS[name](model, x, s, noise_sampler=replay(noises), disable=True,
+                                        parametrization="flow", teacher=ElementwiseDenoiser(bias=-0.5), w=0.2,
+                                        guidance_steps=[0, 1])
     assert bool(torch.isfinite(guided).all())
 
 
@@ -432,3 +434,40 @@ def test_the_eps_form_warning_starts_above_ve_sigma_20():
             kdistpp.sample_consistency_distpp(ElementwiseDenoiser(), x, s, teacher=ElementwiseDenoiser(bias=1.0), w=0.01,
                                               form="eps", guidance_steps=[1], parametrization="flow", disable=True)
         assert any("form='eps' scales" in str(w.message) for w in seen) == warns, ve
+
+
+@pytest.mark.parametrize("name", kdistpp.SAMPLERS)
+@pytest.mark.parametrize("renoise", ["current", "random"])
+def test_a_1_step_student_guided_at_its_only_step_renoises_at_the_fallback_level_not_pure_noise(name, renoise):
+    """On [1, 0] 'current' and 'random' resolve to s = 1, where the flow state is pure noise: the run warns
+    before any model call and the teacher is handed (1 - s_r) x0s + s_r n at s_r = 0.5 (n read from the
+    renoise generator's stream), so the refined result holds the student's estimate."""
+    s = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    x = noise_list(3, 1)[0]
+    student, teacher = ElementwiseDenoiser(bias=0.3), ElementwiseDenoiser(bias=-0.7, scale=1.4)
+    with pytest.warns(kdistpp.GuidanceWarning, match=r"level here is s = 1: .*pure noise.*s = 0\.5 instead") as seen:
+        kdistpp.SAMPLERS[name](student, x, s, disable=True, parametrization="flow", teacher=teacher, w=0.5,
+                               renoise=renoise, renoise_generator=torch.Generator(device=DEVICE).manual_seed(4))
+    assert seen[0].filename == __file__
+    assert len(teacher.inputs) == 1
+    point, level = teacher.inputs[0][0], float(teacher.inputs[0][1][0])
+    assert level == 0.5
+    g = torch.Generator(device=DEVICE).manual_seed(4)
+    if renoise == "random":
+        torch.rand((), generator=g, device=DEVICE)  # the level's draw comes first from the same stream
+    n = torch.randn(SHAPE, generator=g, dtype=x.dtype, device=DEVICE)
+    x0s = call(student, x, 1.0)
+    torch.testing.assert_close(point, 0.5 * x0s + 0.5 * n, rtol=1e-12, atol=1e-12)
+
+
+def test_a_flow_renoise_level_below_1_is_kept_and_does_not_warn():
+    import warnings
+
+    s = schedule(4, 3.0)
+    x = noise_list(3, 1)[0]
+    teacher = ElementwiseDenoiser(bias=-0.7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kdistpp.sample_euler_distpp(ElementwiseDenoiser(bias=0.3), x, s, disable=True, parametrization="flow",
+                                    teacher=teacher, w=0.5, guidance_steps=[1], renoise="current")
+    assert float(teacher.inputs[0][1][0]) == pytest.approx(float(s[1]))

@@ -423,12 +423,54 @@ def test_a_flow_teacher_is_handed_the_flow_renoised_student_estimate(comfy, node
     x0s = estimates[0][1].double().flatten()
     x_r = x_r[0].double().flatten()
     assert torch.equal(inputs.calls[0][0][0], inputs.calls[0][0][1])  # cond and uncond rows: one point
+    assert_flow_renoised(x_r, x0s, s_r)
+
+
+def assert_flow_renoised(x_r, x0s, s_r):
+    """x_r is (1 - s_r) x0s + s_r n: regressed on x0s, slope 1 - s_r and a unit-noise residual scaled by s_r."""
     a, b = x0s - x0s.mean(), x_r - x_r.mean()
     slope = float((a * b).sum() / (a * a).sum())
     residual = x_r - (1 - s_r) * x0s
     assert abs(slope - (1 - s_r)) < 0.05 * s_r, (slope, 1 - s_r)
     assert abs(float(residual.std()) / s_r - 1) < 0.1  # unit noise scaled by s_r
     assert abs(float(residual.mean())) < 0.1 * s_r
+
+
+@pytest.mark.parametrize("which", ["sampler", "guider"])
+def test_a_1_step_flow_student_guided_at_its_only_step_renoises_at_half_not_pure_noise(comfy, node, which):
+    """A 1-step Flux schedule [1, 0] with renoise 'current' (the only level a step to 0 has): s = 1 is pure
+    noise, so the teacher is called at s_r = 0.5 on the student's estimate renoised there, and the run warns."""
+    import comfy_extras.nodes_custom_sampler as ncs
+
+    from kdistpp.integrations.comfyui_nodes import DistillationPPGuider
+
+    teacher, student = tiny_flow(comfy, "flux", 0), tiny_flow(comfy, "flux", 1).clone()
+    estimates = []
+
+    def record(args):
+        estimates.append(args["denoised"].detach().clone())
+        return args["denoised"]
+
+    student.set_model_sampler_post_cfg_function(record)
+    sig = flow_sigmas(comfy, student, steps=1)
+    inputs = Inputs(teacher)
+    try:
+        with pytest.warns(kdistpp.GuidanceWarning, match="pure noise"):
+            if which == "sampler":
+                flow_sample(comfy, student, flow_distpp(node, teacher, "euler", 0.3, renoise="current"), sig)
+            else:
+                guider = DistillationPPGuider.execute(student, flow_conditioning(1), flow_conditioning(2), 1.0, teacher,
+                                                      flow_conditioning(3), flow_conditioning(4), 3.0, w=0.3,
+                                                      guided_steps=1, form="interpolate", renoise="current").result[0]
+                ncs.SamplerCustomAdvanced.execute(ncs.RandomNoise.execute(3).result[0], guider,
+                                                  ncs.KSamplerSelect.execute("euler").result[0], sig,
+                                                  {"samples": torch.zeros(FLOW_LATENT)})
+    finally:
+        inputs.remove()
+    assert len(inputs.calls) == 1
+    x_r, t = inputs.calls[0]
+    assert torch.allclose(t.double(), torch.tensor(0.5, dtype=torch.float64))  # Flux's timestep is s
+    assert_flow_renoised(x_r[0].double().flatten(), estimates[0].double().flatten(), 0.5)
 
 
 @pytest.mark.parametrize("which", ["sampled", "teacher"])

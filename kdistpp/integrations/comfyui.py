@@ -59,13 +59,16 @@ def comfy_modules():
         import comfy.model_management as management
         import comfy.model_patcher as model_patcher
         import comfy.model_sampling as model_sampling
+        import comfy.nested_tensor as nested_tensor
         import comfy.sampler_helpers as sampler_helpers
         import comfy.samplers as samplers
+        import comfy.utils as utils
     except ImportError as err:
         raise RuntimeError("the kdistpp Distillation++ node runs inside ComfyUI (comfy.samplers was not found); "
                            "install it into ComfyUI's custom_nodes as docs/comfyui.md describes") from err
     return SimpleNamespace(samplers=samplers, management=management, k_sampling=k_sampling, model_patcher=model_patcher,
-                           model_sampling=model_sampling, sampler_helpers=sampler_helpers)
+                           model_sampling=model_sampling, sampler_helpers=sampler_helpers,
+                           nested_tensor=nested_tensor, utils=utils)
 
 
 class ComfyTeacher:
@@ -73,20 +76,36 @@ class ComfyTeacher:
 
     `student_guider` is the guider sampling the student (its patcher, for restoring its weights); `noise`,
     `latent` (as `CFGGuider.sample` takes it), `sigmas`, `seed` and `denoise_mask` are the student's run's.
+
+    Packed latents (several latents in one, e.g. LTX-2's video and audio): the student's run holds them
+    packed, one flat tensor per batch item, with `latent_shapes` naming the parts. `CFGGuider.sample`
+    packs a nested latent itself and hands the model the shapes to unpack it, so the teacher is given
+    the noise, latent and mask as nested tensors again; the sample it evaluates stays packed, as the
+    student's is.
     """
 
     def __init__(self, teacher_patcher, positive, negative, cfg: float, student_guider, noise, latent, sigmas, seed,
-                 denoise_mask):
+                 denoise_mask, latent_shapes=None):
         self.comfy = comfy_modules()
         self.guider = self.comfy.samplers.CFGGuider(teacher_patcher)
         self.guider.set_conds(positive, negative)
         self.guider.set_cfg(cfg)
-        self.student_guider, self.noise, self.latent = student_guider, noise, latent
+        self.student_guider, self.packed_noise = student_guider, noise
+        self.noise, self.latent = self.nested(noise, latent_shapes), self.nested(latent, latent_shapes)
         self.sigmas, self.seed = sigmas, seed
-        mask = denoise_mask
-        self.mask = mask[:, :1] if mask is not None and mask.ndim == 4 else mask  # as a user mask: one channel
+        self.mask = None if denoise_mask is None else self.nested(denoise_mask, latent_shapes, user_mask=True)
         self.calls = 0
         self.student_memory = None  # (memory_required, minimum_memory_required) of the student's sampling
+
+    def nested(self, tensor, latent_shapes, user_mask=False):
+        """`tensor` as the teacher's `CFGGuider.sample` takes it: a NestedTensor of its parts when it packs
+        several latents, else itself. A mask becomes a user mask: one channel for an image latent, which
+        `CFGGuider.sample` spreads over the channels again."""
+        parts = [tensor] if not latent_shapes or len(latent_shapes) < 2 else \
+            self.comfy.utils.unpack_latents(tensor, latent_shapes)
+        if user_mask:
+            parts = [part[:, :1] if part.ndim == 4 else part for part in parts]
+        return parts[0] if len(parts) == 1 else self.comfy.nested_tensor.NestedTensor(parts)
 
     @classmethod
     def for_sampler(cls, teacher_patcher, positive, negative, cfg: float, student, sigmas, extra_args: dict):
@@ -96,7 +115,7 @@ class ComfyTeacher:
         latent = student.latent_image
         latent = inner.process_latent_out(latent) if torch.count_nonzero(latent) > 0 else latent
         return cls(teacher_patcher, positive, negative, cfg, student.inner_model, student.noise, latent, sigmas,
-                   extra_args.get("seed"), extra_args.get("denoise_mask"))
+                   extra_args.get("seed"), extra_args.get("denoise_mask"), latent_shapes_of(student.inner_model))
 
     def __call__(self, x, sigma, **_student_extra_args):
         result = {}
@@ -129,12 +148,23 @@ class ComfyTeacher:
         extra = list(getattr(guider, "loaded_models", None) or [])  # CFGGuider.outer_sample keeps them there
         conds = getattr(guider, "conds", None) or {}
         if self.student_memory is None:
-            memory, minimum = helpers.estimate_memory(patcher, self.noise.shape, conds)
+            memory, minimum = helpers.estimate_memory(patcher, self.packed_noise.shape, conds)
             _, inference = helpers.get_additional_models(conds, patcher.model_dtype())
             self.student_memory = memory + inference, minimum + inference
         memory, minimum = self.student_memory
         self.comfy.management.load_models_gpu([patcher] + extra, memory_required=memory,
                                               minimum_memory_required=minimum)
+
+
+def latent_shapes_of(guider):
+    """The shapes of the latents a guider's run packs into one (`CFGGuider.sample` hands them to the
+    model's `extra_conds`, which keeps them among the processed conds), or None for a plain latent."""
+    for conds in (getattr(guider, "conds", None) or {}).values():
+        for cond in conds:
+            shapes = cond.get("model_conds", {}).get("latent_shapes")
+            if shapes is not None:
+                return shapes.cond
+    return None
 
 
 def comfy_noise_sampler(k_sampling, x, seed):
@@ -299,14 +329,14 @@ class DryRunFirst:
 
 
 def guided_evaluations(comfy, guider, teacher_model, positive, negative, teacher_cfg, noise, latent, sigmas,
-                       denoise_mask, seed, *, w, guidance_steps, form, renoise) -> GuidedEvaluations:
+                       denoise_mask, seed, *, w, guidance_steps, form, renoise, latent_shapes=None) -> GuidedEvaluations:
     """The Distillation++ guider's run: the models checked and the guidance planned before any model call,
     the teacher run through ComfyUI as in the SAMPLER node, the renoise noise from its seeded generator."""
     parametrization = check_models(comfy, guider.model_patcher, teacher_model, sampled=GUIDER_SAMPLED,
                                    teacher_input=GUIDER_TEACHER, node="Distillation++ Guider")
     check_guided_steps(guidance_steps, sigmas, GUIDER_NAME, "guider")
     teacher = ComfyTeacher(teacher_model, positive, negative, teacher_cfg, guider, noise, latent, sigmas, seed,
-                           denoise_mask)
+                           denoise_mask, latent_shapes)
 
     def plain(x, sigma, model_options=None, seed=None):
         return comfy.samplers.CFGGuider.predict_noise(guider, x, sigma, model_options or {}, seed)

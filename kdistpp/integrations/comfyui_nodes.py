@@ -123,7 +123,7 @@ class Guider_DistillationPP(comfy.samplers.CFGGuider):
         # `latent_image` as CFGGuider.sample passed it on (before process_latent_in): what the teacher's sample takes
         comfy = comfy_modules()
         self.evaluations = guided_evaluations(comfy, self, *self.teacher, noise, latent_image, sigmas, denoise_mask,
-                                              seed, **self.settings)
+                                              seed, latent_shapes=latent_shapes, **self.settings)
         if not self.evaluations.active:  # w = 0 or no guided step: CFGGuider's run, untouched
             return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
                                         disable_pbar, seed, latent_shapes=latent_shapes)
