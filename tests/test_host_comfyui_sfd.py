@@ -234,11 +234,14 @@ SD3_TARGETS = {"attention": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "
                                                 "norm1_context.linear")}
 
 
+@pytest.mark.parametrize("file_format", ["diffusers", "kohya"])
 @pytest.mark.parametrize("targets", sorted(SD3_TARGETS))
-def test_exported_sd3_lora_in_comfyuis_loader_gives_the_students_denoised_output(comfy, tmp_path, caplog, targets):
-    """The SD3 file (peft keys, alpha / rank folded into lora_B: no `.alpha` keys) through LoraLoader's
-    function onto ComfyUI's own SD3 model (MMDiT, fused qkv) with the teacher's weights converted by ComfyUI's
-    diffusers-MMDiT map: ComfyUI's denoised output is the trained student's."""
+def test_exported_sd3_lora_in_comfyuis_loader_gives_the_students_denoised_output(comfy, tmp_path, caplog, targets,
+                                                                                 file_format):
+    """The SD3 file (diffusers: peft keys, alpha / rank folded into lora_B, no `.alpha` keys; kohya: MMDiT
+    names, q, k, v as one LoRA on the fused qkv) through LoraLoader's function onto ComfyUI's own SD3 model
+    with the teacher's weights converted by ComfyUI's diffusers-MMDiT map: ComfyUI's denoised output is the
+    trained student's."""
     import comfy.model_detection
     import comfy.utils
 
@@ -259,7 +262,7 @@ def test_exported_sd3_lora_in_comfyuis_loader_gives_the_students_denoised_output
 
     config = SFDConfig(num_steps=3, batch_size=2, lr=2e-2, iterations=3)
     SFDTrainer(student, LoRATeacher(student), config, shape=(16, 8, 8), condition=condition).fit(progress=False)
-    lora_path = save_lora(student, tmp_path / "sfd_sd3.safetensors")
+    lora_path = save_lora(student, tmp_path / "sfd_sd3.safetensors", format=file_format)
 
     # ComfyUI: its SD3 model, the teacher's diffusers weights converted by ComfyUI's own diffusers-MMDiT map
     model_config = comfy.supported_models.SD3({**COMFY_SD3, "dtype": torch.float32})
@@ -271,7 +274,10 @@ def test_exported_sd3_lora_in_comfyuis_loader_gives_the_students_denoised_output
     patcher = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
                                                offload_device=torch.device("cpu"))
     lora = comfy.utils.load_torch_file(str(lora_path))
-    assert not any(k.endswith(".alpha") for k in lora)  # the SD3 format diffusers' loader accepts
+    if file_format == "diffusers":  # the SD3 format diffusers' loader accepts: no alpha, peft names
+        assert all(k.startswith("transformer.") and ".lora_" in k for k in lora)
+    else:
+        assert all(k.startswith("lora_unet_joint_blocks_0_") for k in lora)
     with caplog.at_level("WARNING"):
         loaded, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
     assert "lora key not loaded" not in caplog.text  # every module of the file found its (fused) layer
