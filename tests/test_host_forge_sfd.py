@@ -115,7 +115,8 @@ def diffusers_sd3_from_checkpoint(checkpoint: Path):
     transformer = diffusers.SD3Transformer2DModel(
         sample_size=8, patch_size=mmdit["patch_size"], in_channels=mmdit["in_channels"],
         out_channels=mmdit["out_channels"], num_layers=mmdit["depth"], attention_head_dim=64,
-        num_attention_heads=mmdit["depth"], joint_attention_dim=mmdit["context_embedder_config"]["params"]["in_features"],
+        num_attention_heads=mmdit["depth"],
+        joint_attention_dim=mmdit["context_embedder_config"]["params"]["in_features"],
         caption_projection_dim=64 * mmdit["depth"], pooled_projection_dim=mmdit["adm_in_channels"],
         pos_embed_max_size=mmdit["pos_embed_max_size"])
     transformer.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(state))  # strict: every weight

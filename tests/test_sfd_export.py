@@ -115,9 +115,11 @@ def test_mmdit_paths_of_the_sd3_layout():
     from kdistpp.sfd.export import mmdit_path
 
     network = tiny_sd3_lora_student(("to_q",)).transformer
-    assert mmdit_path("transformer_blocks.0.attn.add_k_proj", network) == ("joint_blocks.0.context_block.attn.qkv", 1, False)
+    assert mmdit_path("transformer_blocks.0.attn.add_k_proj", network) == (
+        "joint_blocks.0.context_block.attn.qkv", 1, False)
     assert mmdit_path("transformer_blocks.1.attn.to_v", network) == ("joint_blocks.1.x_block.attn.qkv", 2, False)
-    assert mmdit_path("transformer_blocks.0.ff_context.net.2", network) == ("joint_blocks.0.context_block.mlp.fc2", None, False)
+    assert mmdit_path("transformer_blocks.0.ff_context.net.2", network) == (
+        "joint_blocks.0.context_block.mlp.fc2", None, False)
     # only the last block's context modulation (scale, shift in diffusers) and the output norm's are two-way
     assert mmdit_path("transformer_blocks.0.norm1_context.linear", network)[2] is False
     assert mmdit_path("transformer_blocks.1.norm1_context.linear", network) == (

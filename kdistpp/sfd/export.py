@@ -117,7 +117,9 @@ def mmdit_path(path: str, network: nn.Module) -> tuple[str, int | None, bool]:
             return f"joint_blocks.{parts[1]}.{target}", slot, swap
     if path in _MMDIT_TOP:
         return _MMDIT_TOP[path], None, path == "norm_out.linear"
-    raise ValueError(f"no MMDiT module for the SD3 module {path!r}: export this student in the diffusers format")
+    raise ValueError(f"no MMDiT module for the SD3 module {path!r}: kohya's SD3 format holds the attention, MLP, "
+                     "modulation, embedding and output Linears; leave it out of the LoRA targets, or write the "
+                     "diffusers format (diffusers, ComfyUI)")
 
 
 def _swap_halves(up: torch.Tensor) -> torch.Tensor:
@@ -141,7 +143,8 @@ def _kohya_mmdit_state_dict(network: nn.Module, adapters) -> dict[str, torch.Ten
             fused.setdefault(target, {})[slot] = (down, up, alpha, rank)
     for target, parts in fused.items():
         if len({(a, r) for _, _, a, r in parts.values()}) != 1:
-            raise ValueError(f"q, k and v of {target} have different LoRA ranks or alphas: a fused file cannot hold them")
+            raise ValueError(f"q, k and v of {target} have different LoRA ranks or alphas: one fused LoRA "
+                             "cannot hold them; give them one rank and alpha, or write the diffusers format (diffusers, ComfyUI)")
         _, up0, alpha, rank = next(iter(parts.values()))
         width = up0.shape[0]
         downs, ups = [], []
@@ -183,7 +186,8 @@ def _adapters(network: nn.Module, state: dict | None = None, prefix: str = ""):
             yield path, down, up, float(module.lora_alpha["default"]), int(module.r["default"])
 
 
-def lora_file_state_dict(student: nn.Module, state: dict | None = None, format: str | None = None) -> dict[str, torch.Tensor]:
+def lora_file_state_dict(student: nn.Module, state: dict | None = None,
+                         format: str | None = None) -> dict[str, torch.Tensor]:
     """The student's adapters under the names the hosts load (kohya for UNets, peft for transformers).
     `state`: the student's full state dict (as gathered from FSDP shards), else its own parameters.
     `format`: "kohya" writes an SD3 student in kohya's SD3 format (Forge's and ComfyUI's LoRA loaders;
