@@ -144,7 +144,8 @@ def _kohya_mmdit_state_dict(network: nn.Module, adapters) -> dict[str, torch.Ten
     for target, parts in fused.items():
         if len({(a, r) for _, _, a, r in parts.values()}) != 1:
             raise ValueError(f"q, k and v of {target} have different LoRA ranks or alphas: one fused LoRA "
-                             "cannot hold them; give them one rank and alpha, or write the diffusers format (diffusers, ComfyUI)")
+                             "cannot hold them; give them one rank and alpha, or write the diffusers format "
+                             "(diffusers, ComfyUI)")
         _, up0, alpha, rank = next(iter(parts.values()))
         width = up0.shape[0]
         downs, ups = [], []
