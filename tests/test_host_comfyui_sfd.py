@@ -1,9 +1,9 @@
 """An SFD LoRA student exported by kdistpp, loaded by real ComfyUI (the pinned 0.8.0 tree).
 
-A tiny diffusers SD1.5-architecture UNet, and a tiny Flux transformer, are the teachers; kdistpp trains a
-LoRA student on each and exports it (kohya keys for the UNet, peft keys for Flux). ComfyUI builds the same
-network from its own config, loads the teacher's weights (converted by ComfyUI's own diffusers maps; the
-UNet's through a checkpoint file), applies the file with `comfy.sd.load_lora_for_models` (the LoraLoader
+A tiny diffusers SD1.5-architecture UNet, a tiny Flux transformer and a tiny SD3 transformer are the
+teachers; kdistpp trains a LoRA student on each and exports it (kohya keys for the UNet, peft keys for Flux
+and SD3). ComfyUI builds the same network from its own config, loads the teacher's weights (converted by
+ComfyUI's own diffusers maps; the UNet's through a checkpoint file), applies the file with `comfy.sd.load_lora_for_models` (the LoraLoader
 node's path) and computes the denoised output with its own model sampling: it equals kdistpp's student on
 the same input to float32 rounding. Needs ComfyUI's requirements plus diffusers and peft (`.ci/run`
 installs them in .venv-comfyui); elsewhere it skips.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from comfy_models import POOLED, SD3 as COMFY_SD3
 from hosts import import_comfy
 
 diffusers = pytest.importorskip("diffusers")
@@ -349,6 +350,90 @@ def test_exported_flux_lora_in_comfyuis_loader_gives_the_students_denoised_outpu
         device = comfy.model_management.get_torch_device()
         theirs = loaded.model.apply_model(x.to(device), s.to(device), c_crossattn=context.to(device),
                                           y=pooled.to(device), guidance=torch.full((2,), 3.5, device=device)).cpu()
+    scale = float(ours.abs().max())
+    assert float((ours - teacher_out).abs().max()) > 1e-3 * scale  # the LoRA moves the output
+    assert torch.allclose(theirs, ours, rtol=1e-4, atol=1e-5 * scale), float((theirs - ours).abs().max())
+
+
+def tiny_diffusers_sd3():
+    """A diffusers SD3 transformer of the architecture of `comfy_models.SD3` (ComfyUI's MMDiT of depth 1:
+    one joint block, one head of width 64, 2x2 patches of a 16-channel latent, a position-embedding grid of 8)."""
+    torch.manual_seed(2)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=1, attention_head_dim=64,
+        num_attention_heads=1, joint_attention_dim=CONTEXT, caption_projection_dim=64,
+        pooled_projection_dim=POOLED, pos_embed_max_size=8)
+    with torch.no_grad():  # diffusers zero-initialises some output layers
+        for p in transformer.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    return transformer.eval()
+
+
+SD3_TARGETS = {"attention": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj"),
+               "attention_mlp_and_modulation": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                                "add_v_proj", "ff.net.0.proj", "ff.net.2", "norm1.linear",
+                                                "norm1_context.linear")}
+
+
+@pytest.mark.parametrize("file_format", ["diffusers", "kohya"])
+@pytest.mark.parametrize("targets", sorted(SD3_TARGETS))
+def test_exported_sd3_lora_in_comfyuis_loader_gives_the_students_denoised_output(comfy, tmp_path, caplog, targets,
+                                                                                 file_format):
+    """The SD3 file (diffusers: peft keys, alpha / rank folded into lora_B, no `.alpha` keys; kohya: MMDiT
+    names, q, k, v as one LoRA on the fused qkv) through LoraLoader's function onto ComfyUI's own SD3 model
+    with the teacher's weights converted by ComfyUI's diffusers-MMDiT map: ComfyUI's denoised output is the
+    trained student's."""
+    import comfy.model_detection
+    import comfy.utils
+
+    from kdistpp.integrations.diffusers import flow_cond
+    from kdistpp.sfd import FlowAsVE
+    from kdistpp.sfd.networks import FlowTransformerStudent
+
+    transformer = tiny_diffusers_sd3()
+    teacher_state = {k: v.clone() for k, v in transformer.state_dict().items()}
+    # alpha 2 at rank 4: a scale of 1/2 the file must carry
+    student = FlowAsVE(FlowTransformerStudent(add_lora(transformer, rank=4, alpha=2.0,
+                                                       target_modules=SD3_TARGETS[targets])))
+    g = torch.Generator().manual_seed(0)
+
+    def condition(generator, batch):
+        return {"cond": flow_cond(torch.randn(batch, 5, CONTEXT, generator=generator),
+                                  torch.randn(batch, POOLED, generator=generator))}
+
+    config = SFDConfig(num_steps=3, batch_size=2, lr=2e-2, iterations=3)
+    SFDTrainer(student, LoRATeacher(student), config, shape=(16, 8, 8), condition=condition).fit(progress=False)
+    lora_path = save_lora(student, tmp_path / "sfd_sd3.safetensors", format=file_format)
+
+    # ComfyUI: its SD3 model, the teacher's diffusers weights converted by ComfyUI's own diffusers-MMDiT map
+    model_config = comfy.supported_models.SD3({**COMFY_SD3, "dtype": torch.float32})
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model({}, device=torch.device("cpu"))
+    converted = comfy.model_detection.convert_diffusers_mmdit(teacher_state, "")
+    missing, unexpected = base.diffusion_model.load_state_dict(converted, strict=False)
+    assert not unexpected and not missing, (missing, unexpected)
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=torch.device("cpu"))
+    lora = comfy.utils.load_torch_file(str(lora_path))
+    if file_format == "diffusers":  # the SD3 format diffusers' loader accepts: no alpha, peft names
+        assert all(k.startswith("transformer.") and ".lora_" in k for k in lora)
+    else:
+        assert all(k.startswith("lora_unet_joint_blocks_0_") for k in lora)
+    with caplog.at_level("WARNING"):
+        loaded, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
+    assert "lora key not loaded" not in caplog.text  # every module of the file found its (fused) layer
+    assert len(loaded.patches) > 0
+    comfy.model_management.load_models_gpu([loaded])
+
+    s = torch.tensor([0.35, 0.8])
+    x = torch.randn(2, 16, 8, 8, generator=g)
+    context, pooled = torch.randn(2, 5, CONTEXT, generator=g), torch.randn(2, POOLED, generator=g)
+    with torch.no_grad():
+        ours = student.flow_model(x, s, flow_cond(context, pooled))
+        teacher_out = LoRATeacher(student.flow_model)(x, s, cond=flow_cond(context, pooled))
+        device = comfy.model_management.get_torch_device()
+        theirs = loaded.model.apply_model(x.to(device), s.to(device), c_crossattn=context.to(device),
+                                          y=pooled.to(device)).cpu()
     scale = float(ours.abs().max())
     assert float((ours - teacher_out).abs().max()) > 1e-3 * scale  # the LoRA moves the output
     assert torch.allclose(theirs, ours, rtol=1e-4, atol=1e-5 * scale), float((theirs - ours).abs().max())

@@ -503,6 +503,36 @@ def test_an_sd3_teacher_trains_through_the_command_and_its_lora_loads_in_diffuse
     assert torch.allclose(loaded, ours, rtol=0, atol=tolerance), float((loaded - ours).abs().max())
 
 
+def test_export_writes_an_sd3_lora_in_kohyas_format_with_the_same_weight_deltas(sd3_run, tmp_path, capsys):
+    """`export --format kohya` (Forge's SD3 format): MMDiT names, q, k, v as one LoRA on the fused qkv. Each
+    layer's alpha / rank * up @ down equals what the diffusers-format file adds to the same weights."""
+    from safetensors.torch import load_file
+
+    run, _ = sd3_run
+    assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / "kohya.safetensors"), "--format",
+                     "kohya"]) == 0
+    kohya = load_file(str(tmp_path / "kohya.safetensors"))
+    peft = load_file(str(run / "student_lora.safetensors"))
+
+    def kohya_delta(name):
+        key = f"lora_unet_joint_blocks_0_{name}"
+        rank = kohya[f"{key}.lora_down.weight"].shape[0]
+        return float(kohya[f"{key}.alpha"]) / rank * kohya[f"{key}.lora_up.weight"] @ kohya[f"{key}.lora_down.weight"]
+
+    def peft_delta(module):  # no alpha: the scale is in lora_B
+        key = f"transformer.transformer_blocks.0.attn.{module}"
+        return peft[f"{key}.lora_B.weight"] @ peft[f"{key}.lora_A.weight"]
+
+    assert len(kohya) == 6 and all(k.startswith("lora_unet_joint_blocks_0_x_block_attn_") for k in kohya)
+    fused = torch.cat([peft_delta(m) for m in ("to_q", "to_k", "to_v")])
+    assert torch.allclose(kohya_delta("x_block_attn_qkv"), fused, atol=1e-7 * float(fused.abs().max()))
+    proj = peft_delta("to_out.0")
+    assert float(fused.abs().max()) > 0 and float(proj.abs().max()) > 0  # trained: the deltas are not peft's zeros
+    assert torch.allclose(kohya_delta("x_block_attn_proj"), proj, atol=1e-7 * float(proj.abs().max()))
+    assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / "full"), "--full", "--format", "kohya"]) == 2
+    assert "--format is the key format of a LoRA file" in capsys.readouterr().err
+
+
 def test_an_sd3_transformer_file_as_teacher_trains_as_its_folder(sd3_dir, sd3_run, tmp_path):
     """A transformer alone in one file (as ComfyUI's diffusion_models hold one; here in diffusers' layout), the
     text encoders, tokenizers and VAE from the config folder."""

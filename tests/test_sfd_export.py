@@ -1,5 +1,6 @@
 """The exported SFD student: the kohya LoRA file loaded by diffusers' own LoRA loader, the merged full
-weights loaded by from_pretrained, and the refusals (no adapters; an SFD-v step embedding)."""
+weights loaded by from_pretrained, SD3's MMDiT names, and the refusals (no adapters; an SFD-v step
+embedding; a kohya SD3 file for another network or a module MMDiT has no LoRA name for)."""
 
 from __future__ import annotations
 
@@ -98,6 +99,42 @@ def test_export_refusals(tmp_path):
     student, _ = trained_lora_student(step_conditioned=True)
     with pytest.raises(ValueError, match="step embedding"):
         save_lora(student, tmp_path / "x.safetensors")
+
+
+def tiny_sd3_lora_student(targets):
+    from kdistpp.sfd.networks import FlowTransformerStudent
+
+    torch.manual_seed(0)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16)
+    return FlowTransformerStudent(add_lora(transformer, rank=2, alpha=1.0, target_modules=targets)).eval()
+
+
+def test_mmdit_paths_of_the_sd3_layout():
+    from kdistpp.sfd.export import mmdit_path
+
+    network = tiny_sd3_lora_student(("to_q",)).transformer
+    assert mmdit_path("transformer_blocks.0.attn.add_k_proj", network) == (
+        "joint_blocks.0.context_block.attn.qkv", 1, False)
+    assert mmdit_path("transformer_blocks.1.attn.to_v", network) == ("joint_blocks.1.x_block.attn.qkv", 2, False)
+    assert mmdit_path("transformer_blocks.0.ff_context.net.2", network) == (
+        "joint_blocks.0.context_block.mlp.fc2", None, False)
+    # only the last block's context modulation (scale, shift in diffusers) and the output norm's are two-way
+    assert mmdit_path("transformer_blocks.0.norm1_context.linear", network)[2] is False
+    assert mmdit_path("transformer_blocks.1.norm1_context.linear", network) == (
+        "joint_blocks.1.context_block.adaLN_modulation.1", None, True)
+    assert mmdit_path("norm_out.linear", network) == ("final_layer.adaLN_modulation.1", None, True)
+
+
+def test_sd3_kohya_format_refusals(tmp_path):
+    with pytest.raises(ValueError, match="format must be"):
+        save_lora(tiny_sd3_lora_student(("to_q",)), tmp_path / "x.safetensors", format="peft")
+    with pytest.raises(ValueError, match="for SD3 students"):
+        save_lora(trained_lora_student()[0], tmp_path / "x.safetensors", format="kohya")
+    with pytest.raises(ValueError, match="no MMDiT module for the SD3 module 'pos_embed.proj'"):
+        save_lora(tiny_sd3_lora_student(("to_q", "pos_embed.proj")), tmp_path / "x.safetensors", format="kohya")
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_an_sfd_v_student_exports_as_a_full_network_for_one_step_count(tmp_path):

@@ -87,6 +87,9 @@ def parser() -> argparse.ArgumentParser:
                    "(UNet or transformer) instead of a LoRA")
     e.add_argument("--steps", type=int, default=None, help="an SFD-v run's step count N to write the full network "
                    "for (its step embedding at N folded in; with --full)")
+    e.add_argument("--format", choices=("diffusers", "kohya"), default=None, help="an SD3 LoRA's key format: "
+                   "diffusers (diffusers' load_lora_weights, ComfyUI) or kohya (Forge, ComfyUI); other "
+                   "networks have one format")
     return p
 
 
@@ -352,6 +355,8 @@ def export(args) -> int:
                          f"--full --steps N (N in {list(steps)})")
     if not step_conditioned and args.steps is not None:
         raise ValueError("--steps is for SFD-v runs (several step counts); this run trained one")
+    if args.full and args.format is not None:
+        raise ValueError("--format is the key format of a LoRA file; --full writes a diffusers network folder")
     teacher = check_teacher(settings["teacher"], settings.get("teacher_config"))
     network = load_network(teacher)
     if settings["lora_rank"]:
@@ -373,7 +378,7 @@ def export(args) -> int:
     else:
         if not settings["lora_rank"]:
             raise ValueError("this run fine-tuned the whole UNet (--lora-rank 0): export it with --full")
-        save_lora(student, args.output, {"kdistpp_sfd_steps": steps})
+        save_lora(student, args.output, {"kdistpp_sfd_steps": steps}, format=args.format)
     print(f"wrote {args.output}")
     return 0
 

@@ -7,6 +7,11 @@ Kohya names use the original (ldm) UNet's module paths, `lora_unet_<path with _>
 scales the product by alpha / rank, as peft does with lora_alpha / r. ldm paths, not diffusers',
 because A1111 maps only those for every layer. SD3 files carry no alpha (diffusers' SD3 loader refuses
 one): their lora_B holds the alpha / rank scale.
+
+Forge maps no diffusers SD3 names: for it (and ComfyUI) an SD3 student is written in kohya's SD3 format
+(`format="kohya"`), under the original MMDiT's module names, `lora_unet_joint_blocks_0_x_block_attn_qkv`,
+where q, k and v are one fused Linear: its LoRA stacks the three lora_A and puts the three lora_B on the
+diagonal, rank 3r with alpha 3 alpha, so the scale stays alpha / r.
 """
 
 from __future__ import annotations
@@ -77,6 +82,86 @@ def _resnet(block: str, rest: list[str]) -> str:
     return ".".join([block, _RESNET[name], *rest[1:]])
 
 
+# diffusers SD3 module (within transformer_blocks.i) -> (MMDiT module within joint_blocks.i, slot in a fused qkv)
+_MMDIT_BLOCK = {"attn.to_q": ("x_block.attn.qkv", 0), "attn.to_k": ("x_block.attn.qkv", 1),
+                "attn.to_v": ("x_block.attn.qkv", 2), "attn.add_q_proj": ("context_block.attn.qkv", 0),
+                "attn.add_k_proj": ("context_block.attn.qkv", 1), "attn.add_v_proj": ("context_block.attn.qkv", 2),
+                "attn2.to_q": ("x_block.attn2.qkv", 0), "attn2.to_k": ("x_block.attn2.qkv", 1),
+                "attn2.to_v": ("x_block.attn2.qkv", 2), "attn.to_out.0": ("x_block.attn.proj", None),
+                "attn.to_add_out": ("context_block.attn.proj", None), "attn2.to_out.0": ("x_block.attn2.proj", None),
+                "ff.net.0.proj": ("x_block.mlp.fc1", None), "ff.net.2": ("x_block.mlp.fc2", None),
+                "ff_context.net.0.proj": ("context_block.mlp.fc1", None),
+                "ff_context.net.2": ("context_block.mlp.fc2", None),
+                "norm1.linear": ("x_block.adaLN_modulation.1", None),
+                "norm1_context.linear": ("context_block.adaLN_modulation.1", None)}
+_MMDIT_TOP = {"context_embedder": "context_embedder", "proj_out": "final_layer.linear",
+              "norm_out.linear": "final_layer.adaLN_modulation.1",
+              "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+              "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+              "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+              "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2"}
+
+
+def mmdit_path(path: str, network: nn.Module) -> tuple[str, int | None, bool]:
+    """The original SD3 (MMDiT) module of a diffusers SD3Transformer2DModel module `path`: (its path, the
+    slot (q 0, k 1, v 2) it fills in a fused qkv Linear or None, whether the output halves are swapped).
+    diffusers orders a two-way modulation (the last block's context norm, the output norm) scale then
+    shift, MMDiT shift then scale."""
+    parts = path.split(".")
+    if parts[0] == "transformer_blocks" and len(parts) > 2:
+        inner = ".".join(parts[2:])
+        if inner in _MMDIT_BLOCK:
+            target, slot = _MMDIT_BLOCK[inner]
+            block = network.transformer_blocks[int(parts[1])]
+            swap = inner == "norm1_context.linear" and getattr(block, "context_pre_only", False)
+            return f"joint_blocks.{parts[1]}.{target}", slot, swap
+    if path in _MMDIT_TOP:
+        return _MMDIT_TOP[path], None, path == "norm_out.linear"
+    raise ValueError(f"no MMDiT module for the SD3 module {path!r}: kohya's SD3 format holds the attention, MLP, "
+                     "modulation, embedding and output Linears; leave it out of the LoRA targets, or write the "
+                     "diffusers format (diffusers, ComfyUI)")
+
+
+def _swap_halves(up: torch.Tensor) -> torch.Tensor:
+    return torch.cat(up.chunk(2, dim=0)[::-1])
+
+
+def _kohya_mmdit_state_dict(network: nn.Module, adapters) -> dict[str, torch.Tensor]:
+    """kohya SD3 keys: q, k, v of one attention as one LoRA on its fused qkv (lora_A stacked, lora_B
+    block-diagonal; missing parts zero)."""
+    fused, out = {}, {}
+    for path, down, up, alpha, rank in adapters:
+        target, slot, swap = mmdit_path(path, network)
+        down, up = down.detach().float().cpu(), up.detach().float().cpu()
+        if swap:
+            up = _swap_halves(up)
+        if slot is None:
+            key = "lora_unet_" + target.replace(".", "_")
+            out.update({f"{key}.lora_down.weight": down.contiguous(), f"{key}.lora_up.weight": up.contiguous(),
+                        f"{key}.alpha": torch.tensor(alpha)})
+        else:
+            fused.setdefault(target, {})[slot] = (down, up, alpha, rank)
+    for target, parts in fused.items():
+        if len({(a, r) for _, _, a, r in parts.values()}) != 1:
+            raise ValueError(f"q, k and v of {target} have different LoRA ranks or alphas: one fused LoRA "
+                             "cannot hold them; give them one rank and alpha, or write the diffusers format "
+                             "(diffusers, ComfyUI)")
+        _, up0, alpha, rank = next(iter(parts.values()))
+        width = up0.shape[0]
+        downs, ups = [], []
+        for slot in sorted(parts):
+            d, u = parts[slot][0], parts[slot][1]
+            block = torch.zeros(3 * width, rank)
+            block[slot * width:(slot + 1) * width] = u
+            downs.append(d)
+            ups.append(block)
+        key = "lora_unet_" + target.replace(".", "_")
+        out.update({f"{key}.lora_down.weight": torch.cat(downs).contiguous(),
+                    f"{key}.lora_up.weight": torch.cat(ups, dim=1).contiguous(),
+                    f"{key}.alpha": torch.tensor(alpha * len(parts))})
+    return out
+
+
 def _network(student: nn.Module) -> tuple[nn.Module, str]:
     """The diffusers network inside a student wrapper (UNetStudent, FlowTransformerStudent, FlowAsVE), and its kind."""
     for module in student.modules():
@@ -102,14 +187,28 @@ def _adapters(network: nn.Module, state: dict | None = None, prefix: str = ""):
             yield path, down, up, float(module.lora_alpha["default"]), int(module.r["default"])
 
 
-def lora_file_state_dict(student: nn.Module, state: dict | None = None) -> dict[str, torch.Tensor]:
+def lora_file_state_dict(student: nn.Module, state: dict | None = None,
+                         format: str | None = None) -> dict[str, torch.Tensor]:
     """The student's adapters under the names the hosts load (kohya for UNets, peft for transformers).
-    `state`: the student's full state dict (as gathered from FSDP shards), else its own parameters."""
+    `state`: the student's full state dict (as gathered from FSDP shards), else its own parameters.
+    `format`: "kohya" writes an SD3 student in kohya's SD3 format (Forge's and ComfyUI's LoRA loaders;
+    diffusers' SD3 loader reads only the default, "diffusers")."""
     network, kind = _network(student)
     prefix = next(name for name, module in student.named_modules() if module is network)
+    sd3 = type(network).__name__ == "SD3Transformer2DModel"
+    if format not in (None, "diffusers", "kohya"):
+        raise ValueError(f"format must be 'diffusers' or 'kohya' (an SD3 student for Forge), got {format!r}")
+    if format == "kohya" and not sd3:
+        raise ValueError(f"format='kohya' is for SD3 students; a {type(network).__name__} student is written in "
+                         "the one format its hosts load: leave format out")
+    if format == "kohya":
+        out = _kohya_mmdit_state_dict(network, _adapters(network, state, prefix + "." if prefix else ""))
+        if not out:
+            raise ValueError("the student has no LoRA adapters to export: export it as a full checkpoint (full=True)")
+        return out
     # diffusers' SD3 loader refuses any key without "lora" (an alpha): there the scale is folded into
     # lora_B, which every loader then applies at its no-alpha scale of 1
-    fold = type(network).__name__ == "SD3Transformer2DModel"
+    fold = sd3
     out = {}
     for path, down, up, alpha, rank in _adapters(network, state, prefix + "." if prefix else ""):
         if kind == "unet":
@@ -157,15 +256,16 @@ def _fold_step_embedding(student: nn.Module, network: nn.Module, state: dict, nu
     state[key] = (state[key].float() + emb).to(state[key].dtype)
 
 
-def save_lora(student: nn.Module, path: str | Path, metadata: dict | None = None, state: dict | None = None) -> Path:
+def save_lora(student: nn.Module, path: str | Path, metadata: dict | None = None, state: dict | None = None,
+              format: str | None = None) -> Path:
     """Writes the student's adapters to `path` (.safetensors) in the hosts' key format (from `state`, the
-    full state dict, when given: see `lora_file_state_dict`)."""
+    full state dict, when given; `format`, "kohya" for an SD3 student Forge loads: see `lora_file_state_dict`)."""
     from safetensors.torch import save_file
 
     _check_exportable(student)
     path = Path(path)
     meta = {k: str(v) for k, v in (metadata or {}).items()}
-    save_file(lora_file_state_dict(student, state), str(path), metadata=meta)
+    save_file(lora_file_state_dict(student, state, format), str(path), metadata=meta)
     return path
 
 
@@ -211,4 +311,4 @@ def save_full(student: nn.Module, folder: str | Path, num_steps: int | None = No
     return folder
 
 
-__all__ = ["ldm_unet_path", "lora_file_state_dict", "merged_state_dict", "save_full", "save_lora"]
+__all__ = ["ldm_unet_path", "lora_file_state_dict", "mmdit_path", "merged_state_dict", "save_full", "save_lora"]
