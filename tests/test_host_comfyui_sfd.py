@@ -304,6 +304,31 @@ COMFY_FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec
               "txt_ids_dims": []}
 
 
+COMFY_FLUX_FP32 = {**COMFY_FLUX, "dtype": torch.float32}
+
+
+def comfy_flow_model_with_lora(model_config, teacher_state, lora_path, caplog):
+    """ComfyUI's own model of `model_config` holding the teacher's diffusers weights (converted by ComfyUI's
+    diffusers-MMDiT map, every weight found), with the LoRA file applied by LoraLoader's function and the
+    patched model loaded; checks every module of the file found its (fused) layer."""
+    import comfy.model_detection
+    import comfy.utils
+
+    model_config.set_inference_dtype(torch.float32, None)
+    base = model_config.get_model({}, device=torch.device("cpu"))
+    converted = comfy.model_detection.convert_diffusers_mmdit(teacher_state, "")
+    missing, unexpected = base.diffusion_model.load_state_dict(converted, strict=False)
+    assert not unexpected and not missing, (missing, unexpected)
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=torch.device("cpu"))
+    with caplog.at_level("WARNING"):
+        loaded, _ = comfy.sd.load_lora_for_models(patcher, None, comfy.utils.load_torch_file(str(lora_path)), 1.0, 0.0)
+    assert "lora key not loaded" not in caplog.text
+    assert len(loaded.patches) > 0
+    comfy.model_management.load_models_gpu([loaded])
+    return loaded
+
+
 def test_exported_flux_lora_in_comfyuis_loader_gives_the_students_denoised_output(comfy, tmp_path, caplog):
     import comfy.model_detection
     import comfy.utils
@@ -326,20 +351,7 @@ def test_exported_flux_lora_in_comfyuis_loader_gives_the_students_denoised_outpu
     lora_path = save_lora(student, tmp_path / "sfd_flux.safetensors")
 
     # ComfyUI: its Flux model, the teacher's diffusers weights converted by ComfyUI's own diffusers-Flux map
-    model_config = comfy.supported_models.Flux({**COMFY_FLUX, "dtype": torch.float32})
-    model_config.set_inference_dtype(torch.float32, None)
-    base = model_config.get_model({}, device=torch.device("cpu"))
-    converted = comfy.model_detection.convert_diffusers_mmdit(teacher_state, "")
-    missing, unexpected = base.diffusion_model.load_state_dict(converted, strict=False)
-    assert not unexpected and not missing, (missing, unexpected)
-    patcher = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
-                                               offload_device=torch.device("cpu"))
-    lora = comfy.utils.load_torch_file(str(lora_path))
-    with caplog.at_level("WARNING"):
-        loaded, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
-    assert "lora key not loaded" not in caplog.text  # every module of the file found its (fused) layer
-    assert len(loaded.patches) > 0
-    comfy.model_management.load_models_gpu([loaded])
+    loaded = comfy_flow_model_with_lora(comfy.supported_models.Flux(COMFY_FLUX_FP32), teacher_state, lora_path, caplog)
 
     s = torch.full((2,), 0.6)
     x = torch.randn(2, 16, 4, 4, generator=g)
@@ -406,24 +418,13 @@ def test_exported_sd3_lora_in_comfyuis_loader_gives_the_students_denoised_output
     lora_path = save_lora(student, tmp_path / "sfd_sd3.safetensors", format=file_format)
 
     # ComfyUI: its SD3 model, the teacher's diffusers weights converted by ComfyUI's own diffusers-MMDiT map
-    model_config = comfy.supported_models.SD3({**COMFY_SD3, "dtype": torch.float32})
-    model_config.set_inference_dtype(torch.float32, None)
-    base = model_config.get_model({}, device=torch.device("cpu"))
-    converted = comfy.model_detection.convert_diffusers_mmdit(teacher_state, "")
-    missing, unexpected = base.diffusion_model.load_state_dict(converted, strict=False)
-    assert not unexpected and not missing, (missing, unexpected)
-    patcher = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
-                                               offload_device=torch.device("cpu"))
     lora = comfy.utils.load_torch_file(str(lora_path))
     if file_format == "diffusers":  # the SD3 format diffusers' loader accepts: no alpha, peft names
         assert all(k.startswith("transformer.") and ".lora_" in k for k in lora)
     else:
         assert all(k.startswith("lora_unet_joint_blocks_0_") for k in lora)
-    with caplog.at_level("WARNING"):
-        loaded, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
-    assert "lora key not loaded" not in caplog.text  # every module of the file found its (fused) layer
-    assert len(loaded.patches) > 0
-    comfy.model_management.load_models_gpu([loaded])
+    loaded = comfy_flow_model_with_lora(comfy.supported_models.SD3({**COMFY_SD3, "dtype": torch.float32}),
+                                        teacher_state, lora_path, caplog)
 
     s = torch.tensor([0.35, 0.8])
     x = torch.randn(2, 16, 8, 8, generator=g)
