@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,7 @@ def _train_and_write(rank, out_dir, setup, parallel, resume):
         torch.save({k: v for k, v in state.items() if "lora_" in k or "step_embedding" in k or not k.startswith("unet.")},
                    f"{out_dir}/trained.pt")
     torch.distributed.barrier()  # no rank tears the group down while another still uses it
+    Path(out_dir, f"finished{rank}").touch()
     torch.distributed.destroy_process_group()
 
 
@@ -126,8 +128,17 @@ def _train_and_write(rank, out_dir, setup, parallel, resume):
 @pytest.mark.parametrize("setup, parallel, resume", [("unet_lora", "ddp", False), ("unet_lora", "fsdp", False),
                                                      ("mlp_full", "fsdp", False), ("unet_lora", "fsdp", True)])
 def test_two_gloo_processes_equal_one_process_on_the_joint_batch(tmp_path, setup, parallel, resume):
-    torch.multiprocessing.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), setup, parallel, resume),
-                                nprocs=WORLD)
+    try:
+        torch.multiprocessing.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), setup, parallel, resume),
+                                    nprocs=WORLD)
+    except torch.multiprocessing.ProcessExitedException as error:
+        # A gloo worker thread can abort a process at interpreter exit, after its group was destroyed (seen once
+        # on a loaded 2-core machine: "terminate called without an active exception"). Tolerated only there:
+        # every rank must have passed the final barrier, with the weights compared below already written.
+        finished = all((tmp_path / f"finished{rank}").exists() for rank in range(WORLD))
+        if error.signal_name != "SIGABRT" or not finished:
+            raise
+        warnings.warn(f"gloo aborted a process at exit after its run finished: {error}")
     trainer, initial = agrees_with_one_process_on_the_joint_batch(tmp_path, setup, resume)
     if resume:
         ema = torch.load(tmp_path / "ema.pt")

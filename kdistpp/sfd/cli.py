@@ -156,12 +156,16 @@ def train(args) -> int:
     SFDConfig(num_steps=steps, sigma_min=sigma_min, sigma_max=sigma_max or 14.6, afs=args.afs, lr=lr,
               batch_size=args.batch_size, iterations=args.iterations, seed=args.seed)  # refuses a bad combination now
 
+    joined = not torch.distributed.is_initialized()
     device = _distributed_setup(args.device)
-    rank = _rank()
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    run = TrainingRun(args, teacher, prompts, steps, lr, device)
-    return run.train()
+    joined = joined and torch.distributed.is_initialized()
+    try:
+        if _rank() == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        return TrainingRun(args, teacher, prompts, steps, lr, device).train()
+    finally:
+        if joined:  # left to interpreter exit, gloo's worker threads can abort the process after a finished run
+            torch.distributed.destroy_process_group()
 
 
 class TrainingRun:
