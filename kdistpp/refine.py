@@ -297,9 +297,10 @@ def warn_pure_noise_renoise(run: Run, weights, renoise) -> None:
         i = hit[0]
         warnings.warn(f"step {i} is guided with renoise={renoise!r}, whose level here is s = {level(i):g}: a "
                       "rectified-flow state there is pure noise, which holds nothing of the student's estimate; "
-                      f"the teacher is handed it renoised at s = {run.param.renoise_at(level(i)):g} instead. Pass "
-                      "a fixed renoise level in (0, 1) to choose it, or use form='guidance' (the teacher at the "
-                      "student's own point)", GuidanceWarning, stacklevel=caller_stacklevel())
+                      f"the teacher is handed it renoised at s = {run.param.renoise_at(level(i)):g} instead. To "
+                      "choose otherwise: form 'guidance' (the teacher at the student's own point; the Form input "
+                      "of the webui panel and of the ComfyUI nodes), or, calling a sampler directly, a fixed "
+                      "renoise level in (0, 1)", GuidanceWarning, stacklevel=caller_stacklevel())
 
 
 def needs_generator(form, renoise, renoise_sampler, weights) -> bool:
