@@ -438,3 +438,33 @@ def test_exported_sd3_lora_in_comfyuis_loader_gives_the_students_denoised_output
     scale = float(ours.abs().max())
     assert float((ours - teacher_out).abs().max()) > 1e-3 * scale  # the LoRA moves the output
     assert torch.allclose(theirs, ours, rtol=1e-4, atol=1e-5 * scale), float((theirs - ours).abs().max())
+
+
+def test_the_kohya_sd3_map_is_comfyuis_diffusers_to_mmdit_map(comfy):
+    """Every Linear of a diffusers SD3 transformer of depth 3 whose first block has SD3.5's second attention
+    (the last block context-only): `mmdit_path`'s MMDiT module, qkv slot and scale/shift swap are those of
+    ComfyUI's own `comfy.utils.mmdit_to_diffusers` key map."""
+    import comfy.utils
+
+    from kdistpp.sfd.export import mmdit_path
+
+    depth = 3
+    torch.manual_seed(0)
+    network = diffusers.SD3Transformer2DModel(  # MMDiT's width is 64 * depth, which ComfyUI's qkv offsets assume
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=depth, attention_head_dim=64,
+        num_attention_heads=depth, joint_attention_dim=16, caption_projection_dim=64 * depth,
+        pooled_projection_dim=16, pos_embed_max_size=8, dual_attention_layers=(0,))
+    theirs = comfy.utils.mmdit_to_diffusers({"depth": depth})
+    linears = [name for name, module in network.named_modules() if isinstance(module, torch.nn.Linear)]
+    assert "transformer_blocks.0.attn2.to_q" in linears and "transformer_blocks.2.ff_context.net.2" not in linears
+    for name in linears:
+        entry = theirs[f"{name}.weight"]
+        if isinstance(entry, str):  # a module of its own
+            expected = (entry.removesuffix(".weight"), None, False)
+        elif entry[1] is None:  # (key, None, swap_scale_shift): the two halves of the output swapped
+            expected = (entry[0].removesuffix(".weight"), None, True)
+        else:  # (fused qkv key, (dim, start, length)): q, k or v's rows of the fused Linear
+            _, start, length = entry[1]
+            expected = (entry[0].removesuffix(".weight"), start // length, False)
+        assert mmdit_path(name, network) == expected, name
+    assert len(linears) == 50

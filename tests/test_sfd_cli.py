@@ -87,7 +87,11 @@ def test_train_writes_log_checkpoints_grids_and_a_lora_that_export_reproduces(te
     assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / "exported.safetensors")]) == 0
     exported = load_file(str(tmp_path / "exported.safetensors"))
     assert set(exported) == set(lora) and all(torch.equal(exported[k], lora[k]) for k in lora)
-
+    # kohya is the one format a UNet student is written in: asking for it by name writes the same file
+    assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / "kohya.safetensors"), "--format",
+                     "kohya"]) == 0
+    kohya = load_file(str(tmp_path / "kohya.safetensors"))
+    assert set(kohya) == set(lora) and all(torch.equal(kohya[k], lora[k]) for k in lora)
 
 
 def test_an_interrupted_run_resumed_equals_an_uninterrupted_one_and_reuses_the_embeddings(teacher_dir, tmp_path,
@@ -167,6 +171,26 @@ def test_help_documents_every_option():
         for flag in action.option_strings:
             assert flag in result.stdout, flag
         assert action.help, action.dest
+
+
+def test_help_shows_each_options_real_default_and_the_lora_format_of_each_family():
+    """argparse's "(default: None)" is no default: an option worked out at run time says what it resolves to."""
+    def helped(command):
+        result = subprocess.run([sys.executable, "-m", "kdistpp.sfd", command, "--help"], capture_output=True,
+                                text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "1000"},
+                                timeout=120)
+        assert result.returncode == 0
+        return result.stdout
+
+    train, export = helped("train"), helped("export")
+    assert "(default: None)" not in train and "(default: None)" not in export
+    assert "(default: fp32, or what `accelerate launch --mixed_precision` asks for: bf16 or no)" in train
+    assert "(default: ddp, or fsdp under `accelerate launch --use_fsdp --fsdp_version 2`)" in train
+    assert "(default: 1600)" in train  # argparse's own default where it is the value
+    assert "A UNet (SD 1.x/2.x, SDXL) student: kohya only (diffusers, ComfyUI, A1111 and Forge load it)" in export
+    assert "An SD3 student: diffusers (diffusers' load_lora_weights, ComfyUI) or kohya (Forge, ComfyUI)" in export
+    assert "A Flux student: diffusers only (diffusers, ComfyUI)" in export
+    assert "(default: kohya for a UNet, diffusers for SD3 and Flux)" in export
 
 
 @pytest.mark.slow
@@ -531,6 +555,38 @@ def test_export_writes_an_sd3_lora_in_kohyas_format_with_the_same_weight_deltas(
     assert torch.allclose(kohya_delta("x_block_attn_proj"), proj, atol=1e-7 * float(proj.abs().max()))
     assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / "full"), "--full", "--format", "kohya"]) == 2
     assert "--format is the key format of a LoRA file" in capsys.readouterr().err
+
+
+def test_export_refuses_a_lora_file_it_cannot_write_before_loading_the_teacher_or_checkpoint(
+        teacher_dir, sd3_dir, flux_dir, tmp_path, monkeypatch, capsys):
+    """Refusals that run.json, the arguments and the teacher's network class (or an empty skeleton of its
+    config) decide: made before the teacher's network or checkpoint.pt is read."""
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded before refusing")
+
+    monkeypatch.setattr(cli, "load_network", no_loading)
+    monkeypatch.setattr(torch, "load", no_loading)
+
+    def refused(teacher, message, *extra, **settings):
+        run = tmp_path / "run"
+        run.mkdir(exist_ok=True)
+        (run / "run.json").write_text(json.dumps({"teacher": str(teacher), "teacher_config": None, "steps": "3",
+                                                  "lora_rank": 2, "lora_alpha": None, **settings}))
+        (run / "checkpoint.pt").write_bytes(b"")
+        assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / "x.safetensors"), *extra]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "x.safetensors").exists()
+
+    refused(teacher_dir, "UNet2DConditionModel student's LoRA is written in kohya (diffusers, ComfyUI, A1111 and "
+            "Forge load it), not in diffusers keys", "--format", "diffusers")
+    refused(flux_dir, "FluxTransformer2DModel student's LoRA is written in diffusers (diffusers, ComfyUI load it), "
+            "not in kohya keys", "--format", "kohya")
+    refused(teacher_dir, "fine-tuned the whole network (--lora-rank 0): export it with --full", lora_rank=0)
+    refused(sd3_dir, "fine-tuned the whole network (--lora-rank 0): export it with --full", "--format", "kohya",
+            lora_rank=0)
+    # a module kohya's SD3 format has no name for, found on the config's skeleton
+    refused(sd3_dir, "no MMDiT module for the SD3 module 'pos_embed.proj'", "--format", "kohya",
+            lora_targets=["to_q", "pos_embed.proj"])
 
 
 def test_an_sd3_transformer_file_as_teacher_trains_as_its_folder(sd3_dir, sd3_run, tmp_path):

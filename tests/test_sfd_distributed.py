@@ -216,6 +216,10 @@ def test_the_command_under_accelerate_launch_takes_fsdp2_and_bf16_from_it_and_on
 
 
 LAUNCHED = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO", "WORLD_SIZE": "2"}
+# what accelerate's launcher (utils/launch.py) sets for `--use_fsdp --fsdp_version 2` left at its defaults
+ACCELERATE_FSDP2 = {**LAUNCHED, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
+                    "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_OFFLOAD_PARAMS": "false",
+                    "FSDP_ACTIVATION_CHECKPOINTING": "false", "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD": "false"}
 
 
 @pytest.mark.parametrize("environ, given, expected", [
@@ -226,6 +230,7 @@ LAUNCHED = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO
     ({**LAUNCHED, "ACCELERATE_MIXED_PRECISION": "bf16"}, {"precision": "bf16"}, ("ddp", "bf16", False)),
     ({**LAUNCHED, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_ACTIVATION_CHECKPOINTING": "true"}, {},
      ("fsdp", "fp32", True)),
+    (ACCELERATE_FSDP2, {}, ("fsdp", "fp32", False)),
 ])
 def test_launch_settings_read_accelerates_options(environ, given, expected):
     assert tuple(launch_settings(**given, environ=environ)) == expected
@@ -243,6 +248,15 @@ def test_launch_settings_read_accelerates_options(environ, given, expected):
     ({"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"}, {}, "--dynamo_backend inductor"),
     ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"}, {}, "--cpu --num_processes N starts a single process"),
     ({"ACCELERATE_USE_CPU": "True", "OMPI_COMM_WORLD_SIZE": "2"}, {}, "with MPI"),
+    ({"ACCELERATE_USE_MEGATRON_LM": "true"}, {}, "--use_megatron_lm: kdistpp trains with torch.distributed's DDP "
+                                                 "or FSDP2.*--multi_gpu"),
+    ({**ACCELERATE_FSDP2, "FSDP_RESHARD_AFTER_FORWARD": "false"}, {}, "--fsdp_reshard_after_forward false.*launch "
+                                                                       "without it"),
+    ({**ACCELERATE_FSDP2, "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD": "true"}, {},
+     "--fsdp_activation_checkpointing_offload true.*launch without it"),
+    ({**ACCELERATE_FSDP2, "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}, {}, "--fsdp_sharding_strategy SHARD_GRAD_OP.*"
+                                                                           "FULL_SHARD"),
+    ({**ACCELERATE_FSDP2, "FSDP_SHARDING_STRATEGY": "3"}, {}, "--fsdp_sharding_strategy 3"),  # NO_SHARD by number
 ])
 def test_launch_settings_refuse_what_kdistpp_does_not_do(environ, given, message):
     with pytest.raises(ValueError, match=message):

@@ -130,8 +130,8 @@ def test_mmdit_paths_of_the_sd3_layout():
 def test_sd3_kohya_format_refusals(tmp_path):
     with pytest.raises(ValueError, match="format must be"):
         save_lora(tiny_sd3_lora_student(("to_q",)), tmp_path / "x.safetensors", format="peft")
-    with pytest.raises(ValueError, match="for SD3 students"):
-        save_lora(trained_lora_student()[0], tmp_path / "x.safetensors", format="kohya")
+    with pytest.raises(ValueError, match="UNet2DConditionModel student's LoRA is written in kohya .*not in diffusers"):
+        save_lora(trained_lora_student()[0], tmp_path / "x.safetensors", format="diffusers")
     with pytest.raises(ValueError, match="no MMDiT module for the SD3 module 'pos_embed.proj'"):
         save_lora(tiny_sd3_lora_student(("to_q", "pos_embed.proj")), tmp_path / "x.safetensors", format="kohya")
     assert not (tmp_path / "x.safetensors").exists()

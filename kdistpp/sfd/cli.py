@@ -29,11 +29,21 @@ from .teacher import TeacherSource, check_teacher, load_network, load_pipeline
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # no fp16: its training needs loss scaling
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" for the options whose default is a value; an option whose default is
+    None (worked out at run time, as its help says) or that is required shows none."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kdistpp.sfd", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="distil a few-step student by SFD", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = sub.add_parser("train", help="distil a few-step student by SFD", formatter_class=_HelpFormatter)
     t.add_argument("--teacher", required=True, help="the teacher: a diffusers pipeline folder (model_index.json, "
                    "save_pretrained layout) of an SD 1.x/2.x or SDXL UNet model, or of an SD3 or Flux flow transformer; "
                    "or a single-file checkpoint (.safetensors/.ckpt: an A1111/ComfyUI SD 1.x/SDXL checkpoint, a "
@@ -64,11 +74,11 @@ def parser() -> argparse.ArgumentParser:
                    "the empty prompt (SFD distils at 1; the student is then sampled at any scale)")
     t.add_argument("--afs", action="store_true", help="analytic first step (no model call at sigma_max; NFE = N - 2)")
     t.add_argument("--precision", choices=sorted(PRECISIONS), default=None, help="autocast dtype of the networks' "
-                   "compute (weights, optimizer and step arithmetic stay float32); default fp32, or what "
-                   "`accelerate launch --mixed_precision` asks for (bf16 or no)")
+                   "compute (weights, optimizer and step arithmetic stay float32) (default: fp32, or what "
+                   "`accelerate launch --mixed_precision` asks for: bf16 or no)")
     t.add_argument("--parallel", choices=("ddp", "fsdp"), default=None, help="under torchrun/accelerate launch: "
-                   "DistributedDataParallel or FSDP2 (fully_shard per block) for the student; default ddp, or fsdp "
-                   "under `accelerate launch --use_fsdp --fsdp_version 2`")
+                   "DistributedDataParallel or FSDP2 (fully_shard per block) for the student (default: ddp, or fsdp "
+                   "under `accelerate launch --use_fsdp --fsdp_version 2`)")
     t.add_argument("--ema", type=float, default=None, help="keep an EMA of the trained weights with this decay "
                    "(e.g. 0.999); the sample grids and the LoRA file then use it (SFD's authors use none)")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
@@ -79,7 +89,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK when available, else cpu)")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e = sub.add_parser("export", help="write a trained student as a LoRA file or a full UNet",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     e.add_argument("--run", required=True, help="the output folder of `train` (its run.json names the teacher, "
                    "folder or single file and --teacher-config, whose network the student is rebuilt on)")
     e.add_argument("--output", required=True, help="the file (.safetensors LoRA) or folder (--full) to write")
@@ -87,9 +97,11 @@ def parser() -> argparse.ArgumentParser:
                    "(UNet or transformer) instead of a LoRA")
     e.add_argument("--steps", type=int, default=None, help="an SFD-v run's step count N to write the full network "
                    "for (its step embedding at N folded in; with --full)")
-    e.add_argument("--format", choices=("diffusers", "kohya"), default=None, help="an SD3 LoRA's key format: "
-                   "diffusers (diffusers' load_lora_weights, ComfyUI) or kohya (Forge, ComfyUI); other "
-                   "networks have one format")
+    e.add_argument("--format", choices=("diffusers", "kohya"), default=None, help="the LoRA file's key format. "
+                   "A UNet (SD 1.x/2.x, SDXL) student: kohya only (diffusers, ComfyUI, A1111 and Forge load it). An SD3 "
+                   "student: diffusers (diffusers' load_lora_weights, ComfyUI) or kohya (Forge, ComfyUI). A Flux "
+                   "student: diffusers only (diffusers, ComfyUI). A format the family does not write is refused "
+                   "(default: kohya for a UNet, diffusers for SD3 and Flux)")
     return p
 
 
@@ -172,7 +184,7 @@ class TrainingRun:
     """The teacher pipeline loaded, prompts embedded and cached, student built; `train` runs SFD."""
 
     def __init__(self, args, teacher: TeacherSource, prompts: list[str], steps, lr: float, device):
-        from .lora import LoRATeacher, add_lora
+        from .lora import DEFAULT_TARGETS, LoRATeacher, add_lora
         from .flow import FlowAsVE
         from .networks import CFGTeacher, FlowTransformerStudent, UNetStudent
         from .prompts import cached_embeddings
@@ -236,8 +248,8 @@ class TrainingRun:
             # absolute paths, and the config folder the file was read with (given or inferred): `export` from anywhere
             where = {"teacher": str((teacher.file or teacher.folder).resolve()),
                      "teacher_config": str(teacher.folder.resolve()) if teacher.file else None}
-            (self.out / "run.json").write_text(json.dumps({**vars(args), **where, "sigma_max": sigma_max, "lr": lr},
-                                                          indent=2))
+            (self.out / "run.json").write_text(json.dumps({**vars(args), **where, "sigma_max": sigma_max, "lr": lr,
+                                                           "lora_targets": list(DEFAULT_TARGETS)}, indent=2))
 
     def cond_rows(self, index, uncond: bool = False) -> dict:
         """The UNet's keyword arguments for prompt rows `index` (or the empty prompt)."""
@@ -338,13 +350,29 @@ class TrainingRun:
         return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
+def check_lora_file(teacher: TeacherSource, targets, format: str | None) -> None:
+    """That the run's student can be written as a LoRA file in `format`, from the teacher's network class
+    and config alone: kohya's SD3 format also needs an MMDiT name for each targeted module, read from an
+    empty skeleton of the network on the meta device (no weights)."""
+    from .export import check_kohya_paths, lora_format
+
+    if lora_format(teacher.network_class, format) == "kohya" and teacher.network_class == "SD3Transformer2DModel":
+        import diffusers
+
+        from .lora import targeted_paths
+
+        with torch.device("meta"):
+            skeleton = getattr(diffusers, teacher.network_class).from_config(teacher.network_config)
+        check_kohya_paths(targeted_paths(skeleton, targets), skeleton)
+
+
 def export(args) -> int:
     """Rebuilds the run's student (teacher weights + trained ones from checkpoint.pt) and writes it."""
     import diffusers
 
     from .export import save_full, save_lora
     from .flow import FlowAsVE
-    from .lora import add_lora
+    from .lora import DEFAULT_TARGETS, add_lora
     from .networks import FlowTransformerStudent, UNetStudent
 
     run = Path(args.run)
@@ -361,10 +389,15 @@ def export(args) -> int:
         raise ValueError("--steps is for SFD-v runs (several step counts); this run trained one")
     if args.full and args.format is not None:
         raise ValueError("--format is the key format of a LoRA file; --full writes a diffusers network folder")
+    if not args.full and not settings["lora_rank"]:
+        raise ValueError("this run fine-tuned the whole network (--lora-rank 0): export it with --full")
     teacher = check_teacher(settings["teacher"], settings.get("teacher_config"))
+    targets = settings.get("lora_targets") or DEFAULT_TARGETS
+    if not args.full:
+        check_lora_file(teacher, targets, args.format)
     network = load_network(teacher)
     if settings["lora_rank"]:
-        network = add_lora(network, settings["lora_rank"], settings["lora_alpha"])
+        network = add_lora(network, settings["lora_rank"], settings["lora_alpha"], targets)
     if teacher.network_class == "UNet2DConditionModel":
         student = UNetStudent(network, diffusers.DDPMScheduler.from_pretrained(str(teacher.folder / "scheduler")),
                               step_conditioned=step_conditioned)
@@ -380,8 +413,6 @@ def export(args) -> int:
     if args.full:
         save_full(student, args.output, num_steps=args.steps)
     else:
-        if not settings["lora_rank"]:
-            raise ValueError("this run fine-tuned the whole UNet (--lora-rank 0): export it with --full")
         save_lora(student, args.output, {"kdistpp_sfd_steps": steps}, format=args.format)
     print(f"wrote {args.output}")
     return 0

@@ -4,8 +4,9 @@
 MASTER_ADDR and MASTER_PORT set; `init_distributed` joins that group (gloo on CPU, nccl on CUDA) and
 `launch_settings` reads what `accelerate launch` was asked for (`--use_fsdp --fsdp_version 2`,
 `--mixed_precision bf16`, `--cpu`, `--fsdp_activation_checkpointing`) as the command's own options, refusing
-what kdistpp does not do (FSDP1, fp16, fp8, parameter offload, DeepSpeed, torch.compile) before any model
-is loaded. Accelerate's `--multi_gpu` launcher is torchrun underneath and starts its processes on CPU too
+what kdistpp does not do (FSDP1, a sharding strategy other than full sharding, no resharding after forward,
+parameter or activation-checkpoint offload, fp16, fp8, DeepSpeed, Megatron-LM, torch.compile) before any
+model is loaded. Accelerate's `--multi_gpu` launcher is torchrun underneath and starts its processes on CPU too
 (gloo); its `--cpu` launcher starts one process unless MPI starts the others, which kdistpp does not join.
 
 FSDP2: `fully_shard` per block, then the whole network. The blocks are the items of the outermost
@@ -47,6 +48,10 @@ def launch_settings(parallel: str | None = None, precision: str | None = None, g
     if _true(env.get("ACCELERATE_USE_DEEPSPEED")):
         raise ValueError("accelerate launch --use_deepspeed: kdistpp trains with torch.distributed's DDP or FSDP2; "
                          "launch with --multi_gpu (DDP) or --use_fsdp --fsdp_version 2")
+    if _true(env.get("ACCELERATE_USE_MEGATRON_LM")):
+        raise ValueError("accelerate launch --use_megatron_lm: kdistpp trains with torch.distributed's DDP or FSDP2, "
+                         "not Megatron-LM's tensor or pipeline parallelism; launch with --multi_gpu (DDP) or "
+                         "--use_fsdp --fsdp_version 2")
     if env.get("ACCELERATE_DYNAMO_BACKEND", "NO").upper() != "NO":
         raise ValueError(f"accelerate launch --dynamo_backend {env['ACCELERATE_DYNAMO_BACKEND'].lower()}: kdistpp does "
                          "not compile its networks; launch with --dynamo_backend no")
@@ -66,6 +71,20 @@ def launch_settings(parallel: str | None = None, precision: str | None = None, g
         if _true(env.get("FSDP_OFFLOAD_PARAMS")):
             raise ValueError("accelerate launch --fsdp_offload_params true: kdistpp keeps the shards on the device; "
                              "launch without it (--gradient-checkpointing and --precision bf16 save memory)")
+        # accelerate's defaults (FULL_SHARD, reshard after forward, no checkpoint offload) are what kdistpp does
+        strategy = env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").strip().upper()
+        if strategy not in ("FULL_SHARD", "1"):
+            raise ValueError(f"accelerate launch --fsdp_sharding_strategy {env['FSDP_SHARDING_STRATEGY']}: kdistpp "
+                             "shards parameters, gradients and optimizer state (FULL_SHARD); launch without it, or "
+                             "with --multi_gpu (DDP) to keep whole copies")
+        if not _true(env.get("FSDP_RESHARD_AFTER_FORWARD", "true")):
+            raise ValueError(f"accelerate launch --fsdp_reshard_after_forward {env['FSDP_RESHARD_AFTER_FORWARD']}: "
+                             "kdistpp frees each block's gathered weights after its forward (FSDP2's default); launch "
+                             "without it, or with --multi_gpu (DDP) to keep whole copies")
+        if _true(env.get("FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD")):
+            raise ValueError("accelerate launch --fsdp_activation_checkpointing_offload true: kdistpp keeps the "
+                             "checkpointed activations on the device; launch without it (--fsdp_activation_"
+                             "checkpointing alone recomputes them in backward)")
         if parallel == "ddp":
             raise ValueError("--parallel ddp contradicts accelerate launch --use_fsdp: drop one of them")
         parallel = "fsdp"

@@ -187,21 +187,47 @@ def _adapters(network: nn.Module, state: dict | None = None, prefix: str = ""):
             yield path, down, up, float(module.lora_alpha["default"]), int(module.r["default"])
 
 
+# The LoRA key formats each network family writes, its default first, and the hosts that load them.
+LORA_FORMATS = {"UNet2DConditionModel": ("kohya",), "FluxTransformer2DModel": ("diffusers",),
+                "SD3Transformer2DModel": ("diffusers", "kohya")}
+FORMAT_HOSTS = {"UNet2DConditionModel": {"kohya": "diffusers, ComfyUI, A1111 and Forge"},
+                "FluxTransformer2DModel": {"diffusers": "diffusers, ComfyUI"},
+                "SD3Transformer2DModel": {"diffusers": "diffusers, ComfyUI", "kohya": "Forge, ComfyUI"}}
+
+
+def lora_format(network_class: str, format: str | None = None) -> str:
+    """The LoRA key format a `network_class` student is written in: `format`, or the family's default
+    when None; a ValueError naming the formats it writes when it cannot write `format`."""
+    if format not in (None, "diffusers", "kohya"):
+        raise ValueError(f"format must be 'diffusers' or 'kohya', got {format!r}")
+    formats = LORA_FORMATS[network_class]
+    if format is not None and format not in formats:
+        writes = " or ".join(f"{f} ({FORMAT_HOSTS[network_class][f]} load it)" for f in formats)
+        raise ValueError(f"a {network_class} student's LoRA is written in {writes}, not in {format} keys: pass "
+                         f"format {formats[0]!r} (--format {formats[0]}) or leave it out")
+    return format or formats[0]
+
+
+def check_kohya_paths(paths, network: nn.Module) -> None:
+    """That kohya's SD3 format has a name for each LoRA'd module of `paths` in the SD3 `network` (which may
+    be an empty skeleton on the meta device: only its structure is read); a ValueError naming the first
+    one it has not."""
+    for path in paths:
+        mmdit_path(path, network)
+
+
 def lora_file_state_dict(student: nn.Module, state: dict | None = None,
                          format: str | None = None) -> dict[str, torch.Tensor]:
     """The student's adapters under the names the hosts load (kohya for UNets, peft for transformers).
     `state`: the student's full state dict (as gathered from FSDP shards), else its own parameters.
     `format`: "kohya" writes an SD3 student in kohya's SD3 format (Forge's and ComfyUI's LoRA loaders;
-    diffusers' SD3 loader reads only the default, "diffusers")."""
+    diffusers' SD3 loader reads only the default, "diffusers"); a family's other format is refused
+    (`lora_format`)."""
     network, kind = _network(student)
     prefix = next(name for name, module in student.named_modules() if module is network)
     sd3 = type(network).__name__ == "SD3Transformer2DModel"
-    if format not in (None, "diffusers", "kohya"):
-        raise ValueError(f"format must be 'diffusers' or 'kohya' (an SD3 student for Forge), got {format!r}")
-    if format == "kohya" and not sd3:
-        raise ValueError(f"format='kohya' is for SD3 students; a {type(network).__name__} student is written in "
-                         "the one format its hosts load: leave format out")
-    if format == "kohya":
+    format = lora_format(type(network).__name__, format)
+    if sd3 and format == "kohya":
         out = _kohya_mmdit_state_dict(network, _adapters(network, state, prefix + "." if prefix else ""))
         if not out:
             raise ValueError("the student has no LoRA adapters to export: export it as a full checkpoint (full=True)")
@@ -311,4 +337,5 @@ def save_full(student: nn.Module, folder: str | Path, num_steps: int | None = No
     return folder
 
 
-__all__ = ["ldm_unet_path", "lora_file_state_dict", "mmdit_path", "merged_state_dict", "save_full", "save_lora"]
+__all__ = ["LORA_FORMATS", "check_kohya_paths", "ldm_unet_path", "lora_file_state_dict", "lora_format", "mmdit_path",
+           "merged_state_dict", "save_full", "save_lora"]

@@ -49,6 +49,14 @@ def add_lora(network: nn.Module, rank: int, alpha: float | None = None,
     return network
 
 
+def targeted_paths(network: nn.Module, target_modules: Sequence[str] = DEFAULT_TARGETS) -> list[str]:
+    """The module paths of `network` that `add_lora(..., target_modules)` puts adapters on (peft's rule for a
+    list: the name itself or its last dotted parts), without adding any: `network` may be an empty
+    skeleton on the meta device."""
+    return [name for name, _ in network.named_modules()
+            if any(name == t or name.endswith("." + t) for t in target_modules)]
+
+
 def lora_layers(network: nn.Module) -> list:
     peft = _peft()
     return [m for m in network.modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)]
@@ -95,4 +103,4 @@ def lora_alpha_rank(network: nn.Module) -> tuple[float, int]:
 
 
 __all__ = ["DEFAULT_TARGETS", "LoRATeacher", "adapters_disabled", "add_lora", "lora_alpha_rank", "lora_layers",
-           "lora_state_dict"]
+           "lora_state_dict", "targeted_paths"]
