@@ -27,8 +27,8 @@ RENOISE_SEED_OFFSET = 0x5EED  # the renoise generators: the image's seed plus th
 DISTILLED_CFG_KEY = "DistillationPP teacher distilled CFG"  # infotext key, written for a guidance-distilled teacher
 TEACHER_CFG_KEY = "DistillationPP teacher CFG"  # infotext key: the CFG scale the teacher ran at (Auto resolved)
 # The panel's teacher CFG meaning "Auto": each teacher runs at its own default (default_teacher_cfg), 1 for a
-# Flux one (dev, schnell), 5 for the others. Set scales are 1 or more. A value, not a separate switch, so that the X/Y/Z plot's
-# teacher CFG axis and the API's script arguments take it as they take any scale.
+# Flux one (dev, schnell), 5 for the others; set scales are 1 or more. A value, not a separate switch, so that
+# the X/Y/Z plot's teacher CFG axis and the API's script arguments take it as they take any scale.
 AUTO_TEACHER_CFG = 0.0
 
 
