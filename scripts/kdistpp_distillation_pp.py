@@ -126,7 +126,8 @@ script_callbacks.on_before_ui(add_xyz_axes)  # in case another order loaded it l
 
 
 TEACHER_CFG_LABEL = "Teacher CFG scale (0 = Auto)"
-TEACHER_CFG_INFO = "Auto: 1 for a guidance-distilled teacher (Flux-dev), 5 for others"
+# the slider keeps its 0.5 steps from 0 (half scales such as 3.5 and 7.5 are common): 0.5 is refused, and this says so
+TEACHER_CFG_INFO = "Auto: 1 for Flux (dev, schnell), 5 for others; a set scale is 1 or more"
 
 
 class DistillationPP(scripts.Script):

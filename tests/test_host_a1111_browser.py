@@ -169,7 +169,7 @@ def test_generate_with_a_teacher_shows_the_image_and_its_settings(webui, driver)
     driver.find_element("css selector", "#txt2img_prompt textarea").send_keys("a red cube")
     # the teacher CFG opens on Auto, and the page says what Auto is
     cfg_text = driver.execute_script(f"return document.querySelector('#{CFG}').innerText")
-    assert "Teacher CFG scale (0 = Auto)" in cfg_text and "1 for a guidance-distilled teacher" in cfg_text, cfg_text
+    assert "Teacher CFG scale (0 = Auto)" in cfg_text and "1 for Flux (dev, schnell)" in cfg_text, cfg_text
     assert driver.find_element("css selector", f"#{CFG} input[type=number]").get_attribute("value") == "0"
     browser.screenshot(driver, "webui_panel", browser.union(rect(driver, PANEL), rect(driver, "txt2img_sampling")))
 

@@ -156,6 +156,50 @@ def test_the_teachers_own_cfg_with_the_negative_prompt_at_student_cfg_1(forge, t
     assert [c["x"].shape[0] for c in teacher.calls] == [1 if teacher_cfg == 1 else 2]
 
 
+def test_a_teacher_at_cfg_1_encodes_no_negative_prompt_and_one_at_3_encodes_and_uses_it(forge, monkeypatch):
+    """Student at CFG 1 (Forge computes no negative conditioning for it), Flux-dev teacher: at Auto (CFG 1) Forge
+    drops the uncond, so the negative prompt is never encoded (the text encoders' calls, read at the engine's
+    get_learned_conditioning); at 3 it is encoded once and the teacher's uncond row gets its T5 encoding; at Auto
+    with the model option by which Forge keeps the uncond at CFG 1 (`disable_cfg1_optimization`) it is encoded and
+    evaluated too. Each run has its own negative prompt: Forge caches encodings across generations."""
+    from modules import sd_models
+
+    from kdistpp.integrations import webui_teachers
+
+    post(forge, "Euler Distillation++", teacher="dev", w=0.5)  # loads both
+    engine = sd_models.model_data.sd_model
+    encoded, real = [], engine.get_learned_conditioning
+
+    def get_learned_conditioning(prompts):
+        out = real(prompts)
+        encoded.append((list(prompts), getattr(prompts, "is_negative_prompt", False), out["crossattn"]))
+        return out
+
+    monkeypatch.setattr(engine, "get_learned_conditioning", get_learned_conditioning)
+    contexts = []
+    hook = engine_model("teacher").register_forward_pre_hook(
+        lambda module, args, kwargs: contexts.append(kwargs["context"].detach().clone()), with_kwargs=True)
+    try:
+        options = webui_teachers._forge_teacher["engine"].forge_objects.unet.model_options
+        for teacher_cfg, negative, keep_uncond in ((0.0, "blur at auto", False), (3.0, "blur at three", False),
+                                                   (0.0, "blur kept", True)):
+            encoded.clear()
+            contexts.clear()
+            if keep_uncond:
+                monkeypatch.setitem(options, "disable_cfg1_optimization", True)
+            images(post(forge, "Euler Distillation++", teacher="dev", w=0.5, teacher_cfg=teacher_cfg,
+                        negative_prompt=negative))
+            uncond = teacher_cfg != 0 or keep_uncond
+            negatives = [(texts, crossattn) for texts, is_negative, crossattn in encoded if is_negative]
+            assert [texts for texts, _ in negatives] == ([[negative]] if uncond else [])
+            assert [context.shape[0] for context in contexts] == [2 if uncond else 1]
+            if negatives:
+                uncond = negatives[0][1].to(contexts[0])
+                assert sum(torch.equal(row[None], uncond) for row in contexts[0]) == 1
+    finally:
+        hook.remove()
+
+
 class CfgScales:
     """The CFG scale of each of Forge's CFG evaluations, read where Forge gets it (`sampling_function_inner`, which
     skips the unconditional pass at 1), tagged 'teacher' for the held teacher engine's model, and the number of
@@ -186,13 +230,13 @@ class CfgScales:
         self.rows.clear()
 
 
-@pytest.mark.parametrize("student, teacher, auto", [("schnell", "dev", 1.0), ("chroma", "chroma2", 5.0),
-                                                    ("sd3", "sd35", 5.0)])
-def test_the_teacher_cfg_at_auto_is_1_for_flux_dev_and_5_for_chroma_and_sd3(forge, monkeypatch, student, teacher,
-                                                                            auto):
-    """The panel's teacher CFG at Auto (0) gives a guidance-distilled teacher (Flux-dev) CFG 1, so Forge evaluates
-    its prompt alone (one row per call), and a real-CFG teacher 5 (cond and uncond); a set value (3) is the
-    teacher's. The infotext records the scale the teacher ran at. Student at CFG 1."""
+@pytest.mark.parametrize("student, teacher, auto", [("schnell", "dev", 1.0), ("dev", "schnell", 1.0),
+                                                    ("chroma", "chroma2", 5.0), ("sd3", "sd35", 5.0)])
+def test_the_teacher_cfg_at_auto_is_1_for_flux_and_5_for_chroma_and_sd3(forge, monkeypatch, student, teacher, auto):
+    """The panel's teacher CFG at Auto (0) gives a Flux teacher (dev, guidance-distilled, and schnell) CFG 1, as
+    Forge's Flux preset runs them, so Forge evaluates its prompt alone (one row per call), and a real-CFG teacher
+    (Chroma, SD3) 5 (cond and uncond); a set value (3) is the teacher's. The infotext records the scale the
+    teacher ran at. Student at CFG 1."""
     post(forge, "Euler Distillation++", student=student, teacher=teacher, w=0.5)  # loads both
     recorded = CfgScales(monkeypatch)
     try:

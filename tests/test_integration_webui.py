@@ -141,9 +141,10 @@ def test_imports_without_the_webui_and_fails_clearly_when_registering():
         webui.Settings(direction="teacher")
     with pytest.raises(ValueError, match="SigmaWindow"):
         webui.Settings(sigma_min=5.0, sigma_max=1.0)
-    for bad in (-1.0, float("nan")):
-        with pytest.raises(ValueError, match="teacher_cfg .* 0 for Auto"):
+    for bad in (-1.0, float("nan"), 0.5, 0.999):  # a scale in (0, 1) sits on the slider next to Auto (0)
+        with pytest.raises(ValueError, match=r"teacher_cfg must be 0 for Auto .* or a CFG scale of 1 or more"):
             webui.Settings(teacher_cfg=bad)
+    assert [webui.Settings(teacher_cfg=ok).teacher_cfg for ok in (0.0, 1.0, 1.5)] == [0.0, 1.0, 1.5]
 
 
 def test_settings_choose_the_guided_steps():

@@ -43,11 +43,12 @@ def args(teacher="teacher", w=0.3, steps=1, cfg=3.0, form="interpolate", directi
 
 def check_teacher_cfg_slider(tab="txt2img"):
     """The panel's teacher CFG slider as the page builds it: it opens on Auto (0, its lowest value) and its
-    label and hint say so and what Auto is (1 for a guidance-distilled teacher, 5 for others)."""
+    label and hint say so, what Auto is (1 for Flux, dev and schnell, 5 for others) and that a set scale is 1 or
+    more (0.5, a step of the slider, is refused)."""
     slider = script(tab).controls[3]
     assert (slider.minimum, slider.maximum, slider.value) == (0.0, 15.0, 0.0)
     assert "0 = Auto" in slider.label, slider.label
-    assert "Auto: 1 for a guidance-distilled teacher (Flux-dev), 5 for others" in slider.info, slider.info
+    assert "Auto: 1 for Flux (dev, schnell), 5 for others; a set scale is 1 or more" in slider.info, slider.info
 
 
 def event_handlers(demo):

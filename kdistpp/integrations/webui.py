@@ -27,8 +27,8 @@ RENOISE_SEED_OFFSET = 0x5EED  # the renoise generators: the image's seed plus th
 DISTILLED_CFG_KEY = "DistillationPP teacher distilled CFG"  # infotext key, written for a guidance-distilled teacher
 TEACHER_CFG_KEY = "DistillationPP teacher CFG"  # infotext key: the CFG scale the teacher ran at (Auto resolved)
 # The panel's teacher CFG meaning "Auto": each teacher runs at its own default (default_teacher_cfg), 1 for a
-# guidance-distilled one (Flux-dev), 5 for the others. A value, not a separate switch, so that the X/Y/Z plot's
-# teacher CFG axis and the API's script arguments take it as they take any scale.
+# Flux one (dev, schnell), 5 for the others; set scales are 1 or more. A value, not a separate switch, so that
+# the X/Y/Z plot's teacher CFG axis and the API's script arguments take it as they take any scale.
 AUTO_TEACHER_CFG = 0.0
 
 
@@ -60,9 +60,12 @@ class Settings:
     def __post_init__(self):
         validation.check_options("form", self.form, FORMS)
         validation.check_options("direction", self.direction, DIRECTIONS)
-        if not self.teacher_cfg >= 0:  # also refuses NaN
-            raise ValueError(f"teacher_cfg must be a CFG scale above 0, or {AUTO_TEACHER_CFG:g} for Auto (1 for a "
-                             f"guidance-distilled teacher such as Flux-dev, 5 for others); got {self.teacher_cfg}")
+        # a scale in (0, 1) sits on the panel's slider next to Auto (0) but weakens the prompt below its own
+        # prediction: refused, as are negatives and NaN
+        if not (self.teacher_cfg == AUTO_TEACHER_CFG or self.teacher_cfg >= 1):
+            raise ValueError(f"teacher_cfg must be {AUTO_TEACHER_CFG:g} for Auto (1 for a Flux teacher, dev or "
+                             f"schnell, 5 for others) or a CFG scale of 1 or more (1: the prompt alone); got "
+                             f"{self.teacher_cfg}")
         if self.sigma_max > 0:
             SigmaWindow(self.sigma_min, self.sigma_max)  # refuses a bad window now, not at sampling time
 
@@ -113,8 +116,8 @@ def distilled_cfg_scale(p) -> float:
 
 def teacher_cfg_scale(value: float, teacher) -> float:
     """The CFG scale the teacher runs at: the panel's `value`, or at Auto (AUTO_TEACHER_CFG) the teacher's own
-    default, resolved when it is built (`teacher.default_cfg`: 1 for a guidance-distilled teacher, Flux-dev,
-    whose guidance is its distilled value; 5 for the others, real-CFG teachers)."""
+    default, resolved when it is built (`teacher.default_cfg`: 1 for a Flux teacher, dev or schnell, as Forge
+    runs Flux; 5 for the others, real-CFG teachers)."""
     if float(value) != AUTO_TEACHER_CFG:
         return float(value)
     return float(getattr(teacher, "default_cfg", default_teacher_cfg(None)))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import math
 import sys
 
 # The teacher choice meaning "the student's own checkpoint, evaluated without the prompt's LoRAs" (the usual
@@ -204,9 +205,11 @@ class TeacherCall:
     CFG) do not replace it; the student's last latent (live preview) is kept.
     """
 
-    def __init__(self, cfg_denoiser, student_cfg, enter, leave, webui=None, negative=None, conditioning=None):
+    def __init__(self, cfg_denoiser, student_cfg, enter, leave, webui=None, negative=None, conditioning=None,
+                 skips_uncond=None):
         self.cfg, self.student_cfg, self.enter, self.leave, self.webui = cfg_denoiser, student_cfg, enter, leave, webui
         self.negative = negative  # () -> the negative conditioning where the host computed none, or None
+        self.skips_uncond = skips_uncond  # cond_scale -> whether the host evaluates no uncond at it, or None
         self.conditioning = conditioning  # extra_args -> the teacher's (its distilled guidance), or None
         self.distilled_cfg = None  # the guidance value a guidance-distilled teacher gets (Forge, Flux-dev)
         self.default_cfg = default_teacher_cfg(None)  # its CFG scale when the panel's teacher CFG is Auto
@@ -216,9 +219,12 @@ class TeacherCall:
             extra_args = {**extra_args, "s_min_uncond": 0.0}  # NGMS: the student's rule
         if "uncond" in extra_args and extra_args["uncond"] is None:
             # Forge computes no negative conditioning for a student at CFG 1 (the usual setting of a
-            # distilled model): the teacher gets it computed as Forge would; where even that is not
-            # possible (the hires pass at Hires CFG 1) there is nothing to guide against.
-            negative = self.negative() if self.negative is not None else None
+            # distilled model): the teacher gets it computed as Forge would, unless Forge drops the uncond
+            # at the teacher's own scale too (CFG 1: a Flux teacher at Auto), where encoding the negative
+            # prompt would run the text encoders for nothing; where it cannot be computed (the hires pass
+            # at Hires CFG 1) there is nothing to guide against.
+            wanted = self.skips_uncond is None or not self.skips_uncond(extra_args.get("cond_scale", 1.0))
+            negative = self.negative() if self.negative is not None and wanted else None
             extra_args = {**extra_args, "uncond": negative} if negative is not None else {**extra_args,
                                                                                          "cond_scale": 1.0}
         if self.conditioning is not None:
@@ -333,7 +339,8 @@ def forge_teacher(webui, student_cfg, title: str, distilled_cfg: float = 3.5):
                        lambda x: sampling_prepare(engine.forge_objects.unet, x),
                        lambda x: sampling_prepare(student_unet, x), webui,
                        negative=forge_negative_conditioning(getattr(student_cfg, "p", None)),
-                       conditioning=teacher_guidance(engine, student, distilled_cfg))
+                       conditioning=teacher_guidance(engine, student, distilled_cfg),
+                       skips_uncond=lambda scale: forge_skips_uncond(engine.forge_objects.unet, scale))
     call.distilled_cfg = float(distilled_cfg) if is_guidance_distilled(engine) else None
     call.default_cfg = default_teacher_cfg(engine)
     return call
@@ -360,6 +367,16 @@ def forge_negative_conditioning(p):
         return held["uc"]
 
     return negative
+
+
+def forge_skips_uncond(unet_patcher, cond_scale) -> bool:
+    """Whether Forge evaluates no unconditional pass for this UNet patcher at `cond_scale`: its
+    `sampling_function_inner` drops the uncond at CFG 1 unless the model options set
+    `disable_cfg1_optimization`. Conditioning modifiers in the model options may change the scale before
+    that test, so with any the uncond is taken as needed."""
+    options = unet_patcher.model_options
+    return (math.isclose(float(cond_scale), 1.0) and not options.get("disable_cfg1_optimization", False)
+            and not options.get("conditioning_modifiers"))
 
 
 def _unet(model):
@@ -448,11 +465,18 @@ def is_guidance_distilled(engine) -> bool:
     return getattr(engine, "use_distilled_cfg_scale", False) is True
 
 
+def is_flux_engine(engine) -> bool:
+    """Forge's Flux engines, FLUX.1-dev and schnell (its `Flux` class; Chroma is an engine of its own)."""
+    flux = sys.modules.get("backend.diffusion_engine.flux")  # not imported: no engine can be one
+    return flux is not None and isinstance(engine, flux.Flux)
+
+
 def default_teacher_cfg(engine) -> float:
-    """A teacher's CFG scale when the panel's is Auto: 1 for a guidance-distilled engine (Flux-dev, which Forge
-    itself runs at CFG 1: its guidance is the distilled value in its conditioning, and at CFG 1 Forge skips the
-    negative prompt's evaluation), 5 for a real-CFG teacher (SD1, SDXL, SD3/3.5, Chroma; None: any A1111 model)."""
-    return 1.0 if is_guidance_distilled(engine) else 5.0
+    """A teacher's CFG scale when the panel's is Auto: 1 for a Flux engine (dev and schnell, which Forge's Flux
+    preset runs at CFG 1: dev's guidance is the distilled value in its conditioning, schnell is step-distilled
+    without CFG; at CFG 1 Forge skips the negative prompt's evaluation), 5 for a real-CFG teacher (SD1, SDXL,
+    SD3/3.5, Chroma; None: any A1111 model)."""
+    return 1.0 if is_flux_engine(engine) else 5.0
 
 
 def with_distilled_guidance(cond, value):
