@@ -148,7 +148,6 @@ def sdxl_config(clip_dir: Path, refiner: bool = False) -> dict:
 def make_sdxl_checkpoints(models_dir: Path, clip_dir: Path, seeds: dict[str, int], refiner: bool = False) -> None:
     """One SDXL .safetensors + .yaml per name; all share the VAE and text encoders, their UNets differ by seed.
     refiner=True: of the refiner's architecture (`sdxl_config`)."""
-    import safetensors.torch
     from omegaconf import OmegaConf
     from sgm.util import instantiate_from_config
 
@@ -159,11 +158,7 @@ def make_sdxl_checkpoints(models_dir: Path, clip_dir: Path, seeds: dict[str, int
     model = instantiate_from_config(config.model)
     fill(model.first_stage_model, 1)
     fill(model.conditioner, 3)
-    for name, seed in seeds.items():
-        fill(model.model, seed)
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        safetensors.torch.save_file(state, str(models_dir / f"{name}.safetensors"))
-        OmegaConf.save(config, models_dir / f"{name}.yaml")
+    save_checkpoints(model, config, models_dir, seeds)
 
 
 def model_config(clip_dir: Path, context: int = CONTEXT) -> dict:
@@ -202,7 +197,6 @@ def tiny_clip(clip_dir: Path, width: int = CONTEXT, layers: int = 1) -> None:
 def make_checkpoints(models_dir: Path, clip_dir: Path, seeds: dict[str, int], context: int = CONTEXT) -> None:
     """One .safetensors + .yaml per name; all share the VAE and CLIP, their UNets differ by seed. `context`:
     the CLIP width (another width is another architecture: its own CLIP, in clip_dir, is made here)."""
-    import safetensors.torch
     from ldm.util import instantiate_from_config
     from omegaconf import OmegaConf
 
@@ -212,11 +206,7 @@ def make_checkpoints(models_dir: Path, clip_dir: Path, seeds: dict[str, int], co
     config = OmegaConf.create(model_config(clip_dir, context))
     model = instantiate_from_config(config.model)
     fill(model.first_stage_model, 1)
-    for name, seed in seeds.items():
-        fill(model.model, seed)
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        safetensors.torch.save_file(state, str(models_dir / f"{name}.safetensors"))
-        OmegaConf.save(config, models_dir / f"{name}.yaml")
+    save_checkpoints(model, config, models_dir, seeds)
 
 
 _started: dict = {}
@@ -272,3 +262,23 @@ def add_sdxl_checkpoints(seeds: dict[str, int], refiner: bool = False) -> Path:
     make_sdxl_checkpoints(models, clip_dir, seeds, refiner)
     sd_models.list_models()
     return models
+
+
+def model_named(webui, name):
+    """The model of checkpoint `name` in the started webui's checkpoint cache (`webui.sd_models`)."""
+    for model in webui.sd_models.model_data.loaded_sd_models:
+        if model.sd_checkpoint_info.model_name == name:
+            return model
+    raise AssertionError(f"{name} is not in the webui's checkpoint cache")
+
+
+def save_checkpoints(model, config, models_dir, seeds):
+    """One checkpoint (and its config yaml) per name of `seeds`, the model's UNet filled from that seed."""
+    from omegaconf import OmegaConf
+    import safetensors.torch
+
+    for name, seed in seeds.items():
+        fill(model.model, seed)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        safetensors.torch.save_file(state, str(models_dir / f"{name}.safetensors"))
+        OmegaConf.save(config, models_dir / f"{name}.yaml")

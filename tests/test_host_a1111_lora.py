@@ -70,13 +70,6 @@ def webui(tmp_path_factory):
             shared.opts.data[key] = value
 
 
-def model_named(webui, name):
-    for model in webui.sd_models.model_data.loaded_sd_models:
-        if model.sd_checkpoint_info.model_name == name:
-            return model
-    raise AssertionError(f"{name} is not in the webui's checkpoint cache")
-
-
 def evaluate(unet, args, kwargs):
     return unet(*args, **kwargs)
 
@@ -133,7 +126,7 @@ def test_a_separate_teacher_with_the_default_settings_runs_without_the_prompts_l
     first = post(webui, TEACHER)  # loads the teacher: one checkpoint in memory is A1111's default
     assert first.status_code == 200, first.text[:2000]
     assert webui.shared.opts.sd_checkpoints_limit == 1  # the user's setting is left as it was
-    student, teacher = webui.shared.sd_model, model_named(webui, TEACHER)
+    student, teacher = webui.shared.sd_model, a1111_host.model_named(webui, TEACHER)
     assert student.sd_checkpoint_info.model_name == STUDENT
     student_calls = webui_lora.Calls(student.model.diffusion_model)
     teacher_calls = webui_lora.Calls(teacher.model.diffusion_model)
@@ -156,7 +149,7 @@ def test_release_teacher_evicts_a_teacher_kept_beyond_the_limit(webui):
     from kdistpp.integrations.webui import webui_modules
 
     assert post(webui, TEACHER).status_code == 200
-    model_named(webui, TEACHER)
+    a1111_host.model_named(webui, TEACHER)
     assert webui_teachers.release_teacher(webui_modules())
     names = [m.sd_checkpoint_info.model_name for m in webui.sd_models.model_data.loaded_sd_models]
     assert names == [STUDENT] and webui.shared.sd_model.sd_checkpoint_info.model_name == STUDENT
@@ -166,7 +159,7 @@ def test_a_generation_with_the_webuis_own_sampler_and_no_teacher_evicts_the_kept
     """The webui's own samplers never reach the extension's sampler function: the panel's None is acted on
     in the script's process()."""
     assert post(webui, TEACHER).status_code == 200
-    model_named(webui, TEACHER)
+    a1111_host.model_named(webui, TEACHER)
     assert post(webui, "None", w=0.0, sampler_name="Euler").status_code == 200
     names = [m.sd_checkpoint_info.model_name for m in webui.sd_models.model_data.loaded_sd_models]
     assert names == [STUDENT]
@@ -190,7 +183,7 @@ def test_a_refused_setting_leaves_no_teacher_from_the_generation_before(webui):
     """The webui only logs an exception raised in a script's process(): a refused panel setting (a sigma
     window from 3 to 1) must leave this generation unguided, not guided by the previous one's teacher."""
     assert post(webui, TEACHER).status_code == 200
-    calls = webui_lora.Calls(model_named(webui, TEACHER).model.diffusion_model)
+    calls = webui_lora.Calls(a1111_host.model_named(webui, TEACHER).model.diffusion_model)
     try:
         response = post(webui, TEACHER, window=(3.0, 1.0))
     finally:

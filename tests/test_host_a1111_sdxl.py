@@ -31,13 +31,6 @@ def webui(tmp_path_factory):
     return sdxl_host(a1111_host, tmp_path_factory.mktemp("a1111_sdxl"), "Webui", build_unet)
 
 
-def model_named(webui, name):
-    for model in webui.sd_models.model_data.loaded_sd_models:
-        if model.sd_checkpoint_info.model_name == name:
-            return model
-    raise AssertionError(f"{name} is not in the webui's checkpoint cache")
-
-
 def refused(webui, body, message):
     """The webui answers a refused request with 500 and the error's message."""
     response = webui.client.post("/sdapi/v1/txt2img", json=body)
@@ -62,7 +55,7 @@ def sdxl(webui):
     return SdxlWebui(
         host=webui, current_model=lambda webui: webui.shared.sd_model,
         unet_of=lambda model: model.model.diffusion_model,
-        unets=lambda webui: {name: model_named(webui, name).model.diffusion_model for name in (STUDENT, TEACHER)},
+        unets=lambda webui: {name: a1111_host.model_named(webui, name).model.diffusion_model for name in (STUDENT, TEACHER)},
         evaluate=lambda unet, args, kwargs: unet(*args, **kwargs), all_unet_calls=AllUNetCalls, refused=refused,
         is_sdxl_student=lambda webui: webui.shared.sd_model.is_sdxl, sd1_context=32,
         hires={"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 4,

@@ -20,7 +20,7 @@ from kdistpp.integrations.diffusers import (  # noqa: E402
 TEXT_DIM = 32
 
 
-def tiny_unet(sdxl: bool, seed: int = 0):
+def tiny_unet(sdxl: bool = False, seed: int = 0):
     torch.manual_seed(seed)
     extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
                  projection_class_embeddings_input_dim=6 * 8 + TEXT_DIM) if sdxl else {}

@@ -17,21 +17,13 @@ from kdistpp.integrations.diffusers import flow_cond, sdxl_time_ids  # noqa: E40
 from kdistpp.sfd import FlowAsVE, SFDConfig, SFDTrainer  # noqa: E402
 from kdistpp.sfd.lora import LoRATeacher, add_lora, adapters_disabled  # noqa: E402
 from kdistpp.sfd.networks import CFGTeacher, FlowTransformerStudent, UNetStudent  # noqa: E402
+from test_integration_diffusers import TEXT_DIM, tiny_unet  # noqa: E402  (the same tiny SD/SDXL UNets)
 
-TEXT_DIM, TOKENS = 32, 5
+TOKENS = 5
 SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 CONFIG = dict(sigma_min=0.1, sigma_max=14.6, batch_size=2, lr=1e-3, iterations=2)
 
 
-def tiny_unet(sdxl: bool = False, seed: int = 0):
-    torch.manual_seed(seed)
-    extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
-                 projection_class_embeddings_input_dim=6 * 8 + TEXT_DIM) if sdxl else {}
-    return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TEXT_DIM, attention_head_dim=8, norm_num_groups=32, **extra,
-    ).to(DEVICE).eval()
 
 
 def scheduler(prediction_type="epsilon"):
