@@ -441,7 +441,7 @@ def test_the_eps_form_warning_starts_above_ve_sigma_20():
 def test_a_1_step_student_guided_at_its_only_step_renoises_at_the_fallback_level_not_pure_noise(name, renoise):
     """On [1, 0] 'current' and 'random' resolve to s = 1, where the flow state is pure noise: the run warns
     before any model call and the teacher is handed (1 - s_r) x0s + s_r n at s_r = 0.5 (n read from the
-    renoise generator's stream), so the refined result holds the student's estimate."""
+    renoise generator's stream), which holds the student's estimate with weight 0.5."""
     s = torch.tensor([1.0, 0.0], dtype=torch.float64)
     x = noise_list(3, 1)[0]
     student, teacher = ElementwiseDenoiser(bias=0.3), ElementwiseDenoiser(bias=-0.7, scale=1.4)

@@ -218,14 +218,27 @@ def test_the_wrapper_draws_the_renoise_noise_from_the_callers_generator():
                                            direction="refined", disable=True,
                                            renoise_generator=torch.Generator(device=DEVICE).manual_seed(5))
     torch.testing.assert_close(got, expected)
+    other = kdistpp.teacher_guided(student, teacher, sigmas, w=0.3, guidance_steps=[0, 1],
+                                   renoise_generator=torch.Generator(device=DEVICE).manual_seed(6))
+    assert not torch.allclose(K.sample_euler(other, x, sigmas.to(DEVICE), disable=True), got)  # the seed matters
 
 
 def test_per_sample_sigmas_within_the_relative_tolerance_are_one_sigma():
+    """Sigmas 1e-5 apart (relative) are step 0's sigma: the batch is refined as at sigma_0 exactly."""
     sigmas = kdistpp.get_sigmas_karras(4, SIGMA_MIN, SIGMA_MAX).double()
-    wrapped = kdistpp.teacher_guided(ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0), sigmas, w=0.3)
+    student, teacher = ElementwiseDenoiser(), ElementwiseDenoiser(bias=1.0)
+
+    def wrapped():
+        return kdistpp.teacher_guided(student, teacher, sigmas, w=0.3,
+                                      renoise_generator=torch.Generator(device=DEVICE).manual_seed(7))
+
     s0 = float(sigmas[0])  # ~14.6: a spread of 1e-5 relative is within 1e-4 relative, not within 1e-4 / sigma
     x = latent(6).double()
-    assert wrapped(x, torch.tensor([s0, s0 * (1 + 1e-5)], dtype=torch.float64, device=DEVICE)).shape == x.shape
+    spread = torch.tensor([s0, s0 * (1 + 1e-5)], dtype=torch.float64, device=DEVICE)
+    exact = torch.full((2,), s0, dtype=torch.float64, device=DEVICE)
+    got = wrapped()(x, spread)
+    torch.testing.assert_close(got, wrapped()(x, exact), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, student(x, exact), rtol=1e-3, atol=1e-3)  # refined, not the student's alone
 
 
 def test_matching_runs_with_the_last_step_guided_do_not_warn():

@@ -20,7 +20,7 @@ from .. import validation
 from ..guided_steps import GuidanceWarning, SigmaWindow, guided_step_indices
 from ..refine import DIRECTIONS, FORMS
 from ..registry import REGISTRY
-from .webui_teachers import build_teacher, default_teacher_cfg, release_teacher, webui_parametrization
+from .webui_teachers import FORGE_DISTILLED_CFG, build_teacher, is_flow_model, release_teacher, webui_parametrization
 
 LABELS = {entry.name: entry.label for entry in REGISTRY}
 RENOISE_SEED_OFFSET = 0x5EED  # the renoise generators: the image's seed plus this, as in the ComfyUI node
@@ -111,7 +111,7 @@ def distilled_cfg_scale(p) -> float:
     teacher's guidance value (Flux-dev). Forge gives it to a guidance-distilled student too; a student without a
     guidance embedding (schnell) ignores it, so there it is the teacher's alone. 3.5 (Forge's default) without."""
     value = getattr(p, "hr_distilled_cfg" if getattr(p, "is_hr_pass", False) else "distilled_cfg_scale", None)
-    return 3.5 if value is None else float(value)
+    return FORGE_DISTILLED_CFG if value is None else float(value)
 
 
 def teacher_cfg_scale(value: float, teacher) -> float:
@@ -120,7 +120,7 @@ def teacher_cfg_scale(value: float, teacher) -> float:
     runs Flux; 5 for the others, real-CFG teachers)."""
     if float(value) != AUTO_TEACHER_CFG:
         return float(value)
-    return float(getattr(teacher, "default_cfg", default_teacher_cfg(None)))
+    return float(teacher.default_cfg)
 
 
 def flow_schedule(sigmas):
@@ -184,9 +184,7 @@ def make_sampler_function(entry, webui_factory=webui_modules, denoiser_classes=N
 
 def is_flow_engine(model) -> bool:
     """A Forge engine whose model is a rectified-flow one (Flux, Chroma, SD3/3.5: 'const' prediction)."""
-    predictor = getattr(getattr(getattr(getattr(model, "forge_objects", None), "unet", None), "model", None),
-                        "predictor", None)
-    return getattr(predictor, "prediction_type", None) == "const"
+    return is_flow_model(getattr(getattr(getattr(model, "forge_objects", None), "unet", None), "model", None))
 
 
 def flow_sampler_class(webui, model, cls):

@@ -21,6 +21,7 @@ import sys
 # The teacher choice meaning "the student's own checkpoint, evaluated without the prompt's LoRAs" (the usual
 # teacher of a speed LoRA: SDXL-Lightning, LCM, DMD2, Hyper-SD, TCD).
 SAME_CHECKPOINT = "Same checkpoint, without the prompt's LoRAs"
+FORGE_DISTILLED_CFG = 3.5  # Forge's default "Distilled CFG Scale" (Flux-dev's guidance value)
 
 _MISSING = object()
 
@@ -307,7 +308,7 @@ def a1111_teacher(webui, student_cfg, title: str, denoiser_classes):
                        lambda x: webui.sd_models.send_model_to_device(model), leave, webui)
 
 
-def forge_teacher(webui, student_cfg, title: str, distilled_cfg: float = 3.5):
+def forge_teacher(webui, student_cfg, title: str, distilled_cfg: float = FORGE_DISTILLED_CFG):
     """Forge evaluates models through UNet patchers its memory manager loads (`sampling_prepare`): the
     teacher's is prepared before each guided evaluation and the student's again after, so a teacher
     that pushed the student off the device does not leave it there.
@@ -537,7 +538,7 @@ def k_diffusion_denoisers():
     return k_diffusion.external.CompVisDenoiser, k_diffusion.external.CompVisVDenoiser
 
 
-def build_teacher(webui, student_cfg, title: str, denoiser_classes=None, distilled_cfg: float = 3.5):
+def build_teacher(webui, student_cfg, title: str, denoiser_classes=None, distilled_cfg: float = FORGE_DISTILLED_CFG):
     """The teacher callable for one generation: `student_cfg` is the webui's CFG denoiser of the student.
 
     `title` is a checkpoint title, or SAME_CHECKPOINT (the student's checkpoint without the prompt's

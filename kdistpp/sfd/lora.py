@@ -91,16 +91,5 @@ class LoRATeacher:
             return self.student(x, sigma, **extra_args)
 
 
-def lora_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' weights under peft's names (`<module path>.lora_A.weight` / `.lora_B.weight`)."""
-    return {k: v for k, v in network.state_dict().items() if "lora_" in k}
-
-
-def lora_alpha_rank(network: nn.Module) -> tuple[float, int]:
-    """(lora_alpha, r) of the network's default adapter."""
-    layer = lora_layers(network)[0]
-    return float(layer.lora_alpha["default"]), int(layer.r["default"])
-
-
-__all__ = ["DEFAULT_TARGETS", "LoRATeacher", "adapters_disabled", "add_lora", "lora_alpha_rank", "lora_layers",
-           "lora_state_dict", "targeted_paths"]
+__all__ = ["DEFAULT_TARGETS", "LoRATeacher", "adapters_disabled", "add_lora", "lora_layers",
+           "targeted_paths"]
