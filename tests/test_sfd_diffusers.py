@@ -224,6 +224,11 @@ def test_a_flow_teacher_with_a_ve_student_and_an_unwrapped_flow_network_are_refu
         SFDTrainer(FlowAsVE(FlowTransformerStudent(tiny_flux())), CFGTeacher(unet_student), config)
     with pytest.raises(TypeError, match="the student is a flow network"):
         SFDTrainer(FlowTransformerStudent(tiny_flux()), FlowAsVE(flux), config)
+    # kdistpp's own diffusers flow adapter, which declares parametrization 'flow', as teacher: called in flow
+    # coordinates, it would be handed VE sigmas
+    from kdistpp.integrations.diffusers import DiffusersFlowTransformerDenoiser
+    with pytest.raises(TypeError, match="the teacher is a flow network"):
+        SFDTrainer(FlowAsVE(flux), DiffusersFlowTransformerDenoiser(tiny_flux()), config)
 
 
 def test_sd3_lora_student_trains_through_the_flow_path_at_a_teacher_cfg():

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..integrations.diffusers import DiffusersFlowTransformerDenoiser, DiffusersUNetDenoiser
+from .. import parametrization
 from .conditioning import StepEmbedding
 
 
@@ -174,7 +175,8 @@ def coordinates(denoiser) -> str | None:
         return "flow"
     if isinstance(denoiser, UNetStudent):
         return "ve"
-    return None
+    declared = getattr(parametrization.declared(denoiser), "name", None)  # e.g. kdistpp's diffusers flow adapter
+    return "flow" if declared == "flow" else None
 
 
 def check_pair(student, teacher) -> None:
