@@ -74,11 +74,8 @@ class Guidance:
         the current one, a log-uniform random draw (DreamFusion-style SDS), or a fixed level. The default
         stream's draw is keyed to `state`, the state the student was evaluated at (keyed_uniform). A flow
         level of s = 1 (pure noise) becomes the parametrization's fallback (renoise_at; plan warns)."""
-        if self.renoise == "next":
-            level = self.run.sigmas[i + 1]
-        elif self.renoise == "current":
-            level = sigma
-        elif self.renoise == "random":
+        level = scheduled_level(self.run, self.renoise, i, sigma)
+        if level is None:
             positive = [s for s in self.run.sigmas if s > 0]
             lo, hi = math.log(positive[-1]), math.log(positive[0])
             g = self.generator
@@ -86,8 +83,6 @@ class Guidance:
             if self.keyed and state is not None:
                 u = keyed_uniform(u, state)
             level = math.exp(lo + (hi - lo) * float(u))  # a host-side level: one read per guided step
-        else:
-            level = float(self.renoise)
         return self.run.param.renoise_at(level)
 
     def refine(self, i: int, x: torch.Tensor, sigma: float, denoised: torch.Tensor, extra_args: dict | None = None,
@@ -284,14 +279,26 @@ def warn_eps_scale(run: Run, weights) -> None:
                       "later step, or scale w down by about that factor", GuidanceWarning, stacklevel=caller_stacklevel())
 
 
+def scheduled_level(run: Run, renoise, i: int, sigma: float) -> float | None:
+    """Step i's renoise level before the parametrization's fallback: the next sigma, the current one or the
+    fixed level; None for 'random', which is drawn (Guidance.renoise_level)."""
+    if renoise == "next":
+        return run.sigmas[i + 1]
+    if renoise == "current":
+        return sigma
+    return None if renoise == "random" else float(renoise)
+
+
 def warn_pure_noise_renoise(run: Run, weights, renoise) -> None:
     """Warns when a guided step's renoise level is the parametrization's pure-noise level (a flow s = 1:
     'current' on a step from s = 1, such as a 1-step student's only step, or 'random' on a schedule whose
     only positive sigma is 1), which renoise_at replaces with its fallback."""
     positive = [s for s in run.sigmas if s > 0]
-    levels = {"next": lambda i: run.sigmas[i + 1], "current": lambda i: run.sigmas[i],
-              "random": lambda i: positive[-1] if positive else 0.0}  # reaches 1 only when its lowest does
-    level = levels.get(renoise, lambda i: float(renoise))
+
+    def level(i):  # 'random' reaches 1 only when its lowest level does
+        scheduled = scheduled_level(run, renoise, i, run.sigmas[i])
+        return (positive[-1] if positive else 0.0) if scheduled is None else scheduled
+
     hit = [i for i, v in enumerate(weights) if v != 0.0 and run.param.renoise_at(level(i)) != level(i)]
     if hit:
         i = hit[0]
