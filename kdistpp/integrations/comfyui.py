@@ -258,7 +258,7 @@ class GuidedEvaluations:
         n = self.seen[k] = self.seen.get(k, -1) + 1
         if self.chosen.get(k) != n:
             return self.plain(x, sigma, **extra_args)
-        self.refined.append((k, float(sigma.reshape(-1)[0])))
+        self.refined.append((k, self.guided._schedule[k]))  # the schedule's sigma: no second device read
         return self.guided(x, sigma, **extra_args)
 
     def check_every_guided_step_was_refined(self, sampler_name: str) -> None:
